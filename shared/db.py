@@ -1,0 +1,90 @@
+"""Postgres access with asyncpg: the pool, and turning rows into attrs models."""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import asyncpg
+
+from shared.config import PostgresConfig
+from shared.models import ApiKey, Limits, Tenant
+
+LIMIT_COLUMNS = "rpm, tpm, max_concurrent, daily_tokens, monthly_tokens, total_tokens"
+TENANT_COLUMNS = (
+    f"id, name, status, {LIMIT_COLUMNS}, allowed_models, max_body_bytes, max_num_ctx, "
+    "max_keep_alive_seconds, prompt_logging, prompt_log_ttl_seconds, created_at"
+)
+KEY_COLUMNS = (
+    f"id, tenant_id, name, prefix, status, created_at, expires_at, revoked_at, last_used_at, "
+    f"{LIMIT_COLUMNS}, allowed_models, prompt_logging, prompt_log_ttl_seconds"
+)
+
+
+def asyncpg_dsn(url: str) -> str:
+    """dbmate wants `sslmode=disable` for the embedded server; asyncpg wants it too, but not
+    dbmate-only parameters such as `socket`."""
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query) if k not in {"socket"}]
+    scheme = "postgresql" if parts.scheme in {"postgres", "postgresql"} else parts.scheme
+    return urlunsplit((scheme, parts.netloc, parts.path, urlencode(query), parts.fragment))
+
+
+async def create_pool(config: PostgresConfig) -> asyncpg.Pool[asyncpg.Record]:
+    """A pool sized by the configuration."""
+    pool = await asyncpg.create_pool(
+        asyncpg_dsn(config.url), min_size=config.pool_min, max_size=config.pool_max
+    )
+    assert pool is not None  # noqa: S101 - asyncpg's stub allows None only for an unawaited pool
+    return pool
+
+
+def limits_from_row(row: asyncpg.Record) -> Limits:
+    """The six limit columns of a tenant or key row."""
+    return Limits(
+        rpm=row["rpm"],
+        tpm=row["tpm"],
+        max_concurrent=row["max_concurrent"],
+        daily_tokens=row["daily_tokens"],
+        monthly_tokens=row["monthly_tokens"],
+        total_tokens=row["total_tokens"],
+    )
+
+
+def _models(value: list[str] | None) -> tuple[str, ...] | None:
+    return None if value is None else tuple(value)
+
+
+def tenant_from_row(row: asyncpg.Record) -> Tenant:
+    """A `tenants` row (TENANT_COLUMNS) as a model."""
+    return Tenant(
+        id=row["id"],
+        name=row["name"],
+        status=row["status"],
+        limits=limits_from_row(row),
+        allowed_models=_models(row["allowed_models"]),
+        max_body_bytes=row["max_body_bytes"],
+        max_num_ctx=row["max_num_ctx"],
+        max_keep_alive_seconds=row["max_keep_alive_seconds"],
+        prompt_logging=row["prompt_logging"],
+        prompt_log_ttl_seconds=row["prompt_log_ttl_seconds"],
+        created_at=row["created_at"],
+    )
+
+
+def key_from_row(row: asyncpg.Record) -> ApiKey:
+    """An `api_keys` row (KEY_COLUMNS) as a model; the hash is deliberately not part of it."""
+    return ApiKey(
+        id=row["id"],
+        tenant_id=row["tenant_id"],
+        name=row["name"],
+        prefix=row["prefix"],
+        status=row["status"],
+        created_at=row["created_at"],
+        expires_at=row["expires_at"],
+        revoked_at=row["revoked_at"],
+        last_used_at=row["last_used_at"],
+        limits=limits_from_row(row),
+        allowed_models=_models(row["allowed_models"]),
+        prompt_logging=row["prompt_logging"],
+        prompt_log_ttl_seconds=row["prompt_log_ttl_seconds"],
+    )
