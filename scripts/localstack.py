@@ -10,6 +10,7 @@ import contextlib
 import importlib.util
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import socket
@@ -157,6 +158,7 @@ class Valkey:
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
     extra_args: Sequence[str] = ()
+    new_session: bool = False
 
     @property
     def url(self) -> str:
@@ -186,6 +188,7 @@ class Valkey:
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            start_new_session=self.new_session,
         )
         wait_for_port(self.port, proc=self.proc)
         return self
@@ -232,3 +235,137 @@ def terminate(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+# --- the whole gateway -------------------------------------------------------------------------
+
+
+@attrs.define
+class Service:
+    """A child process of the stack, with its log file."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+
+@attrs.define
+class LocalStack:
+    """Postgres, Valkey, migrations, the Ollama simulator, both services and Caddy, on free ports.
+
+    `GATEWAY_DATABASE_URL`, `GATEWAY_REDIS_URL` and `GATEWAY_OLLAMA_URL` in `environ` make it use
+    existing services instead of starting its own.
+    """
+
+    workdir: Path
+    environ: Mapping[str, str] = attrs.field(factory=lambda: dict(os.environ))
+    detach: bool = False
+    postgres: Postgres | None = None
+    valkey: Valkey | None = None
+    services: list[Service] = attrs.field(factory=list)
+    env: dict[str, str] = attrs.field(factory=dict)
+    urls: dict[str, str] = attrs.field(factory=dict)
+
+    def _spawn(self, name: str, argv: list[str], port: int, extra_env: Mapping[str, str]) -> Service:
+        log_path = self.workdir / f"{name}.log"
+        with log_path.open("ab") as log:
+            proc = subprocess.Popen(
+                argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, **extra_env},
+                cwd=str(ROOT),
+                start_new_session=self.detach,
+            )
+        service = Service(name, proc, port, log_path)
+        self.services.append(service)
+        try:
+            wait_for_port(port, timeout=30, proc=proc)
+        except (RuntimeError, TimeoutError) as exc:
+            tail = log_path.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"{name} did not start: {exc}\n{tail}") from None
+        return service
+
+    def start(self) -> LocalStack:
+        """Start everything; on any failure stop what was started and raise."""
+
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            database_url = self.environ.get("GATEWAY_DATABASE_URL")
+            if not database_url:
+                self.postgres = Postgres(self.workdir).start()
+                database_url = self.postgres.createdb("gateway")
+            dbmate(database_url, "up")
+            redis_url = self.environ.get("GATEWAY_REDIS_URL")
+            if not redis_url:
+                self.valkey = Valkey(self.workdir / "valkey", new_session=self.detach).start()
+                redis_url = self.valkey.url
+            ollama_url = self.environ.get("GATEWAY_OLLAMA_URL")
+            if not ollama_url:
+                port = free_port()
+                sim_args = [sys.executable, str(ROOT / "scripts" / "ollama_simulator.py"),
+                            "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+                tps = self.environ.get("GATEWAY_SIM_TOKENS_PER_SECOND")
+                if tps:
+                    sim_args += ["--tokens-per-second", tps]
+                self._spawn("simulator", sim_args, port, {})
+                ollama_url = f"http://127.0.0.1:{port}"
+            sidecar_port, proxy_port, gateway_port, admin_port = (free_port() for _ in range(4))
+            self.env = {
+                "GATEWAY_DATABASE_URL": database_url,
+                "GATEWAY_REDIS_URL": redis_url,
+                "GATEWAY_REDIS_PREFIX": self.environ.get("GATEWAY_REDIS_PREFIX", "nz:"),
+                "GATEWAY_OLLAMA_URL": ollama_url,
+                "GATEWAY_GRANT_SECRET": self.environ.get("GATEWAY_GRANT_SECRET") or secrets.token_urlsafe(32),
+                "GATEWAY_KEY_PEPPER": self.environ.get("GATEWAY_KEY_PEPPER") or secrets.token_urlsafe(32),
+                "GATEWAY_SIDECAR_PORT": str(sidecar_port),
+                "GATEWAY_PROXY_PORT": str(proxy_port),
+                "GATEWAY_LOG_LEVEL": self.environ.get("GATEWAY_LOG_LEVEL", "INFO"),
+            }
+            self._spawn("authz_sidecar", [sys.executable, "-m", "authz_sidecar"], sidecar_port, self.env)
+            self._spawn("stream_proxy", [sys.executable, "-m", "stream_proxy"], proxy_port, self.env)
+            caddy_home = self.workdir / "caddy"
+            caddy_home.mkdir(exist_ok=True)
+            caddy_env = {
+                "XDG_DATA_HOME": str(caddy_home / "data"),
+                "XDG_CONFIG_HOME": str(caddy_home / "config"),
+                "CADDY_ADMIN_PORT": str(admin_port),
+                "GATEWAY_PORT": str(gateway_port),
+                "SIDECAR_PORT": str(sidecar_port),
+                "PROXY_PORT": str(proxy_port),
+            }
+            caddy = shutil.which("caddy", path=str(BIN)) or "caddy"
+            self._spawn(
+                "caddy",
+                [caddy, "run", "--config", str(ROOT / "caddy" / "Caddyfile.dev"), "--adapter", "caddyfile"],
+                gateway_port,
+                caddy_env,
+            )
+            self.urls = {
+                "gateway_url": f"http://127.0.0.1:{gateway_port}",
+                "sidecar_url": f"http://127.0.0.1:{sidecar_port}",
+                "proxy_url": f"http://127.0.0.1:{proxy_port}",
+                "ollama_url": ollama_url,
+                "database_url": database_url,
+                "redis_url": redis_url,
+            }
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def pids(self) -> dict[str, int]:
+        """Process ids of the stack's children."""
+        return {s.name: s.proc.pid for s in self.services}
+
+    def stop(self) -> None:
+        """Stop the services in reverse order, then Valkey and Postgres."""
+        for service in reversed(self.services):
+            terminate(service.proc)
+        self.services.clear()
+        if self.valkey is not None:
+            self.valkey.stop()
+        if self.postgres is not None:
+            self.postgres.stop()

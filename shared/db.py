@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Any, Protocol
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 
 from shared.config import PostgresConfig
 from shared.models import ApiKey, Limits, Tenant
+
+
+class Row(Protocol):
+    """What the converters need of a row: asyncpg.Record and plain dicts both qualify."""
+
+    def __getitem__(self, key: str, /) -> Any: ...
+
 
 LIMIT_COLUMNS = "rpm, tpm, max_concurrent, daily_tokens, monthly_tokens, total_tokens"
 TENANT_COLUMNS = (
@@ -38,7 +46,7 @@ async def create_pool(config: PostgresConfig) -> asyncpg.Pool[asyncpg.Record]:
     return pool
 
 
-def limits_from_row(row: asyncpg.Record) -> Limits:
+def limits_from_row(row: Row) -> Limits:
     """The six limit columns of a tenant or key row."""
     return Limits(
         rpm=row["rpm"],
@@ -54,7 +62,7 @@ def _models(value: list[str] | None) -> tuple[str, ...] | None:
     return None if value is None else tuple(value)
 
 
-def tenant_from_row(row: asyncpg.Record) -> Tenant:
+def tenant_from_row(row: Row) -> Tenant:
     """A `tenants` row (TENANT_COLUMNS) as a model."""
     return Tenant(
         id=row["id"],
@@ -71,7 +79,7 @@ def tenant_from_row(row: asyncpg.Record) -> Tenant:
     )
 
 
-def key_from_row(row: asyncpg.Record) -> ApiKey:
+def key_from_row(row: Row) -> ApiKey:
     """An `api_keys` row (KEY_COLUMNS) as a model; the hash is deliberately not part of it."""
     return ApiKey(
         id=row["id"],

@@ -91,6 +91,7 @@ class KeyContext:
     max_keep_alive_seconds: int | None
     prompt_logging: bool
     prompt_log_ttl_seconds: int | None
+    key_expires_at: dt.datetime | None = None
 
 
 def effective_models(
@@ -122,6 +123,7 @@ def resolve_context(tenant: Tenant, key: ApiKey) -> KeyContext:
         max_keep_alive_seconds=tenant.max_keep_alive_seconds,
         prompt_logging=logging_on and ttl is not None,
         prompt_log_ttl_seconds=ttl if logging_on else None,
+        key_expires_at=key.expires_at,
     )
 
 

@@ -1,0 +1,38 @@
+"""`python -m authz_sidecar`: load the configuration from GATEWAY_* and serve."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import uvloop
+from aiohttp import web
+
+from authz_sidecar.app import create_app
+from shared import logs
+from shared.config import SidecarConfig, load_config
+from shared.exceptions import ConfigError
+
+
+def main() -> int:
+    """Run until SIGTERM/SIGINT."""
+    try:
+        config = load_config(SidecarConfig, os.environ)
+    except ConfigError as exc:
+        sys.stderr.write(f"authz_sidecar: {exc}\n")
+        return 2
+    logs.setup(config.logging.level)
+    uvloop.install()
+    web.run_app(
+        create_app(config),
+        host=config.options.host,
+        port=config.options.port,
+        print=None,
+        access_log=None,
+        shutdown_timeout=10,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
