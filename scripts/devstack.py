@@ -71,12 +71,15 @@ def _read_state() -> dict[str, Any] | None:
     return state
 
 
-def _panel(state: dict[str, Any]) -> Panel:
-    gateway = state["gateway_url"]
-    curl = (
-        f"curl -N {gateway}/api/chat -H 'Authorization: Bearer {state['demo_key']}' "
+def _curl(state: dict[str, Any]) -> str:
+    return (
+        f"curl -N {state['gateway_url']}/api/chat -H 'Authorization: Bearer {state['demo_key']}' "
         '-d \'{"model":"llama3.2","messages":[{"role":"user","content":"Hello"}]}\''
     )
+
+
+def _panel(state: dict[str, Any]) -> Panel:
+    gateway = state["gateway_url"]
     lines = [
         f"[bold]gateway[/]   {gateway}",
         f"sidecar   {state['sidecar_url']}",
@@ -86,8 +89,6 @@ def _panel(state: dict[str, Any]) -> Panel:
         "",
         f"[bold]demo tenant[/] {DEMO_TENANT}",
         f"[bold]demo key[/]    {state['demo_key']}",
-        "",
-        f"[dim]{curl}[/]",
     ]
     return Panel("\n".join(lines), title="neuronetz-gateway: local stack", border_style="green")
 
@@ -98,7 +99,9 @@ def up(detach: bool) -> int:
     if state and any(_alive(pid) for pid in state.get("pids", {}).values()):
         console.print("[bold red]error:[/] the stack is already running (scripts/dev down stops it)")
         return 1
-    stack = localstack.LocalStack(STACK_DIR, detach=detach)
+    # A visible pace for people trying the stack: tokens arrive one by one (tests run it flat out).
+    environ = {"GATEWAY_SIM_TOKENS_PER_SECOND": "20", **os.environ}
+    stack = localstack.LocalStack(STACK_DIR, environ=environ, detach=detach)
     with console.status("starting Postgres, Valkey, simulator, sidecar, proxy and Caddy…"):
         try:
             stack.start()
@@ -122,6 +125,7 @@ def up(detach: bool) -> int:
     STACK_FILE.touch(mode=0o600)
     STACK_FILE.write_bytes(orjson.dumps(state, option=orjson.OPT_INDENT_2))
     console.print(_panel(state))
+    console.print(_curl(state), soft_wrap=True)
     if detach:
         console.print("running in the background: [bold]scripts/dev status[/], [bold]scripts/dev down[/]")
         return 0

