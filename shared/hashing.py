@@ -9,6 +9,7 @@ mixed in as Argon2's secret input, so a database dump alone cannot be brute-forc
 from __future__ import annotations
 
 import base64
+import binascii
 import hmac
 import secrets
 
@@ -18,6 +19,8 @@ import pyargon2
 SALT_BYTES = 16
 HASH_BYTES = 32
 VERSION = 19
+MAX_MEMORY_KIB = 1 << 20  # 1 GiB
+MAX_TIME_COST = 64
 
 
 @attrs.frozen
@@ -53,7 +56,8 @@ def _digest(token: str, salt: bytes, params: Argon2Params, pepper: str) -> bytes
         version=0x13,
         encoding="raw",
     )
-    assert isinstance(raw, bytes)  # noqa: S101 - pyargon2 is untyped; "raw" encoding returns bytes
+    if not isinstance(raw, bytes):  # pyargon2 is untyped; "raw" encoding returns bytes
+        raise TypeError("pyargon2 returned no raw digest")
     return raw
 
 
@@ -76,13 +80,23 @@ def parse_phc(phc: str) -> tuple[Argon2Params, bytes, bytes]:
     params = Argon2Params(
         memory_kib=int(fields["m"]), time_cost=int(fields["t"]), parallelism=int(fields["p"])
     )
-    return params, _unb64(parts[4]), _unb64(parts[5])
+    # Argon2's own limits, plus ceilings so a tampered row cannot make verification hog the host.
+    if not (
+        1 <= params.parallelism <= 16
+        and 8 * params.parallelism <= params.memory_kib <= MAX_MEMORY_KIB
+        and 1 <= params.time_cost <= MAX_TIME_COST
+    ):
+        raise ValueError("argon2 parameters out of range")
+    salt, digest = _unb64(parts[4]), _unb64(parts[5])
+    if len(salt) < 8 or len(digest) != HASH_BYTES:
+        raise ValueError("argon2 salt or digest of the wrong size")
+    return params, salt, digest
 
 
 def verify_key(token: str, phc: str, *, pepper: str = "") -> bool:
     """Recompute with the stored salt and parameters; constant-time comparison."""
     try:
         params, salt, expected = parse_phc(phc)
-    except (ValueError, KeyError):
+    except (ValueError, KeyError, binascii.Error):
         return False
     return hmac.compare_digest(_digest(token, salt, params, pepper), expected)

@@ -14,13 +14,11 @@ from shared.exceptions import KeyFormatError
 from shared.hashing import verify_key
 from shared.models import ApiKey, KeyContext, Tenant, resolve_context
 
-_LOOKUP_SQL = (
-    "SELECT "
-    + ", ".join(f"k.{c.strip()} AS k_{c.strip()}" for c in KEY_COLUMNS.split(","))
-    + ", k.hash AS k_hash, "
-    + ", ".join(f"t.{c.strip()} AS t_{c.strip()}" for c in TENANT_COLUMNS.split(","))
-    + " FROM api_keys k JOIN tenants t ON t.id = k.tenant_id WHERE k.prefix = $1"
-)
+# Assembled once from the fixed column lists of shared.db; only $1 carries input.
+_KEY_SELECT = ", ".join(f"k.{c.strip()} AS k_{c.strip()}" for c in KEY_COLUMNS.split(","))
+_TENANT_SELECT = ", ".join(f"t.{c.strip()} AS t_{c.strip()}" for c in TENANT_COLUMNS.split(","))
+_LOOKUP_SQL = "SELECT " + _KEY_SELECT + ", k.hash AS k_hash, " + _TENANT_SELECT  # nosec B608
+_LOOKUP_SQL += " FROM api_keys k JOIN tenants t ON t.id = k.tenant_id WHERE k.prefix = $1"
 
 Verifier = Callable[[str, str, str], Awaitable[bool]]
 

@@ -30,7 +30,8 @@ class JsonFormatter(logging.Formatter):
             # The type and where it happened; never the message, which may quote input.
             doc["error"] = record.exc_info[0].__name__
             doc["trace"] = [
-                f"{Path(f.filename).name}:{f.lineno}:{f.name}" for f in traceback.extract_tb(record.exc_info[2])
+                f"{Path(f.filename).name}:{f.lineno}:{f.name}"
+                for f in traceback.extract_tb(record.exc_info[2])
             ][-8:]
         return orjson.dumps(doc, default=str).decode()
 

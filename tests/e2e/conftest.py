@@ -12,9 +12,9 @@ from typing import Any
 import aiohttp
 import asyncpg
 import attrs
-import localstack
 import pytest
 
+import localstack
 from shared import admin
 from shared.db import asyncpg_dsn
 from shared.hashing import Argon2Params
