@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import localstack
 import orjson
 from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
+import localstack
 from shared import admin
 from shared.db import asyncpg_dsn
 

@@ -23,10 +23,12 @@ from shared.model_names import InvalidModelName, normalise
 from shared.models import ALL_MODELS, LIMIT_NAMES, UNLIMITED, ApiKey, Tenant
 
 _DURATION_RE = re.compile(r"^([0-9]{1,9})([smhdw])$")
-MAX_DURATION = dt.timedelta(days=36600)  # 100 years: beyond it a date would be meaningless
+MAX_DURATION = dt.timedelta(days=36500)  # 100 years: beyond it a date would be meaningless
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _TENANT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 MAX_LIMIT = 2**62
+INT32_LIMITS = {"rpm", "max_concurrent"}  # 32-bit columns
+INT32_MAX = 2**31 - 1
 
 
 def parse_duration(text: str) -> dt.timedelta:
@@ -62,8 +64,12 @@ def parse_limit(name: str, text: str) -> LimitChange:
     lowered = text.strip().lower()
     if lowered in ("inherit", "unlimited"):
         return LimitChange(lowered)  # type: ignore[arg-type]
-    if not re.fullmatch(r"[0-9]{1,19}", lowered) or int(lowered) > MAX_LIMIT:
-        raise AdminError(f"bad number for --{name.replace('_', '-')}: {text!r}")
+    flag = "concurrency" if name == "max_concurrent" else name.replace("_", "-")
+    if not re.fullmatch(r"[0-9]{1,19}", lowered):
+        raise AdminError(f"bad number for --{flag}: {text!r}")
+    ceiling = INT32_MAX if name in INT32_LIMITS else MAX_LIMIT
+    if int(lowered) > ceiling:
+        raise AdminError(f"--{flag} is at most {ceiling:,}")
     return LimitChange(int(lowered))
 
 
@@ -303,6 +309,8 @@ async def set_prompt_logging(
     if not on and ttl is not None:
         raise AdminError("--off takes no --ttl")
     seconds = int(ttl.total_seconds()) if ttl else None
+    if seconds is not None and seconds > INT32_MAX:
+        raise AdminError("--ttl is at most 68 years")
     async with conn.transaction():
         if tenant is not None:
             current = await _tenant_by_name(conn, tenant, lock=True)

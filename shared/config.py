@@ -8,6 +8,7 @@ dict), converts every value, and reports every missing or bad variable at once. 
 from __future__ import annotations
 
 import math
+import re
 import typing
 from collections.abc import Mapping
 from typing import Any, Literal, TypeVar
@@ -27,10 +28,11 @@ def env(
     *,
     secret: bool = False,
     minimum: float | None = None,
+    maximum: float | None = None,
     help: str = "",
 ) -> Any:
     """Declare a field read from `GATEWAY_<name>`; required when no default is given."""
-    meta = {"env": f"GATEWAY_{name}", "secret": secret, "help": help, "min": minimum}
+    meta = {"env": f"GATEWAY_{name}", "secret": secret, "help": help, "min": minimum, "max": maximum}
     if default is _MISSING:
         return attrs.field(metadata=meta, repr=not secret)
     return attrs.field(default=default, metadata=meta, repr=not secret)
@@ -57,7 +59,7 @@ def _structure_int(value: object, _: type) -> int:
     if isinstance(value, int):
         return value
     text = str(value).strip()
-    if not text.lstrip("-").isdigit() or len(text) > 19:
+    if not re.fullmatch(r"-?[0-9]{1,18}", text):
         raise ValueError("expected an integer")
     return int(text)
 
@@ -88,9 +90,11 @@ converter.register_structure_hook_func(lambda t: t == tuple[str, ...], _structur
 
 
 def _check_range(problems: list[str], name: str, value: Any, spec: attrs.Attribute[Any]) -> None:
-    low = spec.metadata.get("min")
+    low, high = spec.metadata.get("min"), spec.metadata.get("max")
     if low is not None and isinstance(value, (int, float)) and value < low:
         problems.append(f"{name}: must be at least {low}")
+    elif high is not None and isinstance(value, (int, float)) and value > high:
+        problems.append(f"{name}: must be at most {high}")
 
 
 def _build(cls: type[T], environ: Mapping[str, str], problems: list[str]) -> T | None:
@@ -107,6 +111,14 @@ def _build(cls: type[T], environ: Mapping[str, str], problems: list[str]) -> T |
             if spec.default is attrs.NOTHING:
                 problems.append(f"{name}: required but not set")
             continue
+        allowed = typing.get_args(field_type) if typing.get_origin(field_type) is Literal else ()
+        if allowed:
+            if raw not in allowed:
+                shown = "" if spec.metadata["secret"] else f" (got {raw!r})"
+                problems.append(f"{name}: expected one of {', '.join(map(str, allowed))}{shown}")
+            else:
+                values[spec.name] = raw
+            continue
         try:
             value = converter.structure(raw, field_type)
         except Exception as exc:  # noqa: BLE001 - every conversion failure becomes one problem line
@@ -114,15 +126,15 @@ def _build(cls: type[T], environ: Mapping[str, str], problems: list[str]) -> T |
             reason = exc.args[0] if exc.args and isinstance(exc.args[0], str) else "bad value"
             problems.append(f"{name}: {reason}{shown}")
             continue
-        allowed = typing.get_args(field_type) if typing.get_origin(field_type) is Literal else ()
-        if allowed and value not in allowed:
-            problems.append(f"{name}: expected one of {', '.join(map(str, allowed))}")
-            continue
         _check_range(problems, name, value, spec)
         values[spec.name] = value
     if any(v is None for v in values.values()) or len(problems) > 0:
         return None
-    return cls(**values)
+    built = cls(**values)
+    check = getattr(built, "check", None)
+    if check is not None:
+        problems.extend(check())
+    return built
 
 
 def load_config(cls: type[T], environ: Mapping[str, str]) -> T:
@@ -155,6 +167,12 @@ class PostgresConfig:
     pool_min: int = env("DATABASE_POOL_MIN", 1, minimum=1, help="asyncpg pool minimum size")
     pool_max: int = env("DATABASE_POOL_MAX", 10, minimum=1, help="asyncpg pool maximum size")
 
+    def check(self) -> list[str]:
+        """Rules that involve more than one variable."""
+        if self.pool_min > self.pool_max:
+            return ["GATEWAY_DATABASE_POOL_MIN: must not exceed GATEWAY_DATABASE_POOL_MAX"]
+        return []
+
 
 @attrs.frozen
 class RedisConfig:
@@ -186,10 +204,14 @@ class SidecarOptions:
     """Tuning of the authz_sidecar."""
 
     host: str = env("SIDECAR_HOST", "127.0.0.1", help="authz_sidecar listen address")
-    port: int = env("SIDECAR_PORT", 8081, minimum=0, help="authz_sidecar listen port (0 = any free port)")
+    port: int = env(
+        "SIDECAR_PORT", 8081, minimum=0, maximum=65535, help="authz_sidecar listen port (0 = any free port)"
+    )
     key_cache_ttl: float = env("KEY_CACHE_TTL", 30.0, minimum=0, help="seconds a verified key stays cached")
     argon2_concurrency: int = env("ARGON2_CONCURRENCY", 2, minimum=1, help="parallel Argon2id verifications")
-    grant_ttl: float = env("GRANT_TTL", 60.0, minimum=1, help="seconds a grant stays valid (at most 60)")
+    grant_ttl: float = env(
+        "GRANT_TTL", 60.0, minimum=1, maximum=60, help="seconds a grant stays valid (at most 60)"
+    )
 
 
 @attrs.frozen
@@ -197,21 +219,28 @@ class ProxyOptions:
     """Tuning of the stream_proxy."""
 
     host: str = env("PROXY_HOST", "127.0.0.1", help="stream_proxy listen address")
-    port: int = env("PROXY_PORT", 8082, minimum=0, help="stream_proxy listen port (0 = any free port)")
+    port: int = env(
+        "PROXY_PORT", 8082, minimum=0, maximum=65535, help="stream_proxy listen port (0 = any free port)"
+    )
     ollama_url: str = env("OLLAMA_URL", "http://127.0.0.1:11434", help="Ollama base URL")
     max_body_bytes: int = env("MAX_BODY_BYTES", 10 * 1024 * 1024, minimum=1, help="request body cap")
-    connect_timeout: float = env("UPSTREAM_CONNECT_TIMEOUT", 5.0, help="seconds to connect")
+    connect_timeout: float = env("UPSTREAM_CONNECT_TIMEOUT", 5.0, minimum=0.001, help="seconds to connect")
     first_byte_timeout: float = env(
-        "UPSTREAM_FIRST_BYTE_TIMEOUT", 300.0, help="seconds to Ollama's first byte (model load)"
+        "UPSTREAM_FIRST_BYTE_TIMEOUT",
+        300.0,
+        minimum=0.001,
+        help="seconds to Ollama's first byte (model load)",
     )
-    idle_timeout: float = env("UPSTREAM_IDLE_TIMEOUT", 120.0, help="seconds between chunks")
+    idle_timeout: float = env("UPSTREAM_IDLE_TIMEOUT", 120.0, minimum=0.001, help="seconds between chunks")
 
 
 @attrs.frozen
 class LoggingOptions:
     """Log verbosity."""
 
-    level: str = env("LOG_LEVEL", "INFO", help="DEBUG, INFO, WARNING or ERROR")
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = env(
+        "LOG_LEVEL", "INFO", help="DEBUG, INFO, WARNING or ERROR"
+    )
 
 
 @attrs.frozen

@@ -1,0 +1,677 @@
+"""The `neuronetz-gateway` admin CLI, run as a real subprocess against real Postgres and Valkey:
+tables and JSON for every command, keys stored only as Argon2id hashes, clean one-line errors that
+change nothing, and invalidation notices on Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import os
+import re
+import sys
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import attrs
+import coredis
+import orjson
+import pytest
+from asyncpg.connection import LoggedQuery
+from coredis.patterns.pubsub import PubSub
+
+from shared import admin, invalidation, keys
+from shared.db import asyncpg_dsn
+from shared.hashing import Argon2Params, verify_key
+from shared.invalidation import Invalidation
+from shared.keystore import Verdict, authenticate
+from shared.redis_keys import RedisKeys
+
+pytestmark = pytest.mark.integration
+
+PEPPER = "cli-test-pepper"
+CHEAP = Argon2Params(memory_kib=64, time_cost=1)
+TABLES = ("tenants", "api_keys", "usage_ledger", "budget_periods", "audit_log", "prompt_logs")
+SCRIPT = Path(sys.executable).parent / "neuronetz-gateway"
+# The installed console script when it exists (see test_console_script_is_installed), else the
+# same entry point through `python -m`, so the behaviour tests still run.
+COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "shared.cli"]
+TOKEN_RE = re.compile(r"nz_[0-9A-Za-z]{46}")
+WAIT_SECONDS = 5.0
+
+LIMIT_FIELDS = {"rpm", "tpm", "max_concurrent", "daily_tokens", "monthly_tokens", "total_tokens"}
+TENANT_FIELDS = {
+    "id",
+    "name",
+    "status",
+    "limits",
+    "allowed_models",
+    "max_body_bytes",
+    "max_num_ctx",
+    "max_keep_alive_seconds",
+    "prompt_logging",
+    "prompt_log_ttl_seconds",
+    "created_at",
+}
+KEY_FIELDS = {
+    "id",
+    "tenant_id",
+    "name",
+    "prefix",
+    "status",
+    "created_at",
+    "expires_at",
+    "revoked_at",
+    "last_used_at",
+    "limits",
+    "allowed_models",
+    "prompt_logging",
+    "prompt_log_ttl_seconds",
+    "tenant",
+}
+
+
+@attrs.frozen
+class Done:
+    """A finished CLI run."""
+
+    code: int
+    stdout: str
+    stderr: str
+
+
+@attrs.frozen
+class Cli:
+    """Runs the admin CLI with the test's database, Redis and pepper."""
+
+    env: Mapping[str, str]
+
+    async def __call__(self, *args: str, env: Mapping[str, str] | None = None) -> Done:
+        """Run one command; never raises for a non-zero exit."""
+        proc = await asyncio.create_subprocess_exec(
+            *COMMAND,
+            *args,
+            env={**self.env, **(env or {})},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await proc.communicate()
+        assert proc.returncode is not None
+        return Done(proc.returncode, out.decode(), err.decode())
+
+    async def ok(self, *args: str) -> str:
+        """Run a command that must succeed silently on stderr; its stdout."""
+        done = await self(*args)
+        assert done.code == 0, done.stderr
+        assert done.stderr == ""
+        return done.stdout
+
+    async def json(self, *args: str) -> Any:
+        """Run a command with --json; its parsed stdout."""
+        return orjson.loads(await self.ok(*args, "--json"))
+
+
+@pytest.fixture
+def cli(database_url: str, redis_url: str, redis_prefix: str, tmp_path: Path) -> Cli:
+    """The CLI configured for this test only (no stack file, wide terminal for whole tables)."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    return Cli(
+        {
+            **base,
+            "GATEWAY_DATABASE_URL": database_url,
+            "GATEWAY_REDIS_URL": redis_url,
+            "GATEWAY_REDIS_PREFIX": redis_prefix,
+            "GATEWAY_KEY_PEPPER": PEPPER,
+            "GATEWAY_STACK_FILE": str(tmp_path / "no-stack.json"),
+            "COLUMNS": "250",
+        }
+    )
+
+
+def cells(stdout: str, needle: str) -> list[str]:
+    """The cells of the one table row containing `needle`."""
+    rows = [line for line in stdout.splitlines() if needle in line and "│" in line]
+    assert len(rows) == 1, stdout
+    return [cell.strip() for cell in rows[0].strip().strip("│").split("│")]
+
+
+async def snapshot(db: asyncpg.Connection) -> dict[str, list[str]]:
+    """Every row of every table, as JSON text."""
+    dump: dict[str, list[str]] = {}
+    for table in TABLES:
+        rows = await db.fetch(f"SELECT row_to_json(t)::text AS j FROM {table} t")  # noqa: S608 - fixed names
+        dump[table] = sorted(r["j"] for r in rows)
+    return dump
+
+
+@attrs.define
+class Listener:
+    """A subscriber on the invalidation channel."""
+
+    client: coredis.Redis[bytes]
+    pubsub: PubSub[bytes]
+    channel: str
+
+    async def next(self) -> Invalidation:
+        """The next notice, waiting at most WAIT_SECONDS."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + WAIT_SECONDS
+        while (remaining := deadline - loop.time()) > 0:
+            message = await self.pubsub.get_message(timeout=remaining)
+            if message is not None and message["type"] == "message":
+                data = message["data"]
+                assert isinstance(data, bytes | str)
+                return invalidation.decode(data)
+        raise AssertionError(f"no invalidation on {self.channel} within {WAIT_SECONDS} s")
+
+    async def assert_nothing_published(self) -> None:
+        """Publish a marker ourselves: it must be the next notice, so nothing came before it."""
+        marker = Invalidation("tenant", 0, reason=f"marker-{uuid.uuid4().hex}")
+        await self.client.publish(self.channel, invalidation.encode(marker))
+        assert await self.next() == marker
+
+
+@contextlib.asynccontextmanager
+async def listen(redis_url: str, prefix: str) -> AsyncIterator[Listener]:
+    """Subscribe to `<prefix>invalidate` before the command under test runs."""
+    channel = RedisKeys(prefix).invalidations
+    client: coredis.Redis[bytes] = coredis.Redis.from_url(redis_url)
+    async with client, client.pubsub(channels=[channel]) as pubsub:
+        yield Listener(client, pubsub, channel)
+
+
+def _check_key_json(doc: Mapping[str, Any], tenant: str | None = None) -> None:
+    assert set(doc) - {"key"} == KEY_FIELDS, doc
+    assert "hash" not in doc
+    assert set(doc["limits"]) == LIMIT_FIELDS
+    assert len(doc["prefix"]) == 8
+    if tenant is not None:
+        assert doc["tenant"] == tenant
+
+
+def _check_tenant_json(doc: Mapping[str, Any], *, keys_counted: bool) -> None:
+    assert set(doc) == TENANT_FIELDS | ({"active_keys"} if keys_counted else set()), doc
+    assert set(doc["limits"]) == LIMIT_FIELDS
+
+
+@attrs.frozen
+class World:
+    """A tenant `acme` with an active key and a revoked key, and a tenant `other`."""
+
+    acme_id: int
+    prefix: str
+    key_id: int
+    revoked: str
+
+
+async def populate(db: asyncpg.Connection) -> World:
+    """Set up World with the core functions (cheap Argon2 parameters: these keys are not used)."""
+    acme = await admin.create_tenant(db, name="acme")
+    await admin.create_tenant(db, name="other")
+    live = await admin.create_key(db, tenant="acme", name="k1", pepper=PEPPER, params=CHEAP)
+    gone = await admin.create_key(db, tenant="acme", name="gone", pepper=PEPPER, params=CHEAP)
+    await admin.revoke_key(db, prefix=gone.key.prefix)
+    return World(acme.id, live.key.prefix, live.key.id, gone.key.prefix)
+
+
+async def test_tenant_commands(cli: Cli, db: asyncpg.Connection, redis_url: str, redis_prefix: str) -> None:
+    """create-tenant, list-tenants, suspend-tenant and resume-tenant print a table or JSON;
+    suspend and resume change the status and publish a tenant invalidation."""
+    out = await cli.ok("create-tenant", "--name", "acme")
+    acme_id = await db.fetchval("SELECT id FROM tenants WHERE name = 'acme'")
+    assert "tenant created" in out
+    assert cells(out, "acme")[:4] == ["acme", str(acme_id), "active", "0"]
+    [beta] = await cli.json("create-tenant", "--name", "beta")
+    _check_tenant_json(beta, keys_counted=True)
+    assert (beta["name"], beta["status"], beta["active_keys"]) == ("beta", "active", 0)
+    assert beta["limits"] == dict.fromkeys(LIMIT_FIELDS)
+    assert (beta["allowed_models"], beta["prompt_logging"]) == (None, False)
+
+    out = await cli.ok("list-tenants")
+    assert cells(out, "acme")[2] == "active"
+    assert cells(out, "beta")[2] == "active"
+    listed = await cli.json("list-tenants")
+    assert [t["name"] for t in listed] == ["acme", "beta"]
+    for doc in listed:
+        _check_tenant_json(doc, keys_counted=True)
+
+    async with listen(redis_url, redis_prefix) as notices:
+        out = await cli.ok("suspend-tenant", "--name", "acme")
+        assert "tenant suspended" in out
+        assert cells(out, "acme")[2] == "suspended"
+        assert await notices.next() == Invalidation("tenant", acme_id, reason="suspended")
+        assert await db.fetchval("SELECT status FROM tenants WHERE name = 'acme'") == "suspended"
+        listed = await cli.json("list-tenants")
+        assert [(t["name"], t["status"]) for t in listed] == [("acme", "suspended"), ("beta", "active")]
+
+        [resumed] = await cli.json("resume-tenant", "--name", "acme")
+        _check_tenant_json(resumed, keys_counted=False)
+        assert (resumed["name"], resumed["status"]) == ("acme", "active")
+        assert await notices.next() == Invalidation("tenant", acme_id, reason="active")
+    assert await db.fetchval("SELECT status FROM tenants WHERE name = 'acme'") == "active"
+
+
+async def test_create_and_list_keys(cli: Cli, db: asyncpg.Connection) -> None:
+    """create-key prints the key once (table and panel, or {"key": "nz_…", "prefix": …}), with
+    --expires-in setting an expiry; list-keys lists every key or one tenant's, never a token."""
+    await admin.create_tenant(db, name="acme")
+    await admin.create_tenant(db, name="other")
+    out = await cli.ok("create-key", "--tenant", "acme", "--name", "laptop")
+    assert "key created" in out
+    assert "Shown once" in out
+    [token] = TOKEN_RE.findall(out)
+    first_prefix = token[3:11]
+    row = cells(out, f"nz_{first_prefix} ")
+    assert row[:4] == [f"nz_{first_prefix}", "acme", "laptop", "active"]
+    assert row[5] == "—"  # no expiry
+
+    created = await cli.json("create-key", "--tenant", "acme", "--name", "ci", "--expires-in", "7d")
+    assert set(created) == KEY_FIELDS | {"key"}
+    _check_key_json(created, tenant="acme")
+    assert TOKEN_RE.fullmatch(created["key"])
+    assert created["key"][3:11] == created["prefix"]
+    assert (created["name"], created["status"]) == ("ci", "active")
+    lifetime = dt.datetime.fromisoformat(created["expires_at"]) - dt.datetime.fromisoformat(
+        created["created_at"]
+    )
+    assert abs(lifetime - dt.timedelta(days=7)) < dt.timedelta(minutes=1)
+    other = await cli.json("create-key", "--tenant", "other", "--name", "ci")
+    assert other["tenant"] == "other"
+
+    out = await cli.ok("list-keys")
+    assert token not in out
+    assert created["key"] not in out
+    assert cells(out, f"nz_{first_prefix} ")[1:3] == ["acme", "laptop"]
+    assert cells(out, f"nz_{created['prefix']} ")[1:3] == ["acme", "ci"]
+    assert cells(out, f"nz_{other['prefix']} ")[1:3] == ["other", "ci"]
+    everything = await cli.json("list-keys")
+    assert {k["prefix"] for k in everything} == {first_prefix, created["prefix"], other["prefix"]}
+    mine = await cli.json("list-keys", "--tenant", "acme")
+    assert [(k["prefix"], k["tenant"]) for k in mine] == [(first_prefix, "acme"), (created["prefix"], "acme")]
+    for doc in (*everything, *mine):
+        _check_key_json(doc)
+    out = await cli.ok("list-keys", "--tenant", "other")
+    assert other["prefix"] in out
+    assert first_prefix not in out
+
+
+async def test_created_key_is_stored_only_as_its_hash(cli: Cli, db: asyncpg.Connection) -> None:
+    """The api_keys row holds an Argon2id PHC hash that verifies with the pepper; no column and no
+    row anywhere in the database contains the token or its secret part."""
+    await admin.create_tenant(db, name="acme")
+    created = await cli.json("create-key", "--tenant", "acme", "--name", "ci")
+    token: str = created["key"]
+
+    row = await db.fetchrow("SELECT * FROM api_keys WHERE prefix = $1", created["prefix"])
+    assert row is not None
+    stored = row["hash"]
+    assert stored.startswith("$argon2id$v=19$m=19456,t=2,p=1$")
+    assert verify_key(token, stored, pepper=PEPPER)
+    assert not verify_key(token, stored, pepper="another pepper")
+    for column, value in row.items():
+        assert token[11:43] not in str(value), column
+    dump = orjson.dumps(await snapshot(db)).decode()
+    assert created["prefix"] in dump  # the dump does contain the key's row
+    assert stored in dump
+    assert token not in dump
+    assert token[11:] not in dump
+    assert token[11:43] not in dump
+
+
+async def test_created_key_authenticates(cli: Cli, db: asyncpg.Connection) -> None:
+    """shared.keystore.authenticate accepts a key the CLI created, with its tenant's context."""
+    await admin.create_tenant(db, name="acme")
+    created = await cli.json("create-key", "--tenant", "acme", "--name", "ci")
+    verdict = await authenticate(db, created["key"], pepper=PEPPER, now=dt.datetime.now(dt.UTC))
+    assert verdict.reason == "ok"
+    assert verdict.context is not None
+    assert (verdict.context.prefix, verdict.context.key_id) == (created["prefix"], created["id"])
+    assert verdict.context.tenant_name == "acme"
+
+
+async def test_typo_in_created_key_costs_no_query(cli: Cli, db: asyncpg.Connection) -> None:
+    """A created key with one character changed is refused as "malformed" without a single
+    database query (while a well-formed unknown key does query, so the counter works)."""
+    await admin.create_tenant(db, name="acme")
+    created = await cli.json("create-key", "--tenant", "acme", "--name", "ci")
+    token: str = created["key"]
+    now = dt.datetime.now(dt.UTC)
+    queries: list[str] = []
+
+    def record(query: LoggedQuery) -> None:
+        queries.append(query.query)
+
+    unknown = keys.generate_key().token
+    with db.query_logger(record):
+        assert await authenticate(db, unknown, pepper=PEPPER, now=now) == Verdict(None, "unknown")
+        await asyncio.sleep(0)  # asyncpg calls query loggers with loop.call_soon
+    assert len(queries) == 1, "the query logger must see the lookup, or the zero below proves nothing"
+
+    for position in (3, 20, len(token) - 1):
+        typo = token[:position] + ("a" if token[position] != "a" else "b") + token[position + 1 :]
+        queries.clear()
+        with db.query_logger(record):
+            refused = await authenticate(db, typo, pepper=PEPPER, now=now)
+            await asyncio.sleep(0)
+        assert refused == Verdict(None, "malformed")
+        assert queries == []
+
+
+async def test_revoke_key(cli: Cli, db: asyncpg.Connection, redis_url: str, redis_prefix: str) -> None:
+    """revoke-key accepts the prefix with or without nz_, prints the revoked key (table or JSON),
+    marks it revoked in Postgres and publishes a key invalidation."""
+    tenant = await admin.create_tenant(db, name="acme")
+    one = await admin.create_key(db, tenant="acme", name="one", pepper=PEPPER, params=CHEAP)
+    two = await admin.create_key(db, tenant="acme", name="two", pepper=PEPPER, params=CHEAP)
+    async with listen(redis_url, redis_prefix) as notices:
+        out = await cli.ok("revoke-key", "--prefix", f"nz_{one.key.prefix}")
+        assert "key revoked" in out
+        assert cells(out, one.key.prefix)[3] == "revoked"
+        assert await notices.next() == Invalidation("key", tenant.id, one.key.id, reason="revoked")
+
+        [doc] = await cli.json("revoke-key", "--prefix", two.key.prefix)
+        _check_key_json(doc)
+        assert (doc["prefix"], doc["status"]) == (two.key.prefix, "revoked")
+        assert doc["revoked_at"] is not None
+        assert await notices.next() == Invalidation("key", tenant.id, two.key.id, reason="revoked")
+    rows = await db.fetch("SELECT status, revoked_at FROM api_keys ORDER BY id")
+    assert [r["status"] for r in rows] == ["revoked", "revoked"]
+    assert all(r["revoked_at"] is not None for r in rows)
+
+
+async def test_changed_key_json_names_its_tenant(cli: Cli, db: asyncpg.Connection) -> None:
+    """The JSON (and table) of a key changed by revoke-key or set-limits names the key's tenant,
+    like list-keys does, not an empty string."""
+    await admin.create_tenant(db, name="acme")
+    made = await admin.create_key(db, tenant="acme", name="one", pepper=PEPPER, params=CHEAP)
+    [limited] = await cli.json("set-limits", "--prefix", made.key.prefix, "--rpm", "5")
+    [revoked] = await cli.json("revoke-key", "--prefix", made.key.prefix)
+    assert (limited["tenant"], revoked["tenant"]) == ("acme", "acme")
+
+
+async def test_set_limits(cli: Cli, db: asyncpg.Connection, redis_url: str, redis_prefix: str) -> None:
+    """set-limits stores numbers, 'unlimited' and 'inherit' and model allowlists (normalised, or
+    'all') for a tenant or a key, prints them, and publishes an invalidation each time."""
+    tenant = await admin.create_tenant(db, name="acme")
+    made = await admin.create_key(db, tenant="acme", name="one", pepper=PEPPER, params=CHEAP)
+    prefix = made.key.prefix
+    limit_sql = "SELECT rpm, tpm, max_concurrent, daily_tokens, monthly_tokens, total_tokens, allowed_models"
+    async with listen(redis_url, redis_prefix) as notices:
+        out = await cli.ok(
+            "set-limits",
+            "--tenant",
+            "acme",
+            "--rpm",
+            "100",
+            "--tpm",
+            "5000",
+            "--concurrency",
+            "2",
+            "--daily-tokens",
+            "10",
+            "--monthly-tokens",
+            "20",
+            "--total-tokens",
+            "30000",
+            "--models",
+            "llama3.2, Qwen3:8b",
+        )
+        assert "limits changed" in out
+        assert cells(out, "acme")[4:11] == [
+            "100",
+            "5,000",
+            "2",
+            "10",
+            "20",
+            "30,000",
+            "llama3.2:latest, qwen3:8b",
+        ]
+        assert await notices.next() == Invalidation("tenant", tenant.id, reason="limits")
+        row = await db.fetchrow(f"{limit_sql} FROM tenants WHERE id = $1", tenant.id)
+        assert row is not None
+        assert tuple(row.values()) == (100, 5000, 2, 10, 20, 30000, ["llama3.2:latest", "qwen3:8b"])
+
+        [doc] = await cli.json("set-limits", "--tenant", "acme", "--rpm", "unlimited", "--models", "all")
+        assert (doc["limits"]["rpm"], doc["limits"]["tpm"], doc["allowed_models"]) == (None, 5000, None)
+        assert await notices.next() == Invalidation("tenant", tenant.id, reason="limits")
+
+        out = await cli.ok(
+            "set-limits",
+            "--prefix",
+            f"nz_{prefix}",
+            "--rpm",
+            "10",
+            "--tpm",
+            "unlimited",
+            "--concurrency",
+            "inherit",
+            "--models",
+            "qwen3:8b",
+        )
+        assert cells(out, prefix)[7:14] == [
+            "10",
+            "unlimited",
+            "inherit",
+            "inherit",
+            "inherit",
+            "inherit",
+            "qwen3:8b",
+        ]
+        assert await notices.next() == Invalidation("key", tenant.id, made.key.id, reason="limits")
+        row = await db.fetchrow(f"{limit_sql} FROM api_keys WHERE id = $1", made.key.id)
+        assert row is not None
+        assert tuple(row.values()) == (10, -1, None, None, None, None, ["qwen3:8b"])
+
+        [doc] = await cli.json("set-limits", "--prefix", prefix, "--models", "all")
+        _check_key_json(doc)
+        assert doc["allowed_models"] == ["*"]
+        assert (doc["limits"]["rpm"], doc["limits"]["tpm"]) == (10, -1)
+        assert await notices.next() == Invalidation("key", tenant.id, made.key.id, reason="limits")
+
+        [doc] = await cli.json("set-limits", "--prefix", prefix, "--models", "inherit", "--rpm", "inherit")
+        assert (doc["allowed_models"], doc["limits"]["rpm"]) == (None, None)
+        assert await notices.next() == Invalidation("key", tenant.id, made.key.id, reason="limits")
+
+
+async def test_set_prompt_logging(
+    cli: Cli, db: asyncpg.Connection, redis_url: str, redis_prefix: str
+) -> None:
+    """set-prompt-logging --on --ttl stores the switch and the TTL in seconds, --off clears both,
+    for a tenant or a key; each change publishes an invalidation."""
+    tenant = await admin.create_tenant(db, name="acme")
+    made = await admin.create_key(db, tenant="acme", name="one", pepper=PEPPER, params=CHEAP)
+    sql = "SELECT prompt_logging, prompt_log_ttl_seconds FROM {} WHERE id = $1"
+    async with listen(redis_url, redis_prefix) as notices:
+        out = await cli.ok("set-prompt-logging", "--tenant", "acme", "--on", "--ttl", "7d")
+        assert "prompt logging changed" in out
+        assert cells(out, "acme")[-1] == "on, 604800s"
+        assert tuple(await db.fetchrow(sql.format("tenants"), tenant.id) or ()) == (True, 604800)
+        assert await notices.next() == Invalidation("tenant", tenant.id, reason="prompt-logging")
+
+        [doc] = await cli.json("set-prompt-logging", "--tenant", "acme", "--off")
+        assert (doc["prompt_logging"], doc["prompt_log_ttl_seconds"]) == (False, None)
+        assert tuple(await db.fetchrow(sql.format("tenants"), tenant.id) or ()) == (False, None)
+        assert await notices.next() == Invalidation("tenant", tenant.id, reason="prompt-logging")
+
+        [doc] = await cli.json("set-prompt-logging", "--prefix", made.key.prefix, "--on", "--ttl", "12h")
+        assert (doc["prompt_logging"], doc["prompt_log_ttl_seconds"]) == (True, 43200)
+        assert await notices.next() == Invalidation("key", tenant.id, made.key.id, reason="prompt-logging")
+
+        await cli.ok("set-prompt-logging", "--prefix", f"nz_{made.key.prefix}", "--off")
+        assert tuple(await db.fetchrow(sql.format("api_keys"), made.key.id) or ()) == (False, None)
+        assert await notices.next() == Invalidation("key", tenant.id, made.key.id, reason="prompt-logging")
+
+
+async def _ledger(
+    db: asyncpg.Connection,
+    tenant_id: int,
+    key_id: int,
+    finished: dt.datetime,
+    *,
+    prompt: int,
+    completion: int,
+) -> None:
+    await db.execute(
+        "INSERT INTO usage_ledger (request_id, tenant_id, key_id, endpoint, prompt_tokens, "
+        "completion_tokens, http_status, started_at, finished_at) "
+        "VALUES ($1, $2, $3, '/api/chat', $4, $5, 200, $6, $6)",
+        uuid.uuid4().hex,
+        tenant_id,
+        key_id,
+        prompt,
+        completion,
+        finished,
+    )
+
+
+async def test_usage(cli: Cli, db: asyncpg.Connection) -> None:
+    """usage sums prompt + completion tokens from the ledger for today, this month (UTC) and all
+    time, for a tenant or one key (with or without nz_), as a table or JSON."""
+    acme = await admin.create_tenant(db, name="acme")
+    other = await admin.create_tenant(db, name="other")
+    one = await admin.create_key(db, tenant="acme", name="one", pepper=PEPPER, params=CHEAP)
+    two = await admin.create_key(db, tenant="acme", name="two", pepper=PEPPER, params=CHEAP)
+    foreign = await admin.create_key(db, tenant="other", name="one", pepper=PEPPER, params=CHEAP)
+    now = dt.datetime.now(dt.UTC)
+    day_start = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    month_start = day_start.replace(day=1)
+    rows = [
+        (one.key.id, now, 10, 5),
+        (one.key.id, month_start, 100, 0),  # also "today" on the 1st of a month
+        (one.key.id, month_start - dt.timedelta(days=1), 1000, 0),  # last month
+        (two.key.id, now, 7, 0),
+    ]
+    for key_id, finished, prompt, completion in rows:
+        await _ledger(db, acme.id, key_id, finished, prompt=prompt, completion=completion)
+    await _ledger(db, other.id, foreign.key.id, now, prompt=50000, completion=1)
+
+    def expected(key_ids: set[int]) -> dict[str, int]:
+        mine = [(f, p + c) for k, f, p, c in rows if k in key_ids]
+        return {
+            "day": sum(t for f, t in mine if f >= day_start),
+            "month": sum(t for f, t in mine if f >= month_start),
+            "total": sum(t for _, t in mine),
+            "requests": len(mine),
+        }
+
+    whole = await cli.json("usage", "--tenant", "acme")
+    assert whole == {"scope": "tenant", "name": "acme", **expected({one.key.id, two.key.id})}
+    assert whole["total"] == 1122
+    single = await cli.json("usage", "--prefix", f"nz_{one.key.prefix}")
+    assert single == {"scope": "key", "name": one.key.prefix, **expected({one.key.id})}
+    assert single["total"] == 1115
+
+    out = await cli.ok("usage", "--prefix", one.key.prefix)
+    assert f"usage of key {one.key.prefix}" in out
+    want = expected({one.key.id})
+    assert cells(out, "1,115") == [f"{want['day']:,}", f"{want['month']:,}", "1,115", "3"]
+    out = await cli.ok("usage", "--tenant", "other")
+    assert cells(out, "50,001") == ["50,001", "50,001", "50,001", "1"]
+
+
+def _database_url(admin_url: str, name: str) -> str:
+    parts = urlsplit(admin_url)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, parts.fragment))
+
+
+@pytest.fixture
+async def empty_database_url(postgres_admin_url: str) -> str:
+    """A new database with no tables at all."""
+    name = f"t_{os.getpid()}_empty_{uuid.uuid4().hex[:8]}"
+    conn = await asyncpg.connect(asyncpg_dsn(postgres_admin_url))
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return _database_url(postgres_admin_url, name)
+
+
+async def _tables(url: str) -> set[str]:
+    conn = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        rows = await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+    finally:
+        await conn.close()
+    return {r["tablename"] for r in rows}
+
+
+async def test_migrate(cli: Cli, empty_database_url: str) -> None:
+    """migrate applies every migration to an empty database, and running it again is a no-op."""
+    env = {"GATEWAY_DATABASE_URL": empty_database_url}
+    first = await cli("migrate", env=env)
+    assert first.code == 0, first.stderr
+    assert "20261127000001_tenants_and_keys" in first.stdout
+    assert set(TABLES) <= await _tables(empty_database_url)
+    again = await cli("migrate", env=env)
+    assert again.code == 0, again.stderr
+    assert "20261127000001_tenants_and_keys" not in again.stdout
+    assert set(TABLES) <= await _tables(empty_database_url)
+
+
+async def test_migrate_json(cli: Cli, empty_database_url: str) -> None:
+    """migrate --json prints {"applied": [...]}: every migration file on an empty database, then none."""
+    migrations = sorted(p.name for p in (Path(__file__).parents[2] / "sql" / "migrations").glob("*.sql"))
+    assert len(migrations) >= 3
+    env = {"GATEWAY_DATABASE_URL": empty_database_url}
+    first = await cli("migrate", "--json", env=env)
+    assert first.code == 0, first.stderr
+    assert orjson.loads(first.stdout) == {"applied": migrations}
+    assert set(TABLES) <= await _tables(empty_database_url)
+    again = await cli("migrate", "--json", env=env)
+    assert again.code == 0, again.stderr
+    assert orjson.loads(again.stdout) == {"applied": []}
+
+
+def test_console_script_is_installed() -> None:
+    """`neuronetz-gateway` is installed as a console script next to the venv's python."""
+    assert SCRIPT.is_file(), f"{SCRIPT} missing: no [project.scripts] entry in pyproject.toml?"
+
+
+BAD_INPUTS: dict[str, list[str]] = {
+    "unknown-tenant": ["create-key", "--tenant", "nosuch", "--name", "k"],
+    "unknown-tenant-suspend": ["suspend-tenant", "--name", "nosuch"],
+    "bad-tenant-name": ["create-tenant", "--name", "bad name!"],
+    "duplicate-tenant": ["create-tenant", "--name", "acme"],
+    "duplicate-key-name": ["create-key", "--tenant", "acme", "--name", "k1"],
+    "rpm-not-a-number": ["set-limits", "--tenant", "acme", "--rpm", "abc"],
+    "rpm-negative": ["set-limits", "--tenant", "acme", "--rpm", "-5"],
+    "rpm-superscript-digit": ["set-limits", "--tenant", "acme", "--rpm", "²"],
+    "rpm-beyond-integer-column": ["set-limits", "--tenant", "acme", "--rpm", "3000000000"],
+    "nothing-to-change": ["set-limits", "--tenant", "acme"],
+    "bad-model-name": ["set-limits", "--tenant", "acme", "--models", "no such/model/at/all"],
+    "inherit-on-tenant": ["set-limits", "--tenant", "acme", "--rpm", "inherit"],
+    "bad-prefix": ["revoke-key", "--prefix", "xyz"],
+    "unknown-prefix": ["revoke-key", "--prefix", "nz_ZZZZZZZZ"],
+    "already-revoked": ["revoke-key", "--prefix", "{revoked}"],
+    "on-without-ttl": ["set-prompt-logging", "--tenant", "acme", "--on"],
+    "off-with-ttl": ["set-prompt-logging", "--prefix", "{prefix}", "--off", "--ttl", "7d"],
+    "ttl-beyond-integer-column": ["set-prompt-logging", "--tenant", "acme", "--on", "--ttl", "100000d"],
+    "bad-duration": ["create-key", "--tenant", "acme", "--name", "k2", "--expires-in", "7x"],
+    "duration-overflow": ["create-key", "--tenant", "acme", "--name", "k2", "--expires-in", "999999999w"],
+    "expiry-after-year-9999": ["create-key", "--tenant", "acme", "--name", "k2", "--expires-in", "3000000d"],
+}
+
+
+@pytest.mark.parametrize("argv", BAD_INPUTS.values(), ids=BAD_INPUTS.keys())
+async def test_bad_input_fails_cleanly_and_changes_nothing(
+    argv: list[str], cli: Cli, db: asyncpg.Connection, redis_url: str, redis_prefix: str
+) -> None:
+    """Every kind of bad input exits non-zero with one `error: …` line on stderr (no traceback,
+    nothing on stdout), leaves every table exactly as it was and publishes no invalidation."""
+    world = await populate(db)
+    before = await snapshot(db)
+    args = [a.format(prefix=world.prefix, revoked=world.revoked) for a in argv]
+    async with listen(redis_url, redis_prefix) as notices:
+        done = await cli(*args)
+        assert done.code != 0
+        assert "Traceback" not in done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1, done.stderr
+        assert lines[0].startswith("error:"), done.stderr
+        assert done.stdout == ""
+        await notices.assert_nothing_published()
+    assert await snapshot(db) == before
