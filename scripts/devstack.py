@@ -24,8 +24,9 @@ import localstack
 from shared import admin
 from shared.db import asyncpg_dsn
 
-STACK_DIR = localstack.ROOT / ".dev" / "stack"
-STACK_FILE = localstack.ROOT / ".dev" / "stack.json"
+# GATEWAY_STACK_FILE moves the state file (and the stack's working directory beside it).
+STACK_FILE = Path(os.environ.get("GATEWAY_STACK_FILE") or localstack.ROOT / ".dev" / "stack.json")
+STACK_DIR = STACK_FILE.with_suffix("")
 DEMO_TENANT = "demo"
 console = Console(highlight=False)
 
