@@ -2,49 +2,68 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
 
 import asyncpg
+import coredis
 from aiohttp import web
 
-from authz_sidecar.authz import admit, log_decision
-from authz_sidecar.exceptions import Denied
+from authz_sidecar import health
+from authz_sidecar.audit import DenialAuditor
+from authz_sidecar.authz import Admission
+from authz_sidecar.invalidations import InvalidationListener
 from authz_sidecar.keys import Authenticator, Clock, KeyCache
+from authz_sidecar.limiter import FailedAuthLimiter
+from authz_sidecar.metrics import SidecarMetrics
 from shared.config import SidecarConfig
 from shared.db import create_pool
-from shared.dialect import error_response
+from shared.redis_keys import RedisKeys
 
 CONFIG = web.AppKey("config", SidecarConfig)
-POOL = web.AppKey("pool", asyncpg.Pool)
-AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
 CLOCK: web.AppKey[Clock] = web.AppKey("clock")
+POOL: web.AppKey[asyncpg.Pool[asyncpg.Record]] = web.AppKey("pool")
+REDIS: web.AppKey[coredis.Redis[bytes]] = web.AppKey("redis")
+KEYS = web.AppKey("keys", RedisKeys)
+METRICS = web.AppKey("metrics", SidecarMetrics)
+AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
+AUDITOR = web.AppKey("auditor", DenialAuditor)
+LISTENER = web.AppKey("listener", InvalidationListener)
+ADMISSION = web.AppKey("admission", Admission)
+DRAINING = web.AppKey("draining", asyncio.Event)
 
 
 async def authz(request: web.Request) -> web.Response:
     """Caddy's forward_auth target."""
-    started = time.perf_counter()
-    try:
-        response, context = await admit(
-            request, config=request.app[CONFIG], authenticator=request.app[AUTHENTICATOR]
-        )
-    except Denied as denied:
-        log_decision(request, denied.status, denied.reason, started, None)
-        path = request.headers.get("X-Forwarded-Uri", "/")
-        return error_response(path, denied.status, denied.message, code=denied.code, headers=denied.headers)
-    log_decision(request, 200, "allowed", started, context)
-    return response
+    return await request.app[ADMISSION].handle(request)
 
 
-async def healthz(_: web.Request) -> web.Response:
-    """Alive."""
-    return web.json_response({"status": "ok"})
+async def readyz(request: web.Request) -> web.Response:
+    """Ready when Postgres and Redis answer and the process is not draining."""
+    app = request.app
+    checks = await health.readiness(app[POOL], app[REDIS], draining=app[DRAINING].is_set())
+    return health.readiness_response(checks)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus metrics."""
+    return health.metrics_response(request.app[METRICS].registry)
 
 
 async def _database(app: web.Application) -> AsyncIterator[None]:
     app[POOL] = await create_pool(app[CONFIG].postgres)
     yield
     await app[POOL].close()
+
+
+async def _redis(app: web.Application) -> AsyncIterator[None]:
+    client: coredis.Redis[bytes] = coredis.Redis.from_url(app[CONFIG].redis.url)
+    async with client:
+        app[REDIS] = client
+        yield
 
 
 async def _authenticator(app: web.Application) -> AsyncIterator[None]:
@@ -61,12 +80,70 @@ async def _authenticator(app: web.Application) -> AsyncIterator[None]:
     authenticator.close()
 
 
-def create_app(config: SidecarConfig, *, clock: Clock = time.time) -> web.Application:
+@contextlib.asynccontextmanager
+async def _background(*coroutines: Coroutine[Any, Any, None]) -> AsyncIterator[None]:
+    tasks = [asyncio.create_task(c) for c in coroutines]
+    try:
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _invalidations(app: web.Application) -> AsyncIterator[None]:
+    listener = InvalidationListener(
+        redis=app[REDIS],
+        pool=app[POOL],
+        cache=app[AUTHENTICATOR].cache,
+        channel=app[KEYS].invalidations,
+    )
+    app[LISTENER] = listener
+    async with _background(listener.run_subscription(), listener.run_fallback()):
+        yield
+
+
+async def _auditor(app: web.Application) -> AsyncIterator[None]:
+    auditor = DenialAuditor(redis=app[REDIS], stream=app[KEYS].audit_stream, clock=app[CLOCK])
+    app[AUDITOR] = auditor
+    async with _background(auditor.run()):
+        yield
+
+
+async def _admission(app: web.Application) -> AsyncIterator[None]:
+    authenticator, listener = app[AUTHENTICATOR], app[LISTENER]
+    app[METRICS].watch(
+        lambda: {
+            "key_cache_hits": authenticator.cache.hits,
+            "key_cache_misses": authenticator.cache.misses,
+            "key_cache_entries": len(authenticator.cache),
+            "argon2_verifications": authenticator.argon2_calls,
+            "key_db_lookups": authenticator.db_lookups,
+            "invalidation_subscribed": float(listener.subscribed),
+        }
+    )
+    app[ADMISSION] = Admission(
+        config=app[CONFIG],
+        authenticator=authenticator,
+        limiter=FailedAuthLimiter(limit=app[CONFIG].options.auth_failures_per_minute, clock=app[CLOCK]),
+        auditor=app[AUDITOR],
+        metrics=app[METRICS],
+        clock=app[CLOCK],
+    )
+    yield
+
+
+def create_app(config: SidecarConfig, *, clock: Callable[[], float] = time.time) -> web.Application:
     """Build the sidecar application."""
     app = web.Application()
     app[CONFIG] = config
     app[CLOCK] = clock
-    app.cleanup_ctx.extend([_database, _authenticator])
+    app[KEYS] = RedisKeys(config.redis.prefix)
+    app[METRICS] = SidecarMetrics()
+    app[DRAINING] = asyncio.Event()
+    app.cleanup_ctx.extend([_database, _redis, _authenticator, _invalidations, _auditor, _admission])
     app.router.add_get("/authz", authz, allow_head=False)
-    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/healthz", health.healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
     return app

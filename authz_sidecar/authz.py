@@ -1,7 +1,9 @@
 """`GET /authz`, called by Caddy's forward_auth: admission of one request, answered with a grant.
 
-Order (DESIGN.md step 2): endpoint policy, then the key (format and checksum before any I/O,
-then cache, then Postgres and Argon2id), then the signed grant. The body never reaches here.
+Order (DESIGN.md step 2), stopping at the first denial: endpoint policy; the key (format and
+checksum before any I/O, then the cache, then one Postgres query and one Argon2id check, with a
+failed-authentication limiter per client address in front of the expensive part); then the
+signed grant. The body never reaches the sidecar.
 """
 
 from __future__ import annotations
@@ -9,21 +11,28 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Callable
 
+import attrs
 from aiohttp import web
 
+from authz_sidecar.audit import Denial, DenialAuditor
 from authz_sidecar.exceptions import Denied
 from authz_sidecar.keys import Authenticator
+from authz_sidecar.limiter import FailedAuthLimiter
+from authz_sidecar.metrics import SidecarMetrics
 from shared import grant as grants
 from shared import keys, policy
 from shared.config import SidecarConfig
+from shared.dialect import error_response
 from shared.exceptions import KeyFormatError
+from shared.keystore import Verdict
 from shared.models import KeyContext
 
 log = logging.getLogger("authz_sidecar.authz")
 
 UNAUTHORIZED_HEADERS = {"WWW-Authenticate": 'Bearer realm="neuronetz-gateway"'}
-_KEY_REASONS = {
+_KEY_MESSAGES = {
     "malformed": "invalid API key",
     "unknown": "invalid API key",
     "mismatch": "invalid API key",
@@ -58,79 +67,156 @@ def client_address(request: web.Request) -> str | None:
     return request.remote
 
 
-async def admit(
-    request: web.Request, *, config: SidecarConfig, authenticator: Authenticator
-) -> tuple[web.Response, KeyContext]:
-    """Decide one forwarded request; raises Denied."""
-    method, uri = forwarded_request(request)
-    decision = policy.decide(method, uri, method_override(request))
-    if not decision.allowed:
-        headers = {"Allow": ", ".join(decision.allow)} if decision.allow else None
-        raise Denied(decision.status, decision.message, reason=f"policy_{decision.status}", headers=headers)
-    try:
-        parsed = keys.parse_bearer(request.headers.get("Authorization"))
-    except KeyFormatError as exc:
-        raise Denied(
-            401, str(exc), reason="key_malformed", code="invalid_api_key", headers=UNAUTHORIZED_HEADERS
-        ) from None
-    verdict = await authenticator.resolve(parsed.token)
-    context = verdict.context
-    now = authenticator.wall_clock()
-    if context is None:
-        if verdict.reason == "suspended":
-            raise Denied(403, "tenant suspended", reason="tenant_suspended")
-        raise Denied(
-            401,
-            _KEY_REASONS.get(verdict.reason, "invalid API key"),
-            reason=f"key_{verdict.reason}",
-            code="invalid_api_key",
-            headers=UNAUTHORIZED_HEADERS,
-        )
-    if context.key_expires_at is not None and context.key_expires_at.timestamp() <= now:
-        raise Denied(
-            401, "API key expired", reason="key_expired", code="invalid_api_key", headers=UNAUTHORIZED_HEADERS
-        )
-    request_id = request.headers.get("X-Request-Id") or str(uuid.uuid4())
-    path = uri.split("?", 1)[0]
-    token = grants.sign(
-        grants.Grant(
-            request_id=request_id,
-            tenant_id=context.tenant_id,
-            key_id=context.key_id,
-            key_prefix=context.prefix,
-            method=method,
-            path=path,
-            expires_at=now + min(config.options.grant_ttl, grants.MAX_TTL),
-            allowed_models=context.allowed_models,
-            max_body_bytes=context.max_body_bytes,
-            max_num_ctx=context.max_num_ctx,
-            max_keep_alive_seconds=context.max_keep_alive_seconds,
-            prompt_logging=context.prompt_logging,
-            prompt_log_ttl_seconds=context.prompt_log_ttl_seconds,
-            key_limits=context.key_limits,
-            tenant_limits=context.tenant_limits,
-            client_addr=client_address(request),
-        ),
-        config.grant.current,
+def _key_denial(verdict: Verdict) -> Denied:
+    if verdict.reason == "suspended":
+        return Denied(403, "tenant suspended", reason="tenant_suspended", code="tenant_suspended")
+    return Denied(
+        401,
+        _KEY_MESSAGES.get(verdict.reason, "invalid API key"),
+        reason=f"key_{verdict.reason}",
+        code="invalid_api_key",
+        headers=UNAUTHORIZED_HEADERS,
     )
-    response = web.Response(status=200, headers={"X-Gw-Request-Id": request_id, "X-Gw-Grant": token})
-    return response, context
 
 
-def log_decision(
-    request: web.Request, status: int, reason: str, started: float, context: KeyContext | None
-) -> None:
-    """One structured line per decision: never the key, only its prefix."""
-    log.info(
-        "authz",
-        extra={
-            "request_id": request.headers.get("X-Request-Id"),
-            "method": request.headers.get("X-Forwarded-Method"),
-            "path": (request.headers.get("X-Forwarded-Uri") or "").split("?", 1)[0][:200],
-            "status": status,
-            "reason": reason,
-            "tenant_id": context.tenant_id if context else None,
-            "key_prefix": context.prefix if context else None,
-            "latency_ms": round((time.perf_counter() - started) * 1000, 3),
-        },
-    )
+@attrs.define
+class Admission:
+    """Everything a decision needs; `handle` is the /authz handler."""
+
+    config: SidecarConfig
+    authenticator: Authenticator
+    limiter: FailedAuthLimiter
+    auditor: DenialAuditor
+    metrics: SidecarMetrics
+    clock: Callable[[], float] = time.time
+
+    async def _context(self, request: web.Request, address: str | None) -> KeyContext:
+        try:
+            parsed = keys.parse_bearer(request.headers.get("Authorization"))
+        except KeyFormatError as exc:
+            self.limiter.failed(address)
+            raise Denied(
+                401, str(exc), reason="key_malformed", code="invalid_api_key", headers=UNAUTHORIZED_HEADERS
+            ) from None
+        verdict = self.authenticator.cached(parsed.token)
+        if verdict is None:
+            retry = self.limiter.retry_after(address)
+            if retry is not None:
+                raise Denied(
+                    429,
+                    "too many failed authentications from this address",
+                    reason="auth_failures",
+                    code="rate_limit_exceeded",
+                    headers={"Retry-After": str(retry)},
+                )
+            verdict = await self.authenticator.resolve(parsed.token)
+        if verdict.context is None:
+            if verdict.reason in ("unknown", "mismatch"):
+                self.limiter.failed(address)
+            raise _key_denial(verdict)
+        expires = verdict.context.key_expires_at
+        if expires is not None and expires.timestamp() <= self.clock():
+            raise _key_denial(Verdict(None, "expired"))
+        return verdict.context
+
+    def _grant(
+        self, request: web.Request, method: str, uri: str, context: KeyContext, address: str | None
+    ) -> web.Response:
+        request_id = request.headers.get("X-Request-Id") or str(uuid.uuid4())
+        token = grants.sign(
+            grants.Grant(
+                request_id=request_id,
+                tenant_id=context.tenant_id,
+                key_id=context.key_id,
+                key_prefix=context.prefix,
+                method=method,
+                path=uri.split("?", 1)[0],
+                expires_at=self.clock() + min(self.config.options.grant_ttl, grants.MAX_TTL),
+                allowed_models=context.allowed_models,
+                max_body_bytes=context.max_body_bytes,
+                max_num_ctx=context.max_num_ctx,
+                max_keep_alive_seconds=context.max_keep_alive_seconds,
+                prompt_logging=context.prompt_logging,
+                prompt_log_ttl_seconds=context.prompt_log_ttl_seconds,
+                key_limits=context.key_limits,
+                tenant_limits=context.tenant_limits,
+                client_addr=address,
+            ),
+            self.config.grant.current,
+        )
+        return web.Response(status=200, headers={"X-Gw-Request-Id": request_id, "X-Gw-Grant": token})
+
+    async def handle(self, request: web.Request) -> web.Response:
+        """Decide one forwarded request."""
+        started = time.perf_counter()
+        address = client_address(request)
+        context: KeyContext | None = None
+        try:
+            method, uri = forwarded_request(request)
+            decision = policy.decide(method, uri, method_override(request))
+            if not decision.allowed:
+                allow = {"Allow": ", ".join(decision.allow)} if decision.allow else None
+                raise Denied(
+                    decision.status, decision.message, reason=f"policy_{decision.status}", headers=allow
+                )
+            context = await self._context(request, address)
+            response = self._grant(request, method, uri, context, address)
+        except Denied as denied:
+            self._finish(
+                request,
+                status=denied.status,
+                reason=denied.reason,
+                started=started,
+                context=context,
+                address=address,
+            )
+            path = request.headers.get("X-Forwarded-Uri", "/")
+            return error_response(
+                path, denied.status, denied.message, code=denied.code, headers=denied.headers
+            )
+        self._finish(request, status=200, reason="allowed", started=started, context=context, address=address)
+        return response
+
+    def _finish(
+        self,
+        request: web.Request,
+        *,
+        status: int,
+        reason: str,
+        started: float,
+        context: KeyContext | None,
+        address: str | None,
+    ) -> None:
+        elapsed = time.perf_counter() - started
+        self.metrics.decisions.labels("allow" if status == 200 else "deny", reason).inc()
+        self.metrics.latency.observe(elapsed)
+        path = (request.headers.get("X-Forwarded-Uri") or "").split("?", 1)[0][:200]
+        if status != 200:
+            self.auditor.record(
+                Denial(
+                    at=self.clock(),
+                    request_id=request.headers.get("X-Request-Id"),
+                    status=status,
+                    reason=reason,
+                    method=request.headers.get("X-Forwarded-Method"),
+                    path=path,
+                    client_addr=address,
+                    user_agent=(request.headers.get("User-Agent") or "")[:200] or None,
+                    tenant_id=context.tenant_id if context else None,
+                    key_id=context.key_id if context else None,
+                    key_prefix=context.prefix if context else None,
+                )
+            )
+        (log.info if status != 200 else log.debug)(
+            "authz",
+            extra={
+                "request_id": request.headers.get("X-Request-Id"),
+                "method": request.headers.get("X-Forwarded-Method"),
+                "path": path,
+                "status": status,
+                "reason": reason,
+                "tenant_id": context.tenant_id if context else None,
+                "key_prefix": context.prefix if context else None,
+                "latency_ms": round(elapsed * 1000, 3),
+            },
+        )

@@ -43,6 +43,9 @@ class KeyCache:
     _entries: dict[bytes, _Entry] = attrs.field(factory=dict)
     hits: int = 0
     misses: int = 0
+    # Bumped by every invalidation: a lookup that started before a change must not cache its
+    # (possibly stale) answer after the change was applied.
+    generation: int = 0
 
     def fingerprint(self, token: str) -> bytes:
         """The cache key for a token."""
@@ -59,8 +62,11 @@ class KeyCache:
         self.hits += 1
         return entry.verdict
 
-    def put(self, fingerprint: bytes, verdict: Verdict) -> None:
-        """Remember a verdict (positive ones for `ttl`, negative ones for `negative_ttl`)."""
+    def put(self, fingerprint: bytes, verdict: Verdict, generation: int | None = None) -> None:
+        """Remember a verdict (positive ones for `ttl`, negative ones for `negative_ttl`), unless an
+        invalidation arrived since the lookup that produced it began."""
+        if generation is not None and generation != self.generation:
+            return
         if len(self._entries) >= self.max_entries:
             self._evict()
         ttl = self.ttl if verdict.context is not None else self.negative_ttl
@@ -75,6 +81,7 @@ class KeyCache:
 
     def drop(self, *, tenant_id: int, key_id: int | None = None) -> int:
         """Forget every cached key of a tenant (or one key); returns how many were dropped."""
+        self.generation += 1
         doomed = [
             fp
             for fp, e in self._entries.items()
@@ -88,7 +95,11 @@ class KeyCache:
 
     def clear(self) -> None:
         """Forget everything (used when the invalidation channel was down for a while)."""
+        self.generation += 1
         self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 @attrs.define
@@ -120,17 +131,20 @@ class Authenticator:
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self._executor, lambda: verify_key(token, phc, pepper=pepper))
 
+    def cached(self, token: str) -> Verdict | None:
+        """A live cached verdict for the token, without any I/O."""
+        return self.cache.get(self.cache.fingerprint(token))
+
     async def resolve(self, token: str) -> Verdict:
-        """The verdict for a well-formed token; concurrent requests for one token share one check."""
+        """The verdict for a well-formed token (after `cached` missed); concurrent requests for one
+        token share one check."""
         fingerprint = self.cache.fingerprint(token)
-        cached = self.cache.get(fingerprint)
-        if cached is not None:
-            return cached
         pending = self._inflight.get(fingerprint)
         if pending is not None:
             return await asyncio.shield(pending)
         future: asyncio.Future[Verdict] = asyncio.get_running_loop().create_future()
         self._inflight[fingerprint] = future
+        generation = self.cache.generation
         try:
             self.db_lookups += 1
             verdict = await authenticate(
@@ -140,7 +154,7 @@ class Authenticator:
                 now=dt.datetime.fromtimestamp(self.wall_clock(), dt.UTC),
                 verifier=self._verify,
             )
-            self.cache.put(fingerprint, verdict)
+            self.cache.put(fingerprint, verdict, generation)
             future.set_result(verdict)
             return verdict
         except BaseException as exc:

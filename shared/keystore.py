@@ -17,7 +17,7 @@ from shared.models import ApiKey, KeyContext, Tenant, resolve_context
 # Assembled once from the fixed column lists of shared.db; only $1 carries input.
 _KEY_SELECT = ", ".join(f"k.{c.strip()} AS k_{c.strip()}" for c in KEY_COLUMNS.split(","))
 _TENANT_SELECT = ", ".join(f"t.{c.strip()} AS t_{c.strip()}" for c in TENANT_COLUMNS.split(","))
-_LOOKUP_SQL = "SELECT " + _KEY_SELECT + ", k.hash AS k_hash, " + _TENANT_SELECT  # nosec B608
+_LOOKUP_SQL = "SELECT " + _KEY_SELECT + ", k.hash AS k_hash, " + _TENANT_SELECT
 _LOOKUP_SQL += " FROM api_keys k JOIN tenants t ON t.id = k.tenant_id WHERE k.prefix = $1"
 
 Verifier = Callable[[str, str, str], Awaitable[bool]]

@@ -5,31 +5,27 @@ from __future__ import annotations
 import os
 import sys
 
-import uvloop
-from aiohttp import web
-
-from shared import logs
+from shared import logs, serve
 from shared.config import ProxyConfig, load_config
 from shared.exceptions import ConfigError
-from stream_proxy.app import create_app
+from stream_proxy.app import DRAINING, create_app
 
 
 def main() -> int:
-    """Run until SIGTERM/SIGINT."""
+    """Run until SIGTERM/SIGINT, then drain."""
     try:
         config = load_config(ProxyConfig, os.environ)
     except ConfigError as exc:
         sys.stderr.write(f"stream_proxy: {exc}\n")
         return 2
     logs.setup(config.logging.level)
-    uvloop.install()
-    web.run_app(
-        create_app(config),
+    app = create_app(config)
+    serve.run(
+        app,
         host=config.options.host,
         port=config.options.port,
-        print=None,
-        access_log=None,
-        shutdown_timeout=10,
+        draining=app[DRAINING],
+        drain_seconds=config.options.drain_seconds,
     )
     return 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -24,6 +25,7 @@ SESSION = web.AppKey("session", aiohttp.ClientSession)
 REDIS: web.AppKey[coredis.Redis[bytes]] = web.AppKey("redis")
 KEYS = web.AppKey("keys", RedisKeys)
 CLOCK: web.AppKey[Clock] = web.AppKey("clock")
+DRAINING = web.AppKey("draining", asyncio.Event)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -91,6 +93,7 @@ def create_app(config: ProxyConfig, *, clock: Clock = time.time) -> web.Applicat
     app[CONFIG] = config
     app[CLOCK] = clock
     app[KEYS] = RedisKeys(config.redis.prefix)
+    app[DRAINING] = asyncio.Event()
     app.cleanup_ctx.extend([_session, _redis])
     app.router.add_get("/healthz", healthz)
     app.router.add_route("*", "/{tail:.*}", proxy)

@@ -32,3 +32,12 @@ def test_readme_shows_the_two_commands() -> None:
     text = (ROOT / "README.md").read_text()
     assert "scripts/dev up" in text
     assert "scripts/test" in text
+
+
+def test_generated_config_docs_are_current() -> None:
+    """README's table and .env.example are exactly what scripts/gen_config_docs.py writes."""
+    import gen_config_docs
+
+    readme = (ROOT / "README.md").read_text()
+    assert gen_config_docs.table() in readme
+    assert (ROOT / ".env.example").read_text() == gen_config_docs.env_example()
