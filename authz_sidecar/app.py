@@ -7,6 +7,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import asyncpg
 import coredis
@@ -15,12 +16,14 @@ from aiohttp import web
 from authz_sidecar import health
 from authz_sidecar.audit import DenialAuditor
 from authz_sidecar.authz import Admission
+from authz_sidecar.budgets import BudgetHydrator
 from authz_sidecar.invalidations import InvalidationListener
 from authz_sidecar.keys import Authenticator, Clock, KeyCache
 from authz_sidecar.limiter import FailedAuthLimiter
 from authz_sidecar.metrics import SidecarMetrics
 from shared.config import SidecarConfig
 from shared.db import create_pool
+from shared.limits import LimitScripts
 from shared.redis_keys import RedisKeys
 
 CONFIG = web.AppKey("config", SidecarConfig)
@@ -122,8 +125,19 @@ async def _admission(app: web.Application) -> AsyncIterator[None]:
             "invalidation_subscribed": float(listener.subscribed),
         }
     )
+    config = app[CONFIG]
+    scripts = LimitScripts(app[REDIS], app[KEYS])
+    hydrator = BudgetHydrator(
+        redis=app[REDIS],
+        pool=app[POOL],
+        scripts=scripts,
+        keys=app[KEYS],
+        zone=ZoneInfo(config.options.budget_timezone),
+    )
     app[ADMISSION] = Admission(
-        config=app[CONFIG],
+        config=config,
+        scripts=scripts,
+        hydrator=hydrator,
         authenticator=authenticator,
         limiter=FailedAuthLimiter(limit=app[CONFIG].options.auth_failures_per_minute, clock=app[CLOCK]),
         auditor=app[AUDITOR],

@@ -9,14 +9,19 @@ signed grant. The body never reaches the sidecar.
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable
+from zoneinfo import ZoneInfo
 
+import asyncpg
 import attrs
+import coredis
 from aiohttp import web
 
 from authz_sidecar.audit import Denial, DenialAuditor
+from authz_sidecar.budgets import BudgetHydrator, HydrationBusy
 from authz_sidecar.exceptions import Denied
 from authz_sidecar.keys import Authenticator
 from authz_sidecar.limiter import FailedAuthLimiter
@@ -27,7 +32,9 @@ from shared.config import SidecarConfig
 from shared.dialect import error_response
 from shared.exceptions import KeyFormatError
 from shared.keystore import Verdict
+from shared.limits import Admitted, LimitScripts, Refused, Scope
 from shared.models import KeyContext
+from shared.periods import periods_at
 
 log = logging.getLogger("authz_sidecar.authz")
 
@@ -79,6 +86,35 @@ def _key_denial(verdict: Verdict) -> Denied:
     )
 
 
+UNAVAILABLE = {"Retry-After": "1"}
+STORE_ERRORS = (coredis.exceptions.RedisError, OSError, TimeoutError)
+_BUDGET_NAMES = {"budget_day": "daily", "budget_month": "monthly", "budget_total": "total"}
+
+
+def _limit_denial(refused: Refused, scope: Scope, zone: ZoneInfo, now: float) -> Denied:
+    """429 for a limit: rate_limit_exceeded with the real wait, or insufficient_quota for budgets."""
+    if refused.reason.startswith("budget"):
+        name = _BUDGET_NAMES.get(refused.reason, "token")
+        period = refused.reason.removeprefix("budget_")
+        left = scope.periods.seconds_left(period, now, zone) if period in ("day", "month") else None  # type: ignore[arg-type]
+        headers = {} if left is None else {"Retry-After": str(max(1, math.ceil(left)))}
+        return Denied(
+            429,
+            f"{refused.scope} {name} token budget exhausted",
+            reason=refused.reason,
+            code="insufficient_quota",
+            headers=headers,
+        )
+    what = {"rpm": "requests per minute", "tpm": "tokens per minute", "concurrency": "concurrent streams"}
+    return Denied(
+        429,
+        f"{refused.scope} limit on {what.get(refused.reason, refused.reason)} reached",
+        reason=refused.reason,
+        code="rate_limit_exceeded",
+        headers={"Retry-After": str(max(1, math.ceil(refused.retry_after_ms / 1000)))},
+    )
+
+
 @attrs.define
 class Admission:
     """Everything a decision needs; `handle` is the /authz handler."""
@@ -88,7 +124,38 @@ class Admission:
     limiter: FailedAuthLimiter
     auditor: DenialAuditor
     metrics: SidecarMetrics
+    scripts: LimitScripts
+    hydrator: BudgetHydrator
     clock: Callable[[], float] = time.time
+    zone: ZoneInfo = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.zone = ZoneInfo(self.config.options.budget_timezone)
+
+    async def _limits(self, scope: Scope, request_id: str, *, metered: bool) -> Admitted:
+        """One admission script call (plus hydration when a budget counter is missing)."""
+        lease_ms = int(self.config.options.lease_ttl * 1000)
+        try:
+            for _ in range(50):
+                outcome = await self.scripts.admit(scope, request_id, metered=metered, lease_ttl_ms=lease_ms)
+                if isinstance(outcome, Admitted):
+                    return outcome
+                if isinstance(outcome, Refused):
+                    raise _limit_denial(outcome, scope, self.zone, self.clock())
+                try:
+                    await self.hydrator.hydrate(scope, outcome, self.clock())
+                except HydrationBusy:
+                    continue
+        except STORE_ERRORS:
+            self.metrics.redis_errors.inc()
+            raise Denied(
+                503, "gateway state store unavailable", reason="redis_error", headers=UNAVAILABLE
+            ) from None
+        except (asyncpg.PostgresError, asyncpg.InterfaceError):
+            raise Denied(
+                503, "budget store unavailable", reason="hydration_failed", headers=UNAVAILABLE
+            ) from None
+        raise Denied(503, "budget counters are being rebuilt", reason="hydration_busy", headers=UNAVAILABLE)
 
     async def _context(self, request: web.Request, address: str | None) -> KeyContext:
         try:
@@ -119,10 +186,26 @@ class Admission:
             raise _key_denial(Verdict(None, "expired"))
         return verdict.context
 
-    def _grant(
-        self, request: web.Request, method: str, uri: str, context: KeyContext, address: str | None
+    async def _grant(
+        self,
+        request: web.Request,
+        *,
+        method: str,
+        uri: str,
+        route: policy.Route,
+        context: KeyContext,
+        address: str | None,
     ) -> web.Response:
         request_id = request.headers.get("X-Request-Id") or str(uuid.uuid4())
+        metered = route in policy.METERED
+        scope = Scope(
+            tenant_id=context.tenant_id,
+            key_id=context.key_id,
+            key_limits=context.key_limits,
+            tenant_limits=context.tenant_limits,
+            periods=periods_at(self.clock(), self.zone),
+        )
+        admitted = await self._limits(scope, request_id, metered=metered)
         token = grants.sign(
             grants.Grant(
                 request_id=request_id,
@@ -141,6 +224,9 @@ class Admission:
                 key_limits=context.key_limits,
                 tenant_limits=context.tenant_limits,
                 client_addr=address,
+                rate=admitted.rate,
+                metered=metered,
+                periods={str(p): name for p, name in scope.periods.names().items()},
             ),
             self.config.grant.current,
         )
@@ -154,13 +240,15 @@ class Admission:
         try:
             method, uri = forwarded_request(request)
             decision = policy.decide(method, uri, method_override(request))
-            if not decision.allowed:
+            if not decision.allowed or decision.route is None:
                 allow = {"Allow": ", ".join(decision.allow)} if decision.allow else None
                 raise Denied(
                     decision.status, decision.message, reason=f"policy_{decision.status}", headers=allow
                 )
             context = await self._context(request, address)
-            response = self._grant(request, method, uri, context, address)
+            response = await self._grant(
+                request, method=method, uri=uri, route=decision.route, context=context, address=address
+            )
         except Denied as denied:
             self._finish(
                 request,

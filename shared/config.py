@@ -12,6 +12,7 @@ import re
 import typing
 from collections.abc import Mapping
 from typing import Any, Literal, TypeVar
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import attrs
 import cattrs
@@ -215,9 +216,21 @@ class SidecarOptions:
     drain_seconds: float = env(
         "SIDECAR_DRAIN_SECONDS", 5.0, minimum=0, help="seconds the sidecar's /readyz is 503 before exit"
     )
+    lease_ttl: float = env("LEASE_TTL", 30.0, minimum=1, help="seconds a stream lease lives unless renewed")
+    budget_timezone: str = env(
+        "BUDGET_TIMEZONE", "UTC", help="time zone where budget days and months roll over"
+    )
     grant_ttl: float = env(
         "GRANT_TTL", 60.0, minimum=1, maximum=60, help="seconds a grant stays valid (at most 60)"
     )
+
+    def check(self) -> list[str]:
+        """The budget time zone must be a known IANA zone."""
+        try:
+            ZoneInfo(self.budget_timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            return [f"GATEWAY_BUDGET_TIMEZONE: unknown time zone (got {self.budget_timezone!r})"]
+        return []
 
 
 @attrs.frozen
@@ -237,6 +250,17 @@ class ProxyOptions:
         minimum=0.001,
         help="seconds to Ollama's first byte (model load)",
     )
+    lease_ttl: float = env("LEASE_TTL", 30.0, minimum=1, help="seconds a stream lease lives unless renewed")
+    default_completion_tokens: int = env(
+        "DEFAULT_COMPLETION_TOKENS",
+        2048,
+        minimum=1,
+        help="completion limit reserved (and forwarded) when a metered request sets none and limits apply",
+    )
+    template_tokens_per_message: int = env(
+        "TEMPLATE_TOKENS_PER_MESSAGE", 8, minimum=0, help="prompt allowance per message for the chat template"
+    )
+    image_tokens: int = env("IMAGE_TOKENS", 2048, minimum=0, help="prompt allowance per attached image")
     drain_seconds: float = env(
         "PROXY_DRAIN_SECONDS", 5.0, minimum=0, help="seconds stream_proxy's /readyz is 503 before exit"
     )

@@ -60,6 +60,8 @@ class Grant:
     tenant_limits: Limits = attrs.Factory(Limits)
     rate: RateInfo = attrs.Factory(RateInfo)
     client_addr: str | None = None
+    metered: bool = False  # a token-consuming route: a lease was taken, a reservation follows
+    periods: dict[str, str] | None = None  # budget period names in force at admission
 
 
 _wire = cattrs.Converter(omit_if_default=True)

@@ -44,4 +44,5 @@ def setup(level: str = "INFO") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logging.getLogger("coredis").setLevel(logging.WARNING)  # script-cache reloads are routine
     logging.Formatter.converter = time.gmtime

@@ -128,7 +128,12 @@ def resolve_context(tenant: Tenant, key: ApiKey) -> KeyContext:
 
 
 EstimateReason = Literal[
-    "client_disconnected", "upstream_failed", "no_upstream_count", "lease_expired", "cut_at_limit"
+    "client_disconnected",
+    "upstream_failed",
+    "no_upstream_count",
+    "lease_expired",
+    "cut_at_limit",
+    "upstream_error",
 ]
 
 
@@ -159,6 +164,9 @@ class UsageEvent:
     user_agent: str | None = None
     request_text: str | None = None  # only when prompt logging is on for the key
     response_text: str | None = None
+    prompt_log_ttl_seconds: int | None = None
+    metered: bool = True
+    periods: dict[str, str] | None = None  # the budget periods charged (from the grant)
 
     @property
     def total_tokens(self) -> int:

@@ -47,14 +47,27 @@ class RedisKeys:
         """One request's reservation, settled by the accountant or charged at lease expiry."""
         return self._t(tenant_id, f"resv:{request_id}")
 
+    def reservation_index(self, tenant_id: int) -> str:
+        """Open reservations of a tenant by lease expiry (the expired-lease sweeper reads it)."""
+        return self._t(tenant_id, "resv-index")
+
+    def settled(self, tenant_id: int, request_id: str) -> str:
+        """Marks a request id as settled (the accountant applies each usage event once)."""
+        return self._t(tenant_id, f"settled:{request_id}")
+
+    def grant_spent(self, tenant_id: int, request_id: str) -> str:
+        """Marks a grant as spent (single use), set by the reservation call."""
+        return self._t(tenant_id, f"grant:{request_id}")
+
     def hydrate_lock(self, tenant_id: int) -> str:
         """Lock held while budget counters are rebuilt from Postgres."""
         return self._t(tenant_id, "hydrate-lock")
 
     # --- process-wide ----------------------------------------------------------------------------
-    def grant_used(self, grant_id: str) -> str:
-        """Marks a grant as spent (single use)."""
-        return f"{self.prefix}grant:{grant_id}"
+    @property
+    def reserving_tenants(self) -> str:
+        """Tenants that may have open reservations (where the sweeper looks)."""
+        return f"{self.prefix}resv-tenants"
 
     @property
     def invalidations(self) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -11,13 +12,13 @@ import coredis
 from aiohttp import web
 from yarl import URL
 
-from shared import policy
 from shared.config import ProxyConfig
 from shared.dialect import error_response
+from shared.limits import LimitScripts
 from shared.redis_keys import RedisKeys
-from stream_proxy import grants
 from stream_proxy.exceptions import Refused
-from stream_proxy.relay import relay
+from stream_proxy.proxy import Proxy
+from stream_proxy.usage import UsageReporter
 
 Clock = Callable[[], float]
 CONFIG = web.AppKey("config", ProxyConfig)
@@ -26,6 +27,8 @@ REDIS: web.AppKey[coredis.Redis[bytes]] = web.AppKey("redis")
 KEYS = web.AppKey("keys", RedisKeys)
 CLOCK: web.AppKey[Clock] = web.AppKey("clock")
 DRAINING = web.AppKey("draining", asyncio.Event)
+REPORTER = web.AppKey("reporter", UsageReporter)
+PROXY = web.AppKey("proxy", Proxy)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -42,28 +45,25 @@ async def refusals(request: web.Request, handler: Handler) -> web.StreamResponse
 
 
 async def proxy(request: web.Request) -> web.StreamResponse:
-    """Every request that is not a health endpoint: grant, policy, relay."""
-    app = request.app
-    config = app[CONFIG]
-    decision = policy.decide(request.method, request.raw_path)
-    if not decision.allowed:
-        raise Refused(decision.status, decision.message)
-    grant = grants.check(request, secrets=(config.grant.current, config.grant.previous), now=app[CLOCK]())
-    await grants.spend(app[REDIS], app[KEYS], grant)
-    body = await request.read() if request.can_read_body else None
-    response, _ = await relay(
-        request,
-        session=app[SESSION],
-        ollama=URL(config.options.ollama_url),
-        body=body,
-        first_byte_timeout=config.options.first_byte_timeout,
-    )
-    return response
+    """Every request that is not an operations endpoint."""
+    return await request.app[PROXY].handle(request)
 
 
 async def healthz(_: web.Request) -> web.Response:
     """Alive."""
     return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Ready when Ollama answers /api/version, the spool has room and the process is not draining."""
+    app = request.app
+    checks = {"draining": app[DRAINING].is_set(), "spool_full": app[REPORTER].full, "ollama": False}
+    url = URL(app[CONFIG].options.ollama_url).with_path("/api/version")
+    with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
+        async with app[SESSION].get(url, timeout=aiohttp.ClientTimeout(total=1)) as resp:
+            checks["ollama"] = resp.status == 200
+    ready = checks["ollama"] and not checks["spool_full"] and not checks["draining"]
+    return web.json_response({"ready": ready, **checks}, status=200 if ready else 503)
 
 
 async def _session(app: web.Application) -> AsyncIterator[None]:
@@ -87,6 +87,28 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
+async def _reporter(app: web.Application) -> AsyncIterator[None]:
+    reporter = UsageReporter(app[REDIS], app[KEYS].usage_stream)
+    app[REPORTER] = reporter
+    task = asyncio.create_task(reporter.run())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _proxy(app: web.Application) -> AsyncIterator[None]:
+    app[PROXY] = Proxy(
+        config=app[CONFIG],
+        session=app[SESSION],
+        scripts=LimitScripts(app[REDIS], app[KEYS]),
+        reporter=app[REPORTER],
+        draining=app[DRAINING],
+        clock=app[CLOCK],
+    )
+    yield
+
+
 def create_app(config: ProxyConfig, *, clock: Clock = time.time) -> web.Application:
     """Build the stream_proxy application."""
     app = web.Application(middlewares=[refusals], client_max_size=config.options.max_body_bytes)
@@ -94,7 +116,8 @@ def create_app(config: ProxyConfig, *, clock: Clock = time.time) -> web.Applicat
     app[CLOCK] = clock
     app[KEYS] = RedisKeys(config.redis.prefix)
     app[DRAINING] = asyncio.Event()
-    app.cleanup_ctx.extend([_session, _redis])
+    app.cleanup_ctx.extend([_session, _redis, _reporter, _proxy])
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
     app.router.add_route("*", "/{tail:.*}", proxy)
     return app

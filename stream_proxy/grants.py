@@ -1,16 +1,17 @@
-"""Checking the sidecar's grant on arrival, and spending it so it cannot be used twice."""
+"""Checking the sidecar's grant on arrival (signature, expiry, method, path).
+
+Spending it (single use) happens in the same Redis call as the token reservation
+(shared/lua/reserve.lua), so a grant can never be used twice, even across stream_proxy replicas.
+"""
 
 from __future__ import annotations
 
-import coredis
 from aiohttp import web
 
 from shared import grant as grants
-from shared.redis_keys import RedisKeys
 from stream_proxy.exceptions import Refused
 
 GRANT_HEADER = "X-Gw-Grant"
-SPENT_TTL_SECONDS = int(grants.MAX_TTL) + 60
 
 
 def raw_path(request: web.Request) -> str:
@@ -30,15 +31,3 @@ def check(request: web.Request, *, secrets: tuple[str, ...], now: float) -> gran
         )
     except grants.GrantError as exc:
         raise Refused(403, f"request not authorised by the gateway: {exc}") from None
-
-
-async def spend(redis: coredis.Redis[bytes], keys: RedisKeys, grant: grants.Grant) -> None:
-    """Mark the grant used; a second use is refused. Redis trouble refuses too (fail closed)."""
-    try:
-        fresh = await redis.set(
-            keys.grant_used(grant.request_id), b"1", condition=coredis.PureToken.NX, ex=SPENT_TTL_SECONDS
-        )
-    except (coredis.exceptions.RedisError, OSError, TimeoutError):
-        raise Refused(503, "gateway state store unavailable", headers={"Retry-After": "1"}) from None
-    if not fresh:
-        raise Refused(403, "request not authorised by the gateway: grant already used")

@@ -1,21 +1,27 @@
-"""Relaying one allowed request to Ollama and its answer back, chunk by chunk as it arrives.
+"""Relaying one allowed request to Ollama and its answer back, chunk by chunk, metering as it goes.
 
 Only an allowlist of request headers is forwarded (never Authorization, X-Gw-*, Origin or
-cookies); Host is set for Ollama; redirects are never followed; the response is written as each
-upstream chunk arrives and ended right after the last one. A client that goes away cancels the
-upstream request at once, which makes Ollama stop generating.
+cookies); Host is set for Ollama; redirects are never followed. Streams are written as each
+upstream chunk arrives (NDJSON byte for byte; SSE event by event, so the usage event the gateway
+asked for can be dropped when the client did not ask for it) and ended right after the last one.
+A client that goes away cancels the upstream request at once, which makes Ollama stop generating.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
 
 import aiohttp
 import attrs
+import orjson
 from aiohttp import web
 from yarl import URL
 
+from shared import policy
+from stream_proxy import meter
 from stream_proxy.exceptions import Refused
 
 log = logging.getLogger("stream_proxy.relay")
@@ -23,6 +29,14 @@ log = logging.getLogger("stream_proxy.relay")
 FORWARDED_REQUEST_HEADERS = ("Content-Type", "Accept", "User-Agent")
 RELAYED_RESPONSE_HEADERS = ("Content-Type",)
 CLIENT_GONE = (ConnectionResetError, aiohttp.ClientConnectionResetError, ConnectionError)
+UPSTREAM_BROKEN = (
+    aiohttp.ClientPayloadError,
+    aiohttp.ServerDisconnectedError,
+    aiohttp.ClientError,
+    TimeoutError,
+)
+ZERO_USAGE = b',"usage":{"prompt_tokens":0,"completion_tokens":0,"total_tokens":0}'
+MAX_LOGGED_TEXT = 1 << 20
 
 
 @attrs.define
@@ -32,10 +46,12 @@ class RelayResult:
     upstream_status: int | None = None
     status: int = 0
     bytes_relayed: int = 0
-    chunks: int = 0
     client_disconnected: bool = False
     upstream_failed: bool = False
+    cut_at_limit: bool = False
     first_byte_at: float | None = None
+    count: meter.Count = attrs.Factory(meter.Count)
+    response_text: list[str] = attrs.Factory(list)
 
 
 def upstream_headers(request: web.Request, ollama: URL) -> dict[str, str]:
@@ -46,59 +62,172 @@ def upstream_headers(request: web.Request, ollama: URL) -> dict[str, str]:
     return headers
 
 
-async def relay(
-    request: web.Request,
-    *,
-    session: aiohttp.ClientSession,
-    ollama: URL,
-    body: bytes | None,
-    first_byte_timeout: float,
-    extra_response_headers: dict[str, str] | None = None,
-) -> tuple[web.StreamResponse, RelayResult]:
-    """Send the request upstream and stream the answer back; raises Refused (502/504) before
-    any byte was written to the client."""
-    result = RelayResult()
-    target = ollama.with_path(request.path)  # no client query string: Ollama takes none
-    loop = asyncio.get_running_loop()
-    try:
-        upstream = await asyncio.wait_for(
-            session.request(
-                request.method,
-                target,
-                data=body,
-                headers=upstream_headers(request, ollama),
-                allow_redirects=False,
-            ),
-            timeout=first_byte_timeout,
-        )
-    except TimeoutError:
-        raise Refused(504, "upstream model server timed out", headers={"Retry-After": "5"}) from None
-    except (aiohttp.ClientError, OSError):
-        raise Refused(502, "upstream model server unreachable", headers={"Retry-After": "5"}) from None
-    result.upstream_status = upstream.status
-    response = web.StreamResponse(status=upstream.status)
-    for name in RELAYED_RESPONSE_HEADERS:
-        if name in upstream.headers:
-            response.headers[name] = upstream.headers[name]
-    if extra_response_headers:
-        response.headers.update(extra_response_headers)
-    if upstream.content_length is not None and "chunked" not in upstream.headers.get("Transfer-Encoding", ""):
-        response.content_length = upstream.content_length
-    result.status = upstream.status
-    try:
-        await response.prepare(request)
-        async for chunk in upstream.content.iter_any():
-            if result.first_byte_at is None:
-                result.first_byte_at = loop.time()
-            await response.write(chunk)
-            result.bytes_relayed += len(chunk)
-            result.chunks += 1
+@attrs.define
+class Relay:
+    """One request's trip to Ollama and back."""
+
+    request: web.Request
+    session: aiohttp.ClientSession
+    ollama: URL
+    route: policy.Route
+    streaming: bool
+    first_byte_timeout: float
+    hide_usage: bool = False  # drop the usage event the gateway asked for
+    strip_zero_usage: bool = False  # /v1/completions: the zero usage Ollama adds to every chunk
+    completion_limit: int | None = None
+    keep_text: bool = False
+    transform: Callable[[bytes], bytes] | None = None  # non-streamed bodies (listing filters)
+    headers: dict[str, str] = attrs.Factory(dict)
+    result: RelayResult = attrs.Factory(RelayResult)
+
+    async def _open(self, payload: bytes | None) -> aiohttp.ClientResponse:
+        target = self.ollama.with_path(self.request.path)  # no client query string: Ollama takes none
+        try:
+            return await asyncio.wait_for(
+                self.session.request(
+                    self.request.method,
+                    target,
+                    data=payload,
+                    headers=upstream_headers(self.request, self.ollama),
+                    allow_redirects=False,
+                ),
+                timeout=self.first_byte_timeout,
+            )
+        except TimeoutError:
+            self.result.upstream_failed = True
+            raise Refused(504, "upstream model server timed out", headers={"Retry-After": "5"}) from None
+        except (aiohttp.ClientError, OSError):
+            self.result.upstream_failed = True
+            raise Refused(502, "upstream model server unreachable", headers={"Retry-After": "5"}) from None
+
+    def _read(self, document: object) -> None:
+        count = self.result.count
+        before = count.content_chunks
+        if self.route in meter.NATIVE_STREAMING or self.route in ("embed", "embeddings"):
+            meter.read_native_object(document, count)
+        else:
+            meter.read_openai_object(document, count)
+        if self.keep_text and count.content_chunks > before:
+            self._keep(document)
+
+    def _keep(self, document: object) -> None:
+        if not isinstance(document, dict) or sum(map(len, self.result.response_text)) > MAX_LOGGED_TEXT:
+            return
+        message = document.get("message")
+        text = message.get("content") if isinstance(message, dict) else document.get("response")
+        for choice in document.get("choices") or []:
+            if isinstance(choice, dict):
+                delta = choice.get("delta")
+                text = (delta.get("content") if isinstance(delta, dict) else None) or choice.get("text")
+        if isinstance(text, str):
+            self.result.response_text.append(text)
+
+    def _over_limit(self) -> bool:
+        limit = self.completion_limit
+        return limit is not None and self.result.count.content_chunks > limit
+
+    async def run(self, payload: bytes | None) -> web.StreamResponse:
+        """Relay; raises Refused (502/504) before any byte reached the client."""
+        upstream = await self._open(payload)
+        result = self.result
+        result.upstream_status = result.status = upstream.status
+        response = web.StreamResponse(status=upstream.status)
+        for name in RELAYED_RESPONSE_HEADERS:
+            if name in upstream.headers:
+                response.headers[name] = upstream.headers[name]
+        response.headers.update(self.headers)
+        try:
+            if self.streaming and upstream.status == 200:
+                await self._stream(upstream, response)
+            else:
+                await self._whole(upstream, response)
+        except CLIENT_GONE:
+            result.client_disconnected = True
+        except UPSTREAM_BROKEN:
+            result.upstream_failed = True
+            log.warning(
+                "upstream failed mid-response", extra={"request_id": self.request.headers.get("X-Request-Id")}
+            )
+        finally:
+            upstream.close()  # at once: a disconnected client cancels the generation upstream
+        return response
+
+    async def _whole(self, upstream: aiohttp.ClientResponse, response: web.StreamResponse) -> None:
+        data = await upstream.read()
+        self.result.first_byte_at = time.time()
+        if upstream.status == 200:
+            self._read(meter.loads(data.rstrip(b"\n")))
+            if self.transform is not None:
+                data = self.transform(data)
+        response.content_length = len(data)
+        await response.prepare(self.request)
+        await response.write(data)
         await response.write_eof()
-    except CLIENT_GONE:
-        result.client_disconnected = True
-    except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientError, TimeoutError):
-        result.upstream_failed = True
-        log.warning("upstream failed mid-response", extra={"request_id": request.headers.get("X-Request-Id")})
-    finally:
-        upstream.close()
-    return response, result
+        self.result.bytes_relayed = len(data)
+
+    async def _stream(self, upstream: aiohttp.ClientResponse, response: web.StreamResponse) -> None:
+        sse = self.route in meter.OPENAI_STREAMING
+        separator = b"\n\n" if sse else b"\n"
+        pending = b""
+        prepared = False
+        async for chunk in upstream.content.iter_any():
+            if self.result.first_byte_at is None:
+                self.result.first_byte_at = time.time()
+            pending += chunk
+            *complete, pending = pending.split(separator)
+            out = self._events(complete, separator) if sse else self._lines(complete, chunk, pending)
+            if not prepared:
+                await response.prepare(self.request)
+                prepared = True
+            if out:
+                await response.write(out)
+                self.result.bytes_relayed += len(out)
+            if self._over_limit():
+                await self._cut(response, sse)
+                return
+        if pending:  # a stream cut without its final separator
+            if not sse:
+                self._read(meter.loads(pending))
+            await response.write(pending)
+            self.result.bytes_relayed += len(pending)
+        if not prepared:
+            await response.prepare(self.request)
+        await response.write_eof()
+        if not self.result.count.finished:
+            self.result.upstream_failed = True
+
+    def _lines(self, lines: list[bytes], chunk: bytes, pending: bytes) -> bytes:
+        for line in lines:
+            if line:
+                self._read(meter.loads(line))
+        return chunk  # NDJSON is relayed byte for byte, as it arrived
+
+    def _events(self, events: list[bytes], separator: bytes) -> bytes:
+        kept: list[bytes] = []
+        for event in events:
+            data = event[6:] if event.startswith(b"data: ") else b""
+            if data == b"[DONE]":
+                self.result.count.finished = True
+            elif data:
+                document = meter.loads(data)
+                self._read(document)
+                if self.hide_usage and isinstance(document, dict) and document.get("choices") == []:
+                    continue
+                if self.strip_zero_usage:
+                    kept.append(event.replace(ZERO_USAGE, b"") + separator)
+                    continue
+            kept.append(event + separator)
+        return b"".join(kept)
+
+    async def _cut(self, response: web.StreamResponse, sse: bool) -> None:
+        """Ollama ran past the clamped limit: end the stream properly, reason `length`."""
+        self.result.cut_at_limit = True
+        if sse:
+            choice = {"index": 0, "delta": {}, "finish_reason": "length"}
+            event = {"object": "chat.completion.chunk", "choices": [choice]}
+            tail = b"data: " + orjson.dumps(event) + b"\n\ndata: [DONE]\n\n"
+        else:
+            tail = orjson.dumps({"done": True, "done_reason": "length"}) + b"\n"
+        await response.write(tail)
+        await response.write_eof()
+        self.result.bytes_relayed += len(tail)

@@ -1,0 +1,267 @@
+"""The atomic limit operations: one Redis script call each (admit, reserve, settle, lease).
+
+The Lua lives next to this module (`shared/lua/*.lua`); this module builds the key lists (all
+under the tenant's hash tag, so every call is Redis Cluster safe) and turns replies into models.
+Script time comes from Redis `TIME` unless `now_ms` is given (tests pin it).
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import Any, Literal
+
+import attrs
+import coredis
+
+from shared.grant import RateInfo
+from shared.models import Limits
+from shared.periods import PERIODS, Periods
+from shared.redis_keys import RedisKeys
+
+NO_LIMIT = -1
+DECISION_TTL_MS = 120_000
+MARKER_TTL_MS = 24 * 3600 * 1000
+SETTLE_GRACE_MS = 600_000
+BUDGET_FIELDS = {"day": "daily_tokens", "month": "monthly_tokens", "total": "total_tokens"}
+
+
+def _lua(name: str) -> str:
+    return resources.files("shared").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
+
+
+def _limit(value: int | None) -> int:
+    return NO_LIMIT if value is None else value
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@attrs.frozen
+class Scope:
+    """Who a call is for: the key, its tenant, and the budget periods in force."""
+
+    tenant_id: int
+    key_id: int
+    key_limits: Limits
+    tenant_limits: Limits
+    periods: Periods
+
+    @property
+    def key_scope(self) -> str:
+        """The key's scope name in Redis key names."""
+        return f"k{self.key_id}"
+
+
+@attrs.frozen
+class Admitted:
+    """Admitted; the values for the x-ratelimit-* headers."""
+
+    rate: RateInfo
+
+
+@attrs.frozen
+class Refused:
+    """Refused by a limit; retry_after_ms is -1 when no wait helps (a spent budget period)."""
+
+    reason: str  # rpm, tpm, concurrency, budget_day, budget_month, budget_total, budget
+    retry_after_ms: int
+    scope: Literal["key", "tenant"]
+
+
+@attrs.frozen
+class NeedsHydration:
+    """Budget counters are missing from Redis: rebuild these from Postgres, then retry."""
+
+    missing: tuple[tuple[Literal["key", "tenant"], str], ...]  # (scope, period)
+
+
+@attrs.frozen
+class Reserved:
+    """Tokens reserved; forward `completion_limit` (None: the client's own, unlimited)."""
+
+    completion_limit: int | None
+    reserved: int
+
+
+@attrs.frozen
+class Spent:
+    """The grant had already been used."""
+
+
+def _budget_specs(scope: Scope) -> list[tuple[Literal["key", "tenant"], str, int]]:
+    """(scope, period, limit) in the fixed order the scripts use."""
+    specs: list[tuple[Literal["key", "tenant"], str, int]] = []
+    for who, limits in (("key", scope.key_limits), ("tenant", scope.tenant_limits)):
+        for period in PERIODS:
+            specs.append((who, period, _limit(getattr(limits, BUDGET_FIELDS[period]))))  # type: ignore[arg-type]
+    return specs
+
+
+@attrs.define
+class LimitScripts:
+    """The registered scripts of one Redis client."""
+
+    redis: coredis.Redis[bytes]
+    keys: RedisKeys
+    _admit: Any = attrs.field(init=False)
+    _reserve: Any = attrs.field(init=False)
+    _settle: Any = attrs.field(init=False)
+    _lease: Any = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._admit = self.redis.register_script(_lua("admit"))
+        self._reserve = self.redis.register_script(_lua("reserve"))
+        self._settle = self.redis.register_script(_lua("settle"))
+        self._lease = self.redis.register_script(_lua("lease"))
+
+    def budget_key(self, scope: Scope, who: str, period: str) -> str:
+        """The Redis counter of one budget period."""
+        name = scope.key_scope if who == "key" else "t"
+        return self.keys.budget(scope.tenant_id, name, period, scope.periods.names()[period])  # type: ignore[index]
+
+    def _budget_keys(self, scope: Scope) -> list[str]:
+        return [self.budget_key(scope, who, period) for who, period, _ in _budget_specs(scope)]
+
+    def _missing(self, scope: Scope, reply: list[Any], first_index: int) -> NeedsHydration:
+        specs = _budget_specs(scope)
+        return NeedsHydration(
+            tuple((specs[int(i) - first_index][0], specs[int(i) - first_index][1]) for i in reply[1:])
+        )
+
+    async def admit(
+        self,
+        scope: Scope,
+        request_id: str,
+        *,
+        metered: bool,
+        lease_ttl_ms: int,
+        now_ms: int | None = None,
+    ) -> Admitted | Refused | NeedsHydration:
+        """The admission decision for one request (idempotent per request id)."""
+        t, k = scope.tenant_id, scope.key_scope
+        keys = [
+            self.keys.decision(t, request_id),
+            self.keys.rpm(t, k),
+            self.keys.rpm(t, "t"),
+            self.keys.tpm(t, k),
+            self.keys.tpm(t, "t"),
+            self.keys.leases(t, k),
+            self.keys.leases(t, "t"),
+            *self._budget_keys(scope),
+        ]
+        kl, tl = scope.key_limits, scope.tenant_limits
+        args = [
+            "" if now_ms is None else now_ms,
+            request_id,
+            1 if metered else 0,
+            lease_ttl_ms,
+            _limit(kl.rpm),
+            _limit(tl.rpm),
+            _limit(kl.tpm),
+            _limit(tl.tpm),
+            _limit(kl.max_concurrent),
+            _limit(tl.max_concurrent),
+            *(limit for _, _, limit in _budget_specs(scope)),
+            DECISION_TTL_MS,
+        ]
+        reply = await self._admit(keys=keys, args=args)
+        code = int(reply[0])
+        if code == 2:
+            return self._missing(scope, reply, 8)
+        if code == 0:
+            return Refused(_text(reply[1]), int(reply[2]), _text(reply[3]))  # type: ignore[arg-type]
+        lim_req, rem_req, reset_req, lim_tok, rem_tok, reset_tok = (int(v) for v in reply[1:7])
+        return Admitted(
+            RateInfo(
+                limit_requests=None if lim_req < 0 else lim_req,
+                remaining_requests=None if lim_req < 0 else max(0, rem_req),
+                reset_requests=None if lim_req < 0 else reset_req / 1000,
+                limit_tokens=None if lim_tok < 0 else lim_tok,
+                remaining_tokens=None if lim_tok < 0 else max(0, rem_tok),
+                reset_tokens=None if lim_tok < 0 else reset_tok / 1000,
+            )
+        )
+
+    async def reserve(
+        self,
+        scope: Scope,
+        request_id: str,
+        *,
+        metered: bool,
+        prompt_bound: int,
+        requested_completion: int | None,
+        default_completion: int | None,
+        lease_ttl_ms: int,
+        now_ms: int | None = None,
+    ) -> Reserved | Spent | Refused | NeedsHydration:
+        """Spend the grant and, for metered requests, reserve prompt bound + completion limit."""
+        t, k = scope.tenant_id, scope.key_scope
+        keys = [
+            self.keys.grant_spent(t, request_id),
+            self.keys.tpm(t, k),
+            self.keys.tpm(t, "t"),
+            *self._budget_keys(scope),
+            self.keys.reservation(t, request_id),
+            self.keys.reservation_index(t),
+        ]
+        args = [
+            "" if now_ms is None else now_ms,
+            request_id,
+            1 if metered else 0,
+            prompt_bound,
+            NO_LIMIT if requested_completion is None else requested_completion,
+            NO_LIMIT if default_completion is None else default_completion,
+            _limit(scope.key_limits.tpm),
+            _limit(scope.tenant_limits.tpm),
+            *(limit for _, _, limit in _budget_specs(scope)),
+            MARKER_TTL_MS,
+            lease_ttl_ms,
+        ]
+        reply = await self._reserve(keys=keys, args=args)
+        code = int(reply[0])
+        if code == 2:
+            return self._missing(scope, reply, 4)
+        if code == 0:
+            if _text(reply[1]) == "used":
+                return Spent()
+            return Refused(_text(reply[1]), int(reply[2]), _text(reply[3]))  # type: ignore[arg-type]
+        completion = int(reply[1])
+        return Reserved(completion_limit=None if completion < 0 else completion, reserved=int(reply[2]))
+
+    async def settle(self, scope: Scope, request_id: str, actual_tokens: int | None) -> bool:
+        """Replace the reservation with the actual tokens (None: charge it as reserved)."""
+        t, k = scope.tenant_id, scope.key_scope
+        keys = [
+            self.keys.reservation(t, request_id),
+            self.keys.settled(t, request_id),
+            self.keys.reservation_index(t),
+            self.keys.tpm(t, k),
+            self.keys.tpm(t, "t"),
+            *self._budget_keys(scope),
+            self.keys.leases(t, k),
+            self.keys.leases(t, "t"),
+        ]
+        args = ["" if actual_tokens is None else actual_tokens, request_id, MARKER_TTL_MS]
+        return int(await self._settle(keys=keys, args=args)) == 1
+
+    async def lease(
+        self,
+        scope: Scope,
+        request_id: str,
+        *,
+        action: Literal["renew", "release"],
+        ttl_ms: int,
+        now_ms: int | None = None,
+    ) -> int:
+        """Renew a live stream's lease, or release it once the usage event is written."""
+        t, k = scope.tenant_id, scope.key_scope
+        keys = [
+            self.keys.leases(t, k),
+            self.keys.leases(t, "t"),
+            self.keys.reservation(t, request_id),
+            self.keys.reservation_index(t),
+        ]
+        ttl = SETTLE_GRACE_MS if action == "release" else ttl_ms
+        reply = await self._lease(keys=keys, args=["" if now_ms is None else now_ms, request_id, action, ttl])
+        return int(reply)

@@ -1,0 +1,112 @@
+"""The key's body policy: which models it may name, and caps on num_ctx and keep_alive.
+
+Model names are compared as Ollama resolves them (ollama-protocol.md §9): normalised, case-
+insensitive, default registry/namespace/tag filled in. `:cloud` and `-cloud` models (which Ollama
+proxies off-box) are refused unless the allowlist names them explicitly.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from shared import policy
+from shared.grant import Grant
+from shared.model_names import InvalidModelName, is_cloud, normalise
+from stream_proxy import body
+from stream_proxy.exceptions import Refused
+
+_DURATION = re.compile(r"^(-?\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)$")
+_UNIT = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def model_allowed(grant: Grant, name: str) -> bool:
+    """Whether the grant's allowlist covers a model name."""
+    try:
+        canonical = normalise(name)
+    except InvalidModelName:
+        raise Refused(400, "invalid model name") from None
+    if grant.allowed_models is None:
+        return not is_cloud(name)
+    return canonical in grant.allowed_models
+
+
+def check_model(grant: Grant, name: Any) -> None:
+    """Refuse a request naming a model outside the key's allowlist (403)."""
+    if not isinstance(name, str) or not name.strip():
+        if grant.allowed_models is not None:
+            raise Refused(403, "model not allowed for this key")
+        return
+    if not model_allowed(grant, name):
+        raise Refused(403, f"model {name.strip()!r} is not allowed for this key")
+
+
+def _seconds(value: Any) -> float | None:
+    """keep_alive as Ollama reads it: seconds as a number, or a Go duration string."""
+    if isinstance(value, bool):
+        raise Refused(400, "invalid keep_alive")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        total, rest = 0.0, value.strip()
+        if not rest:
+            return None
+        for number, unit in re.findall(r"(-?\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)", rest):
+            total += float(number) * _UNIT[unit]
+        if re.sub(r"(-?\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)", "", rest):
+            raise Refused(400, "invalid keep_alive duration")
+        return total
+    if value is None:
+        return None
+    raise Refused(400, "invalid keep_alive")
+
+
+def apply_caps(grant: Grant, doc: body.Body) -> None:
+    """num_ctx above the cap is refused (400); keep_alive above the cap is lowered to it."""
+    document = doc.document
+    if grant.max_num_ctx is not None:
+        num_ctx = body.get(body.get(document, "options"), "num_ctx")
+        if (
+            isinstance(num_ctx, (int, float))
+            and not isinstance(num_ctx, bool)
+            and num_ctx > grant.max_num_ctx
+        ):
+            raise Refused(400, f"num_ctx above this key's limit of {grant.max_num_ctx}")
+    if grant.max_keep_alive_seconds is not None:
+        keep_alive = _seconds(body.get(document, "keep_alive"))
+        if keep_alive is not None and (keep_alive < 0 or keep_alive > grant.max_keep_alive_seconds):
+            body.put(document, "keep_alive", grant.max_keep_alive_seconds)
+            doc.changed = True
+
+
+def check_body(grant: Grant, route: policy.Route, doc: body.Body) -> None:
+    """Everything the key's policy says about this body."""
+    document = doc.document
+    if route in policy.MODEL_BODY:
+        check_model(grant, body.get(document, "model"))
+        if route == "show":
+            name = body.get(document, "name")
+            if name is not None:
+                check_model(grant, name)
+    apply_caps(grant, doc)
+
+
+def filter_listing(grant: Grant, route: policy.Route, document: Any) -> Any:
+    """Drop the models a key may not use from /api/tags, /api/ps and /v1/models."""
+    if not isinstance(document, dict):
+        return document
+
+    def keep(entry: Any) -> bool:
+        if not isinstance(entry, dict):
+            return False
+        name = entry.get("id") if route == "openai_models" else entry.get("model") or entry.get("name")
+        try:
+            return isinstance(name, str) and model_allowed(grant, name)
+        except Refused:
+            return False
+
+    field = "data" if route == "openai_models" else "models"
+    entries = document.get(field)
+    if isinstance(entries, list):
+        document[field] = [e for e in entries if keep(e)]
+    return document

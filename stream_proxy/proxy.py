@@ -1,0 +1,333 @@
+"""One proxied request from grant to usage event (DESIGN.md request path step 3).
+
+Grant check, bounded body, the key's body policy, one reservation call (which also spends the
+grant), the relay, then, after the response has ended, the usage event and the lease release.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Callable
+
+import aiohttp
+import attrs
+import coredis
+import orjson
+from aiohttp import web
+from yarl import URL
+
+from shared import policy
+from shared.config import ProxyConfig
+from shared.grant import Grant, RateInfo
+from shared.limits import LimitScripts, NeedsHydration, Reserved, Scope, Spent
+from shared.limits import Refused as LimitRefused
+from shared.models import EstimateReason, UsageEvent
+from shared.periods import from_names
+from stream_proxy import body, grants, meter
+from stream_proxy import policy as body_policy
+from stream_proxy.exceptions import Refused
+from stream_proxy.relay import Relay
+from stream_proxy.usage import UsageReporter
+
+log = logging.getLogger("stream_proxy.proxy")
+STORE_ERRORS = (coredis.exceptions.RedisError, OSError, TimeoutError)
+UNAVAILABLE = {"Retry-After": "1"}
+
+
+def _reset(seconds: float | None) -> str:
+    return f"{max(0, math.ceil(seconds or 0))}s"
+
+
+def ratelimit_headers(rate: RateInfo, reserved: int) -> dict[str, str]:
+    """`x-ratelimit-*` as OpenAI names them, from the admission values in the grant."""
+    headers: dict[str, str] = {}
+    if rate.limit_requests is not None:
+        headers["x-ratelimit-limit-requests"] = str(rate.limit_requests)
+        headers["x-ratelimit-remaining-requests"] = str(rate.remaining_requests or 0)
+        headers["x-ratelimit-reset-requests"] = _reset(rate.reset_requests)
+    if rate.limit_tokens is not None:
+        headers["x-ratelimit-limit-tokens"] = str(rate.limit_tokens)
+        headers["x-ratelimit-remaining-tokens"] = str(max(0, (rate.remaining_tokens or 0) - reserved))
+        headers["x-ratelimit-reset-tokens"] = _reset(rate.reset_tokens)
+    return headers
+
+
+def scope_of(grant: Grant) -> Scope:
+    """The limit scope a grant was admitted under."""
+    return Scope(
+        tenant_id=grant.tenant_id,
+        key_id=grant.key_id,
+        key_limits=grant.key_limits,
+        tenant_limits=grant.tenant_limits,
+        periods=from_names(grant.periods or {"day": "1970-01-01", "month": "1970-01-01"}),
+    )
+
+
+@attrs.define
+class Proxy:
+    """Dependencies of the proxied path; `handle` is the catch-all handler."""
+
+    config: ProxyConfig
+    session: aiohttp.ClientSession
+    scripts: LimitScripts
+    reporter: UsageReporter
+    draining: asyncio.Event
+    clock: Callable[[], float] = time.time
+    ollama: URL = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.ollama = URL(self.config.options.ollama_url)
+
+    @property
+    def _lease_ms(self) -> int:
+        return int(self.config.options.lease_ttl * 1000)
+
+    async def _reserve(
+        self, grant: Grant, route: policy.Route, doc: body.Body | None
+    ) -> tuple[Reserved, meter.PromptSize | None]:
+        options = self.config.options
+        metered = grant.metered and route in policy.METERED and doc is not None
+        size = meter.prompt_size(route, doc.document) if metered and doc is not None else None
+        try:
+            outcome = await self.scripts.reserve(
+                scope_of(grant),
+                grant.request_id,
+                metered=metered,
+                prompt_bound=size.bound(options.template_tokens_per_message, options.image_tokens)
+                if size
+                else 0,
+                requested_completion=meter.requested_completion(route, doc.document) if doc else None,
+                default_completion=options.default_completion_tokens,
+                lease_ttl_ms=self._lease_ms,
+            )
+        except STORE_ERRORS:
+            raise Refused(503, "gateway state store unavailable", headers=UNAVAILABLE) from None
+        if isinstance(outcome, Spent):
+            raise Refused(403, "request not authorised by the gateway: grant already used")
+        if isinstance(outcome, NeedsHydration):
+            raise Refused(503, "budget counters are being rebuilt", headers=UNAVAILABLE)
+        if isinstance(outcome, LimitRefused):
+            if outcome.reason == "tpm":
+                retry = str(max(1, math.ceil(outcome.retry_after_ms / 1000)))
+                message = f"{outcome.scope} limit on tokens per minute reached"
+                raise Refused(429, message, code="rate_limit_exceeded", headers={"Retry-After": retry})
+            raise Refused(429, f"{outcome.scope} token budget exhausted", code="insufficient_quota")
+        return outcome, size
+
+    @contextlib.asynccontextmanager
+    async def _lease(self, grant: Grant) -> AsyncIterator[None]:
+        """Renew the stream lease while the request lives."""
+        if not grant.metered:
+            yield
+            return
+
+        async def renew() -> None:
+            while True:
+                await asyncio.sleep(self.config.options.lease_ttl / 3)
+                with contextlib.suppress(*STORE_ERRORS):
+                    await self.scripts.lease(
+                        scope_of(grant), grant.request_id, action="renew", ttl_ms=self._lease_ms
+                    )
+
+        task = asyncio.create_task(renew())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """Grant, body, policy, reservation, relay, usage."""
+        if self.draining.is_set() or self.reporter.full:
+            raise Refused(503, "gateway is not accepting requests right now", headers=UNAVAILABLE)
+        decision = policy.decide(request.method, request.raw_path)
+        if not decision.allowed or decision.route is None:
+            raise Refused(decision.status, decision.message)
+        route = decision.route
+        secrets = (self.config.grant.current, self.config.grant.previous)
+        grant = grants.check(request, secrets=secrets, now=self.clock())
+        started = self.clock()
+        doc = await self._body(request, grant, route)
+        if route == "openai_model":
+            body_policy.check_model(grant, request.match_info.get("tail", "").rsplit("/", 1)[-1])
+        try:
+            reserved, size = await self._reserve(grant, route, doc)
+        except Refused as refused:
+            if refused.status == 429:
+                await self._emit(
+                    grant, route, doc=doc, relay=None, reserved=None, started=started, status=429
+                )
+            raise
+        return await self._relay(
+            request, grant, route, doc=doc, reserved=reserved, size=size, started=started
+        )
+
+    async def _body(self, request: web.Request, grant: Grant, route: policy.Route) -> body.Body | None:
+        if request.method != "POST":
+            return None
+        cap = min(
+            grant.max_body_bytes or self.config.options.max_body_bytes, self.config.options.max_body_bytes
+        )
+        if request.content_length is not None and request.content_length > cap:
+            raise Refused(413, f"request body larger than {cap} bytes")
+        raw = bytearray()
+        async for chunk in request.content.iter_any():
+            raw += chunk
+            if len(raw) > cap:
+                raise Refused(413, f"request body larger than {cap} bytes")
+        doc = body.Body(document=body.parse(bytes(raw)), raw=bytes(raw))
+        body_policy.check_body(grant, route, doc)
+        return doc
+
+    async def _relay(
+        self,
+        request: web.Request,
+        grant: Grant,
+        route: policy.Route,
+        *,
+        doc: body.Body | None,
+        reserved: Reserved,
+        size: meter.PromptSize | None,
+        started: float,
+    ) -> web.StreamResponse:
+        streaming = doc is not None and meter.wants_stream(route, doc.document)
+        hide_usage = strip_zero = False
+        if doc is not None and route in policy.METERED:
+            if reserved.completion_limit is not None:
+                meter.set_completion(route, doc, reserved.completion_limit)
+            if streaming and route in meter.OPENAI_STREAMING:
+                hide_usage = not meter.ask_for_usage(doc)
+                strip_zero = hide_usage and route == "openai_completions"
+        relay = Relay(
+            request=request,
+            session=self.session,
+            ollama=self.ollama,
+            route=route,
+            streaming=streaming,
+            first_byte_timeout=self.config.options.first_byte_timeout,
+            hide_usage=hide_usage,
+            strip_zero_usage=strip_zero,
+            completion_limit=reserved.completion_limit,
+            keep_text=grant.prompt_logging,
+            transform=self._listing_filter(grant, route),
+            headers=ratelimit_headers(grant.rate, reserved.reserved),
+        )
+        try:
+            async with self._lease(grant):
+                try:
+                    response = await relay.run(doc.encoded() if doc is not None else None)
+                except Refused as refused:
+                    relay.result.status = refused.status
+                    raise
+        finally:
+            await self._emit(
+                grant, route, doc=doc, relay=relay, reserved=reserved, started=started, size=size
+            )
+        return response
+
+    def _listing_filter(self, grant: Grant, route: policy.Route) -> Callable[[bytes], bytes] | None:
+        if grant.allowed_models is None or route not in ("tags", "ps", "openai_models"):
+            return None
+
+        def transform(data: bytes) -> bytes:
+            document = meter.loads(data)
+            if document is None:
+                return data
+            filtered = orjson.dumps(body_policy.filter_listing(grant, route, document))
+            return filtered + (b"\n" if data.endswith(b"\n") else b"")
+
+        return transform
+
+    async def _emit(
+        self,
+        grant: Grant,
+        route: policy.Route,
+        *,
+        doc: body.Body | None,
+        relay: Relay | None,
+        reserved: Reserved | None,
+        started: float,
+        status: int | None = None,
+        size: meter.PromptSize | None = None,
+    ) -> None:
+        """The usage event, then the lease release (both after the response has ended)."""
+        result = relay.result if relay is not None else None
+        count = result.count if result is not None else meter.Count()
+        metered = route in policy.METERED and doc is not None
+        reason: EstimateReason | None = None
+        prompt, completion = count.prompt_tokens, count.completion_tokens
+        if metered and result is not None and (prompt is None or completion is None):
+            options = self.config.options
+            estimate = size.estimate(options.template_tokens_per_message, options.image_tokens) if size else 0
+            if result.client_disconnected:
+                reason = "client_disconnected"
+            elif result.cut_at_limit:
+                reason = "cut_at_limit"
+            elif result.upstream_failed or count.error:
+                reason = "upstream_failed"
+            elif result.upstream_status == 200:
+                reason = "no_upstream_count"
+            if reason is not None:
+                prompt = estimate if prompt is None else prompt
+                completion = count.content_chunks if completion is None else completion
+        event = UsageEvent(
+            request_id=grant.request_id,
+            tenant_id=grant.tenant_id,
+            key_id=grant.key_id,
+            key_prefix=grant.key_prefix,
+            endpoint=grant.path,
+            model=self._model(route, doc),
+            prompt_tokens=prompt or 0,
+            completion_tokens=completion or 0,
+            reserved_tokens=reserved.reserved if reserved else 0,
+            estimated=reason is not None,
+            estimate_reason=reason,
+            http_status=status if status is not None else (result.status if result else 0),
+            upstream_status=result.upstream_status if result else None,
+            started_at=started,
+            first_byte_at=result.first_byte_at if result else None,
+            finished_at=self.clock(),
+            bytes_relayed=result.bytes_relayed if result else 0,
+            client_disconnected=result.client_disconnected if result else False,
+            method=grant.method,
+            client_addr=grant.client_addr,
+            request_text=doc.raw.decode("utf-8", "replace") if grant.prompt_logging and doc else None,
+            response_text="".join(result.response_text) if grant.prompt_logging and result else None,
+            prompt_log_ttl_seconds=grant.prompt_log_ttl_seconds if grant.prompt_logging else None,
+            metered=metered,
+            periods=grant.periods,
+        )
+        await self.reporter.report(event)
+        if grant.metered:
+            with contextlib.suppress(*STORE_ERRORS):
+                await self.scripts.lease(
+                    scope_of(grant), grant.request_id, action="release", ttl_ms=self._lease_ms
+                )
+        log.info(
+            "request",
+            extra={
+                "request_id": grant.request_id,
+                "tenant_id": grant.tenant_id,
+                "key_prefix": grant.key_prefix,
+                "route": route,
+                "status": event.http_status,
+                "prompt_tokens": event.prompt_tokens,
+                "completion_tokens": event.completion_tokens,
+                "estimated": event.estimate_reason,
+                "latency_ms": round((event.finished_at - started) * 1000, 1),
+            },
+        )
+
+    @staticmethod
+    def _model(route: policy.Route, doc: body.Body | None) -> str | None:
+        if doc is None:
+            return None
+        model = body.get(doc.document, "model")
+        if route == "show" and not model:
+            model = body.get(doc.document, "name")
+        return model[:200] if isinstance(model, str) else None

@@ -1,0 +1,86 @@
+"""After every request: the usage event onto the Redis stream, with a bounded local spool.
+
+If Redis cannot take an event, it waits in an in-memory spool and is retried every half second.
+A full spool makes the process not ready (/readyz 503) and new requests are refused with 503, so
+nothing already accepted is dropped. If the process dies with events in the spool, those events
+are lost, but their reservations are still charged in full when the leases expire (flagged
+estimated), so budgets are never undercounted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+
+import attrs
+import coredis
+
+from shared import usage_wire
+from shared.models import UsageEvent
+
+log = logging.getLogger("stream_proxy.usage")
+STORE_ERRORS = (coredis.exceptions.RedisError, OSError, TimeoutError)
+
+
+@attrs.define
+class UsageReporter:
+    """Writes usage events; spools them while Redis is unavailable."""
+
+    redis: coredis.Redis[bytes]
+    stream: str
+    spool_max: int = 10_000
+    retry_interval: float = 0.5
+    _spool: collections.deque[UsageEvent] = attrs.field(factory=collections.deque)
+    written: int = 0
+    spooled: int = 0
+
+    @property
+    def depth(self) -> int:
+        """Events waiting in the spool."""
+        return len(self._spool)
+
+    @property
+    def full(self) -> bool:
+        """No room for another event: the process must stop accepting requests."""
+        return len(self._spool) >= self.spool_max
+
+    async def report(self, event: UsageEvent) -> None:
+        """Write one event now, or spool it."""
+        if self._spool:
+            self._spool.append(event)  # keep order: older events go first
+            self.spooled += 1
+            return
+        try:
+            await self.redis.xadd(self.stream, usage_wire.encode(event))
+            self.written += 1
+        except STORE_ERRORS:
+            self._spool.append(event)
+            self.spooled += 1
+            log.warning("usage event spooled: Redis unavailable", extra={"request_id": event.request_id})
+
+    async def drain(self) -> int:
+        """Retry spooled events in order; returns how many were written."""
+        sent = 0
+        while self._spool:
+            try:
+                await self.redis.xadd(self.stream, usage_wire.encode(self._spool[0]))
+            except STORE_ERRORS:
+                break
+            self._spool.popleft()
+            self.written += 1
+            sent += 1
+        return sent
+
+    async def run(self) -> None:
+        """Background task: keep draining the spool; one last try on the way out."""
+        try:
+            while True:
+                await asyncio.sleep(self.retry_interval)
+                if self._spool:
+                    await self.drain()
+        finally:
+            if self._spool:
+                await asyncio.shield(self.drain())
+                if self._spool:
+                    log.error("exiting with spooled usage events", extra={"events": len(self._spool)})
