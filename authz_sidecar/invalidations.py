@@ -1,9 +1,9 @@
 """Applying key and tenant changes to the in-process key cache on every replica within a second.
 
 The admin CLI publishes a notice on Redis for every change. This listener drops the affected cache
-entries as notices arrive. Postgres is the fallback: while the subscription is down (and after it
-comes back) changed rows are re-read by `updated_at`, every `fallback_interval` seconds, so a
-change still applies within a second when Redis pub/sub is unavailable.
+entries as notices arrive. Postgres is the fallback: changed rows are re-read by `updated_at` every
+`fallback_interval` seconds (and on every resubscription), so a change still applies within a
+second when a notice is lost or Redis pub/sub is unavailable.
 """
 
 from __future__ import annotations
@@ -38,8 +38,10 @@ class InvalidationListener:
     pool: asyncpg.Pool[asyncpg.Record]
     cache: KeyCache
     channel: str
+    # A notice can also be lost while subscribed (the CLI could not reach Redis, a dropped
+    # connection not yet noticed), so Postgres is re-read at this interval all the time: one small
+    # indexed query, and every change applies within a second whatever happens to pub/sub.
     fallback_interval: float = 0.5
-    safety_interval: float = 5.0
     subscribed: bool = False
     applied: int = 0
     _watermark: dt.datetime | None = None
@@ -99,9 +101,9 @@ class InvalidationListener:
                 backoff = 0.1
 
     async def run_fallback(self) -> None:
-        """Poll Postgres: often while unsubscribed, rarely as a safety net while subscribed."""
+        """Poll Postgres every `fallback_interval` seconds."""
         while True:
-            await asyncio.sleep(self.safety_interval if self.subscribed else self.fallback_interval)
+            await asyncio.sleep(self.fallback_interval)
             try:
                 await self.poll()
             except asyncio.CancelledError:

@@ -8,6 +8,7 @@ table is cleared when the minute turns.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 
@@ -39,7 +40,7 @@ class FailedAuthLimiter:
             return None
         start = self._roll()
         if self._failures.get(address, 0) >= self.limit:
-            return max(1, int(start + self.window - self.clock()) + 1)
+            return max(1, math.ceil(start + self.window - self.clock()))
         return None
 
     def failed(self, address: str | None) -> None:

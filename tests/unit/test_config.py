@@ -78,6 +78,10 @@ paddings = st.sampled_from(["", " ", "\t"])
 
 def good_values(leaf: Leaf) -> st.SearchStrategy[tuple[str, Any]]:
     """(raw environment string, the value it must become)."""
+    if leaf.env == "GATEWAY_BUDGET_TIMEZONE":
+        return st.sampled_from(["UTC", "Europe/Berlin", "America/New_York", "Asia/Kolkata"]).map(
+            lambda s: (s, s)
+        )
     if typing.get_origin(leaf.type) is typing.Literal:
         return st.sampled_from(typing.get_args(leaf.type)).map(lambda s: (s, s))
     high_int = MAX_INT if leaf.maximum is None else math.floor(leaf.maximum)
@@ -132,6 +136,14 @@ def low_values(leaf: Leaf) -> st.SearchStrategy[str] | None:
         return st.integers(-MAX_INT, math.ceil(leaf.minimum) - 1).map(str)
     minimum = leaf.minimum
     return st.floats(min_value=-1e300, max_value=minimum).filter(lambda x: x < minimum).map(repr)
+
+
+def test_unknown_budget_time_zone_is_reported() -> None:
+    """A time zone name that is not an IANA zone is one problem line naming the variable."""
+    environ = {**required_env(SidecarConfig), "GATEWAY_BUDGET_TIMEZONE": "Mars/Olympus"}
+    with pytest.raises(ConfigError) as raised:
+        load_config(SidecarConfig, environ)
+    assert raised.value.problems == ["GATEWAY_BUDGET_TIMEZONE: unknown time zone (got 'Mars/Olympus')"]
 
 
 def high_values(leaf: Leaf) -> st.SearchStrategy[str] | None:
