@@ -14,6 +14,7 @@ import coredis
 from aiohttp import web
 
 from authz_sidecar import health
+from authz_sidecar.accountant import Accountant, AccountantMetrics
 from authz_sidecar.audit import DenialAuditor
 from authz_sidecar.authz import Admission
 from authz_sidecar.budgets import BudgetHydrator
@@ -37,6 +38,7 @@ AUDITOR = web.AppKey("auditor", DenialAuditor)
 LISTENER = web.AppKey("listener", InvalidationListener)
 ADMISSION = web.AppKey("admission", Admission)
 DRAINING = web.AppKey("draining", asyncio.Event)
+ACCOUNTANT = web.AppKey("accountant", Accountant)
 
 
 async def authz(request: web.Request) -> web.Response:
@@ -147,6 +149,21 @@ async def _admission(app: web.Application) -> AsyncIterator[None]:
     yield
 
 
+async def _accountant(app: web.Application) -> AsyncIterator[None]:
+    """The embedded accountant (GATEWAY_ACCOUNTANT=embedded): one more consumer in the group."""
+    accountant = Accountant(
+        redis=app[REDIS],
+        pool=app[POOL],
+        keys=app[KEYS],
+        options=app[CONFIG].accountant,
+        metrics=AccountantMetrics(app[METRICS].registry),
+        clock=app[CLOCK],
+    )
+    app[ACCOUNTANT] = accountant
+    async with _background(accountant.run()):
+        yield
+
+
 def create_app(config: SidecarConfig, *, clock: Callable[[], float] = time.time) -> web.Application:
     """Build the sidecar application."""
     app = web.Application()
@@ -156,6 +173,8 @@ def create_app(config: SidecarConfig, *, clock: Callable[[], float] = time.time)
     app[METRICS] = SidecarMetrics()
     app[DRAINING] = asyncio.Event()
     app.cleanup_ctx.extend([_database, _redis, _authenticator, _invalidations, _auditor, _admission])
+    if config.accountant.mode == "embedded":
+        app.cleanup_ctx.append(_accountant)
     app.router.add_get("/authz", authz, allow_head=False)
     app.router.add_get("/healthz", health.healthz)
     app.router.add_get("/readyz", readyz)

@@ -268,6 +268,32 @@ class ProxyOptions:
 
 
 @attrs.frozen
+class AccountantOptions:
+    """Tuning of the usage accountant."""
+
+    mode: Literal["embedded", "off"] = env(
+        "ACCOUNTANT", "embedded", help="run the accountant inside each sidecar (embedded) or not (off)"
+    )
+    consumer: str = env("ACCOUNTANT_CONSUMER", "", help="consumer name in the group (default: host and pid)")
+    batch_size: int = env("ACCOUNTANT_BATCH", 500, minimum=1, maximum=10_000, help="events per transaction")
+    claim_idle: float = env(
+        "ACCOUNTANT_CLAIM_IDLE",
+        30.0,
+        minimum=1,
+        help="seconds before another consumer's pending events are claimed",
+    )
+    sweep_grace: float = env(
+        "ACCOUNTANT_SWEEP_GRACE",
+        10.0,
+        minimum=0,
+        help="seconds past lease expiry before a reservation is charged",
+    )
+    prompt_purge_interval: float = env(
+        "PROMPT_PURGE_INTERVAL", 60.0, minimum=1, help="seconds between purges of expired prompt logs"
+    )
+
+
+@attrs.frozen
 class LoggingOptions:
     """Log verbosity."""
 
@@ -285,6 +311,17 @@ class SidecarConfig:
     grant: GrantSecrets
     hashing: KeyHashing
     options: SidecarOptions
+    accountant: AccountantOptions
+    logging: LoggingOptions
+
+
+@attrs.frozen
+class AccountantConfig:
+    """Everything the standalone accountant reads."""
+
+    postgres: PostgresConfig
+    redis: RedisConfig
+    accountant: AccountantOptions
     logging: LoggingOptions
 
 
@@ -307,7 +344,7 @@ class AdminConfig:
     hashing: KeyHashing
 
 
-ALL_CONFIGS: tuple[type[Any], ...] = (SidecarConfig, ProxyConfig, AdminConfig)
+ALL_CONFIGS: tuple[type[Any], ...] = (SidecarConfig, ProxyConfig, AdminConfig, AccountantConfig)
 
 
 def all_variables() -> list[tuple[str, Any, bool, str]]:

@@ -217,6 +217,9 @@ class LimitScripts:
             *(limit for _, _, limit in _budget_specs(scope)),
             MARKER_TTL_MS,
             lease_ttl_ms,
+            scope.key_id,
+            scope.periods.names()["day"],
+            scope.periods.names()["month"],
         ]
         reply = await self._reserve(keys=keys, args=args)
         code = int(reply[0])

@@ -116,6 +116,10 @@ class Proxy:
                 message = f"{outcome.scope} limit on tokens per minute reached"
                 raise Refused(429, message, code="rate_limit_exceeded", headers={"Retry-After": retry})
             raise Refused(429, f"{outcome.scope} token budget exhausted", code="insufficient_quota")
+        if metered:
+            # Where the accountant's sweeper looks for reservations whose lease expired.
+            with contextlib.suppress(*STORE_ERRORS):
+                await self.scripts.redis.sadd(self.scripts.keys.reserving_tenants, [str(grant.tenant_id)])
         return outcome, size
 
     @contextlib.asynccontextmanager
@@ -305,9 +309,14 @@ class Proxy:
         await self.reporter.report(event)
         if grant.metered:
             with contextlib.suppress(*STORE_ERRORS):
-                await self.scripts.lease(
-                    scope_of(grant), grant.request_id, action="release", ttl_ms=self._lease_ms
-                )
+                if reserved is not None and event.metered and self.reporter.depth == 0:
+                    # The event is on the stream: settle at once so the next request sees the
+                    # actual usage; the accountant's own settle is then a no-op (same request id).
+                    await self.scripts.settle(scope_of(grant), grant.request_id, event.total_tokens)
+                else:
+                    await self.scripts.lease(
+                        scope_of(grant), grant.request_id, action="release", ttl_ms=self._lease_ms
+                    )
         log.info(
             "request",
             extra={

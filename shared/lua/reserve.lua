@@ -7,7 +7,9 @@
 -- ARGV  1 now ms ('' = Redis TIME)   2 request id   3 metered (1/0)
 --       4 prompt upper bound   5 requested completion limit (-1 = none)   6 default completion cap (-1 = none)
 --       7..8 tpm limits key/tenant   9..14 budget limits in KEYS order (-1 = no limit)
---       15 marker ttl ms   16 lease ttl ms
+--       15 marker ttl ms   16 lease ttl ms   17 key id   18 day period   19 month period
+-- The reservation record keeps key id and periods so an expired lease can be charged without
+-- the usage event that never came.
 -- Returns {1, completion limit to forward (-1 = none), tokens reserved}
 --         {0, 'used'}                         the grant was already spent
 --         {0, 'tpm' | 'budget', retry_after_ms (-1 = unknown), scope}  not even prompt + 1 fits
@@ -106,7 +108,7 @@ for _, i in ipairs(charged) do
 end
 local expires = now + tonumber(ARGV[16])
 redis.call('HSET', KEYS[10], 'amount', reserved, 'sec', sec, 'charged', table.concat(charged, ','),
-  'expires', expires)
+  'expires', expires, 'key', ARGV[17], 'day', ARGV[18], 'month', ARGV[19])
 redis.call('PEXPIRE', KEYS[10], 7 * 86400 * 1000)
 redis.call('ZADD', KEYS[11], expires, ARGV[2])
 return {1, completion, reserved}

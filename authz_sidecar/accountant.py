@@ -1,0 +1,387 @@
+"""The usage accountant: applies every usage event exactly once in effect (DESIGN.md step 4).
+
+A consumer group on the usage stream; any number of instances (standalone with
+`python -m authz_sidecar.accountant`, or embedded in each sidecar with GATEWAY_ACCOUNTANT=embedded).
+Per batch: one Postgres transaction (ledger, budget totals, audit, last_used_at, prompt logs),
+then the Redis settle of each reservation (idempotent per request id), then XACK. Entries left
+pending by a dead consumer are claimed after `claim_idle`. An event that cannot be applied goes to
+the dead-letter stream with its reason and never blocks the stream. Only the accountant trims the
+stream, and only below the oldest pending entry. Reservations whose lease expired without a usage
+event (stream_proxy died) are charged in full, flagged estimated. Denial batches from the sidecars
+become audit rows. Expired prompt logs are purged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import asyncpg
+import attrs
+import coredis
+import orjson
+import uvloop
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from authz_sidecar import ledger
+from shared import logs, usage_wire
+from shared.config import AccountantConfig, AccountantOptions, load_config
+from shared.db import create_pool
+from shared.exceptions import ConfigError
+from shared.limits import LimitScripts, Scope
+from shared.models import Limits, UsageEvent
+from shared.periods import from_names
+from shared.redis_keys import RedisKeys
+
+log = logging.getLogger("authz_sidecar.accountant")
+GROUP = "accountant"
+STORE_ERRORS = (coredis.exceptions.RedisError, OSError, TimeoutError)
+DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
+
+
+@attrs.define
+class AccountantMetrics:
+    """Prometheus instruments of the accountant."""
+
+    registry: CollectorRegistry
+    applied: Counter = attrs.field(init=False)
+    claimed: Counter = attrs.field(init=False)
+    dead: Counter = attrs.field(init=False)
+    charged_expired: Counter = attrs.field(init=False)
+    batch_size: Histogram = attrs.field(init=False)
+    batch_seconds: Histogram = attrs.field(init=False)
+    lag: Gauge = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        r = self.registry
+        self.applied = Counter("accountant_events_applied", "usage events applied", registry=r)
+        self.claimed = Counter("accountant_events_claimed", "events claimed from dead consumers", registry=r)
+        self.dead = Counter("accountant_dead_letters", "events moved to the dead-letter stream", registry=r)
+        self.charged_expired = Counter(
+            "accountant_expired_reservations", "reservations charged at lease expiry", registry=r
+        )
+        self.batch_size = Histogram(
+            "accountant_batch_size",
+            "events per batch",
+            buckets=(1, 10, 50, 100, 250, 500, 1000, 5000),
+            registry=r,
+        )
+        self.batch_seconds = Histogram("accountant_batch_seconds", "time to apply a batch", registry=r)
+        self.lag = Gauge("accountant_lag_seconds", "age of the newest event applied when applied", registry=r)
+
+
+def scope_of(event: UsageEvent) -> Scope | None:
+    """The limit scope whose counters an event settles (None when it charged no budget period)."""
+    if not event.periods:
+        return None
+    return Scope(
+        tenant_id=event.tenant_id,
+        key_id=event.key_id,
+        key_limits=Limits(),
+        tenant_limits=Limits(),
+        periods=from_names(event.periods),
+    )
+
+
+@attrs.define
+class Accountant:
+    """One consumer of the usage and audit streams."""
+
+    redis: coredis.Redis[bytes]
+    pool: asyncpg.Pool[asyncpg.Record]
+    keys: RedisKeys
+    options: AccountantOptions
+    metrics: AccountantMetrics
+    clock: Callable[[], float] = time.time
+    consumer: str = attrs.field(factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    scripts: LimitScripts = attrs.field(init=False)
+    applied: int = 0
+
+    def __attrs_post_init__(self) -> None:
+        self.scripts = LimitScripts(self.redis, self.keys)
+        if self.options.consumer:
+            self.consumer = self.options.consumer
+
+    async def ensure_groups(self) -> None:
+        """Create the consumer groups (from the start of each stream) if missing."""
+        for stream in (self.keys.usage_stream, self.keys.audit_stream):
+            try:
+                await self.redis.xgroup_create(stream, GROUP, identifier="0", mkstream=True)
+            except coredis.exceptions.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    # --- usage events ------------------------------------------------------------------------------
+
+    async def _dead_letter(self, identifier: bytes, fields: dict[bytes, bytes], reason: str) -> None:
+        await self.redis.xadd(
+            self.keys.dead_letters,
+            {b"id": identifier, b"reason": reason.encode(), **{b"f:" + k: v for k, v in fields.items()}},
+        )
+        self.metrics.dead.inc()
+        log.warning(
+            "usage event moved to the dead-letter stream",
+            extra={"entry": identifier.decode(), "reason": reason},
+        )
+
+    async def _settle(self, events: Sequence[UsageEvent]) -> None:
+        for event in events:
+            scope = scope_of(event)
+            if scope is not None and event.metered:
+                await self.scripts.settle(
+                    scope,
+                    event.request_id,
+                    None if event.estimate_reason == "lease_expired" else event.total_tokens,
+                )
+
+    async def apply(self, entries: Sequence[Any]) -> int:
+        """Apply stream entries: Postgres, then Redis, then XACK. Returns events applied."""
+        if not entries:
+            return 0
+        started = time.perf_counter()
+        good: list[tuple[bytes, UsageEvent]] = []
+        for entry in entries:
+            try:
+                good.append((entry.identifier, usage_wire.decode(entry.field_values)))
+            except Exception as exc:  # noqa: BLE001 - any undecodable entry is dead-lettered
+                await self._dead_letter(
+                    entry.identifier, dict(entry.field_values), f"undecodable: {type(exc).__name__}"
+                )
+                await self.redis.xack(self.keys.usage_stream, GROUP, [entry.identifier])
+        events = [e for _, e in good]
+        try:
+            async with self.pool.acquire() as conn:
+                await ledger.apply_usage(conn, events)
+        except asyncpg.PostgresError:
+            good = await self._one_by_one(good)
+            events = [e for _, e in good]
+        await self._settle(events)
+        if good:
+            await self.redis.xack(self.keys.usage_stream, GROUP, [i for i, _ in good])
+        self.applied += len(good)
+        self.metrics.applied.inc(len(good))
+        self.metrics.batch_size.observe(len(entries))
+        self.metrics.batch_seconds.observe(time.perf_counter() - started)
+        if events:
+            self.metrics.lag.set(max(0.0, self.clock() - max(e.finished_at for e in events)))
+        return len(good)
+
+    async def _one_by_one(self, batch: list[tuple[bytes, UsageEvent]]) -> list[tuple[bytes, UsageEvent]]:
+        """A batch failed as a whole: apply events singly; dead-letter those Postgres refuses."""
+        kept: list[tuple[bytes, UsageEvent]] = []
+        for identifier, event in batch:
+            try:
+                async with self.pool.acquire() as conn:
+                    await ledger.apply_usage(conn, [event])
+            except asyncpg.PostgresError as exc:
+                await self._dead_letter(
+                    identifier, usage_wire.encode(event), f"refused by Postgres: {type(exc).__name__}"
+                )
+                await self.redis.xack(self.keys.usage_stream, GROUP, [identifier])
+                continue
+            kept.append((identifier, event))
+        return kept
+
+    async def read_batch(self, block_ms: int = 1000) -> int:
+        """Read and apply new events."""
+        reply = await self.redis.xreadgroup(
+            GROUP,
+            self.consumer,
+            streams={self.keys.usage_stream: ">"},
+            count=self.options.batch_size,
+            block=block_ms,
+        )
+        entries = next(iter(reply.values())) if reply else ()
+        return await self.apply(entries)
+
+    async def claim(self) -> int:
+        """Take over entries another consumer left pending for longer than `claim_idle`."""
+        start: Any = "0-0"
+        total = 0
+        for _ in range(100):
+            reply = await self.redis.xautoclaim(
+                self.keys.usage_stream,
+                GROUP,
+                self.consumer,
+                min_idle_time=int(self.options.claim_idle * 1000),
+                start=start,
+                count=self.options.batch_size,
+            )
+            start, entries = reply[0], reply[1]
+            if entries:
+                self.metrics.claimed.inc(len(entries))
+                total += await self.apply(entries)
+            if start in (b"0-0", "0-0") or not entries:
+                break
+        return total
+
+    async def trim(self) -> int:
+        """Trim acknowledged entries: never at or above the oldest pending one."""
+        pending: Any = await self.redis.xpending(self.keys.usage_stream, GROUP)
+        floor = getattr(pending, "minimum_identifier", None) if pending and pending.pending else None
+        if floor is None:
+            groups = await self.redis.xinfo_groups(self.keys.usage_stream)
+            ours = next((g for g in groups if g.get(b"name") in (GROUP.encode(), GROUP)), None)
+            floor = ours.get(b"last-delivered-id") if ours else None
+        if not floor or floor in (b"0-0", "0-0"):
+            return 0
+        # MINID takes a stream id; coredis types the threshold as int only.
+        minid: Any = floor
+        return int(await self.redis.xtrim(self.keys.usage_stream, coredis.PureToken.MINID, minid))
+
+    # --- expired reservations ------------------------------------------------------------------------
+
+    async def sweep(self) -> int:
+        """Charge reservations whose lease expired with no usage event (their stream_proxy died)."""
+        now_ms = int((await self.redis.time()).timestamp() * 1000)
+        cutoff = now_ms - int(self.options.sweep_grace * 1000)
+        charged: list[UsageEvent] = []
+        for raw_tenant in await self.redis.smembers(self.keys.reserving_tenants):
+            tenant_id = int(raw_tenant)
+            index = self.keys.reservation_index(tenant_id)
+            due = await self.redis.zrangebyscore(index, "-inf", cutoff, offset=0, count=500)  # type: ignore[arg-type]
+            if not due and not await self.redis.zcard(index):
+                await self.redis.srem(self.keys.reserving_tenants, [raw_tenant])
+                continue
+            for raw_id in due:
+                request_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
+                record = await self.redis.hgetall(self.keys.reservation(tenant_id, request_id))
+                if not record:
+                    await self.redis.zrem(index, [request_id])
+                    continue
+                expires = int(record[b"expires"]) / 1000
+                charged.append(
+                    UsageEvent(
+                        request_id=request_id,
+                        tenant_id=tenant_id,
+                        key_id=int(record[b"key"]),
+                        key_prefix="",
+                        endpoint="(lease expired)",
+                        model=None,
+                        prompt_tokens=int(record[b"amount"]),
+                        completion_tokens=0,
+                        reserved_tokens=int(record[b"amount"]),
+                        estimated=True,
+                        estimate_reason="lease_expired",
+                        http_status=0,
+                        upstream_status=None,
+                        started_at=expires,
+                        first_byte_at=None,
+                        finished_at=expires,
+                        bytes_relayed=0,
+                        client_disconnected=False,
+                        periods={"day": record[b"day"].decode(), "month": record[b"month"].decode()},
+                    )
+                )
+        if charged:
+            async with self.pool.acquire() as conn:
+                await ledger.apply_usage(conn, charged)
+            await self._settle(charged)
+            self.metrics.charged_expired.inc(len(charged))
+            log.warning("charged reservations whose lease expired", extra={"count": len(charged)})
+        return len(charged)
+
+    # --- denials and prompt logs -------------------------------------------------------------------------
+
+    async def read_denials(self) -> int:
+        """Denial batches from the sidecars into the audit log."""
+        reply = await self.redis.xreadgroup(
+            GROUP, self.consumer, streams={self.keys.audit_stream: ">"}, count=50, block=None
+        )
+        entries = next(iter(reply.values())) if reply else ()
+        rows: list[dict[str, Any]] = []
+        for entry in entries:
+            try:
+                rows.extend(orjson.loads(entry.field_values[b"rows"]))
+            except (KeyError, orjson.JSONDecodeError):
+                log.warning("ignored a malformed denial batch")
+        if rows:
+            async with self.pool.acquire() as conn:
+                await ledger.apply_denials(conn, rows)
+        if entries:
+            await self.redis.xack(self.keys.audit_stream, GROUP, [e.identifier for e in entries])
+        return len(rows)
+
+    async def purge(self) -> int:
+        """Delete expired prompt logs."""
+        async with self.pool.acquire() as conn:
+            return await ledger.purge_prompt_logs(conn, dt.datetime.fromtimestamp(self.clock(), dt.UTC))
+
+    # --- the loop --------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Forever: read, claim, sweep, trim, purge; survive Redis and Postgres outages."""
+        last_maintenance = last_purge = 0.0
+        groups_ready = False
+        while True:
+            try:
+                if not groups_ready:
+                    await self.ensure_groups()
+                    groups_ready = True
+                await self.read_batch()
+                now = time.monotonic()
+                if now - last_maintenance >= 2.0:
+                    last_maintenance = now
+                    await self.read_denials()
+                    await self.claim()
+                    await self.sweep()
+                    await self.trim()
+                if now - last_purge >= self.options.prompt_purge_interval:
+                    last_purge = now
+                    await self.purge()
+            except asyncio.CancelledError:
+                raise
+            except (*STORE_ERRORS, *DB_ERRORS):
+                log.warning("accountant paused: a store is unavailable", exc_info=True)
+                groups_ready = False
+                await asyncio.sleep(1.0)
+
+
+async def _standalone(config: AccountantConfig) -> None:
+    pool = await create_pool(config.postgres)
+    client: coredis.Redis[bytes] = coredis.Redis.from_url(config.redis.url)
+    try:
+        async with client:
+            accountant = Accountant(
+                redis=client,
+                pool=pool,
+                keys=RedisKeys(config.redis.prefix),
+                options=config.accountant,
+                metrics=AccountantMetrics(CollectorRegistry()),
+            )
+            task = asyncio.create_task(accountant.run())
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+            await stop.wait()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    finally:
+        await pool.close()
+
+
+def main() -> int:
+    """`python -m authz_sidecar.accountant`: run one accountant until SIGTERM."""
+    try:
+        config = load_config(AccountantConfig, os.environ)
+    except ConfigError as exc:
+        sys.stderr.write(f"accountant: {exc}\n")
+        return 2
+    logs.setup(config.logging.level)
+    uvloop.run(_standalone(config))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

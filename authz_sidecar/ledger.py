@@ -1,0 +1,191 @@
+"""The accountant's Postgres side: one transaction per batch of usage events.
+
+Ledger rows are inserted idempotently by request id; only rows that are new in this transaction add
+to the budget period totals, so an event delivered twice is counted once. The same transaction
+writes the audit rows, `last_used_at` and, for keys that opted in, the expiring prompt logs.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from shared.models import UsageEvent
+
+if TYPE_CHECKING:
+    from shared.db import Conn
+
+_LEDGER_SQL = """
+INSERT INTO usage_ledger (request_id, tenant_id, key_id, endpoint, model, prompt_tokens, completion_tokens,
+    reserved_tokens, estimated, estimate_reason, http_status, upstream_status, started_at, first_byte_at,
+    finished_at, bytes_relayed, client_disconnected)
+SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::text[], $6::bigint[],
+    $7::bigint[], $8::bigint[], $9::bool[], $10::text[], $11::int[], $12::int[], $13::timestamptz[],
+    $14::timestamptz[], $15::timestamptz[], $16::bigint[], $17::bool[])
+ON CONFLICT (request_id) DO NOTHING
+RETURNING request_id
+"""
+
+_BUDGET_SQL = """
+INSERT INTO budget_periods (scope, scope_id, period, period_start, tokens)
+SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::date[], $5::bigint[])
+ON CONFLICT (scope, scope_id, period, period_start)
+DO UPDATE SET tokens = budget_periods.tokens + EXCLUDED.tokens, updated_at = now()
+"""
+
+_AUDIT_SQL = """
+INSERT INTO audit_log (at, request_id, tenant_id, key_id, key_prefix, client_addr, method, path, model,
+    status, reason, tokens, latency_ms, user_agent, count)
+SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::bigint[], $4::bigint[], $5::text[], $6::text[],
+    $7::text[], $8::text[], $9::text[], $10::int[], $11::text[], $12::bigint[], $13::float8[], $14::text[],
+    $15::int[])
+ON CONFLICT (request_id) WHERE request_id IS NOT NULL DO NOTHING
+"""
+
+_LAST_USED_SQL = """
+UPDATE api_keys k SET last_used_at = greatest(coalesce(k.last_used_at, u.at), u.at)
+FROM (SELECT * FROM unnest($1::bigint[], $2::timestamptz[]) AS t(key_id, at)) u
+WHERE k.id = u.key_id
+"""
+
+_PROMPT_SQL = """
+INSERT INTO prompt_logs (request_id, tenant_id, key_id, request_text, response_text, created_at, expires_at)
+SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::text[], $6::timestamptz[],
+    $7::timestamptz[])
+ON CONFLICT (request_id) DO NOTHING
+"""
+
+
+def _ts(value: float | None) -> dt.datetime | None:
+    return None if value is None else dt.datetime.fromtimestamp(value, dt.UTC)
+
+
+def _column(events: Sequence[UsageEvent], name: str) -> list[Any]:
+    return [getattr(e, name) for e in events]
+
+
+def _budget_rows(events: Sequence[UsageEvent]) -> list[list[Any]]:
+    totals: dict[tuple[str, int, str, dt.date], int] = defaultdict(int)
+    for event in events:
+        if not event.periods or event.total_tokens <= 0:
+            continue
+        starts = {
+            "day": dt.date.fromisoformat(event.periods["day"]),
+            "month": dt.date.fromisoformat(event.periods["month"]),
+            "total": dt.date(1970, 1, 1),
+        }
+        for scope, scope_id in (("tenant", event.tenant_id), ("key", event.key_id)):
+            for period, start in starts.items():
+                totals[(scope, scope_id, period, start)] += event.total_tokens
+    columns: list[list[Any]] = [[], [], [], [], []]
+    for (scope, scope_id, period, start), tokens in totals.items():
+        for column, value in zip(columns, (scope, scope_id, period, start, tokens), strict=True):
+            column.append(value)
+    return columns
+
+
+async def apply_usage(conn: Conn, events: Sequence[UsageEvent]) -> set[str]:
+    """Write a batch in one transaction; returns the request ids that were new."""
+    if not events:
+        return set()
+    async with conn.transaction():
+        rows = await conn.fetch(
+            _LEDGER_SQL,
+            _column(events, "request_id"),
+            _column(events, "tenant_id"),
+            _column(events, "key_id"),
+            _column(events, "endpoint"),
+            _column(events, "model"),
+            _column(events, "prompt_tokens"),
+            _column(events, "completion_tokens"),
+            _column(events, "reserved_tokens"),
+            _column(events, "estimated"),
+            _column(events, "estimate_reason"),
+            _column(events, "http_status"),
+            _column(events, "upstream_status"),
+            [_ts(e.started_at) for e in events],
+            [_ts(e.first_byte_at) for e in events],
+            [_ts(e.finished_at) for e in events],
+            _column(events, "bytes_relayed"),
+            _column(events, "client_disconnected"),
+        )
+        new = {r["request_id"] for r in rows}
+        fresh = [e for e in events if e.request_id in new]
+        if not fresh:
+            return new
+        await conn.execute(_BUDGET_SQL, *_budget_rows(fresh))
+        await conn.execute(
+            _AUDIT_SQL,
+            [_ts(e.finished_at) for e in fresh],
+            _column(fresh, "request_id"),
+            _column(fresh, "tenant_id"),
+            _column(fresh, "key_id"),
+            _column(fresh, "key_prefix"),
+            _column(fresh, "client_addr"),
+            _column(fresh, "method"),
+            _column(fresh, "endpoint"),
+            _column(fresh, "model"),
+            _column(fresh, "http_status"),
+            [e.estimate_reason for e in fresh],
+            [e.total_tokens for e in fresh],
+            [round((e.finished_at - e.started_at) * 1000, 3) for e in fresh],
+            _column(fresh, "user_agent"),
+            [1] * len(fresh),
+        )
+        last_used: dict[int, float] = {}
+        for event in fresh:
+            last_used[event.key_id] = max(last_used.get(event.key_id, 0.0), event.finished_at)
+        await conn.execute(_LAST_USED_SQL, list(last_used), [_ts(v) for v in last_used.values()])
+        logged = [e for e in fresh if e.request_text is not None and e.prompt_log_ttl_seconds]
+        if logged:
+            await conn.execute(
+                _PROMPT_SQL,
+                _column(logged, "request_id"),
+                _column(logged, "tenant_id"),
+                _column(logged, "key_id"),
+                [e.request_text or "" for e in logged],
+                [e.response_text or "" for e in logged],
+                [_ts(e.finished_at) for e in logged],
+                [_ts(e.finished_at + (e.prompt_log_ttl_seconds or 0)) for e in logged],
+            )
+    return new
+
+
+async def apply_denials(conn: Conn, rows: Sequence[dict[str, Any]]) -> int:
+    """Audit rows for denial batches from the sidecars (aggregated rows carry a count)."""
+    if not rows:
+        return 0
+
+    def col(name: str) -> list[Any]:
+        return [r.get(name) for r in rows]
+
+    await conn.execute(
+        _AUDIT_SQL,
+        [_ts(r.get("at")) for r in rows],
+        col("request_id"),
+        col("tenant_id"),
+        col("key_id"),
+        col("key_prefix"),
+        col("client_addr"),
+        col("method"),
+        col("path"),
+        [None] * len(rows),
+        col("status"),
+        col("reason"),
+        [0] * len(rows),
+        [None] * len(rows),
+        col("user_agent"),
+        [int(r.get("count") or 1) for r in rows],
+    )
+    return len(rows)
+
+
+async def purge_prompt_logs(conn: Conn, now: dt.datetime) -> int:
+    """Delete prompt logs past their expiry; returns how many."""
+    deleted = await conn.fetchval(
+        "WITH gone AS (DELETE FROM prompt_logs WHERE expires_at <= $1 RETURNING 1) SELECT count(*) FROM gone",
+        now,
+    )
+    return int(deleted or 0)
