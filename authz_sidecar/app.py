@@ -134,7 +134,7 @@ async def _admission(app: web.Application) -> AsyncIterator[None]:
         pool=app[POOL],
         scripts=scripts,
         keys=app[KEYS],
-        zone=ZoneInfo(config.options.budget_timezone),
+        zone=ZoneInfo(config.budget.timezone),
     )
     app[ADMISSION] = Admission(
         config=config,

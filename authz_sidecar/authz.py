@@ -130,7 +130,7 @@ class Admission:
     zone: ZoneInfo = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        self.zone = ZoneInfo(self.config.options.budget_timezone)
+        self.zone = ZoneInfo(self.config.budget.timezone)
 
     async def _limits(self, scope: Scope, request_id: str, *, metered: bool) -> Admitted:
         """One admission script call (plus hydration when a budget counter is missing)."""

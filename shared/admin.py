@@ -10,6 +10,7 @@ import datetime as dt
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
+from zoneinfo import ZoneInfo
 
 import asyncpg
 import attrs
@@ -337,7 +338,7 @@ async def set_prompt_logging(
 
 @attrs.frozen
 class Usage:
-    """Tokens from the ledger for the current day, the current month and all time (UTC)."""
+    """Tokens from the ledger for the current day, the current month and all time."""
 
     scope: str
     name: str
@@ -353,11 +354,12 @@ async def usage(
     tenant: str | None = None,
     prefix: str | None = None,
     now: dt.datetime | None = None,
+    zone: ZoneInfo | None = None,
 ) -> Usage:
-    """Sum the ledger for a tenant or key."""
+    """Sum the ledger for a tenant or key (day and month in the budget time zone, UTC by default)."""
     if (tenant is None) == (prefix is None):
         raise AdminError("name exactly one of --tenant or --prefix")
-    now = (now or dt.datetime.now(dt.UTC)).astimezone(dt.UTC)
+    now = (now or dt.datetime.now(dt.UTC)).astimezone(zone or dt.UTC)
     day_start = now.replace(hour=0, minute=0, second=0, microsecond=0)
     month_start = day_start.replace(day=1)
     if tenant is not None:
@@ -381,3 +383,73 @@ async def usage(
 def limits_to_args(values: Sequence[tuple[str, str | None]]) -> dict[str, LimitChange]:
     """Parse the CLI's limit options that were given (None = not given)."""
     return {name: parse_limit(name, text) for name, text in values if text is not None}
+
+
+@attrs.frozen
+class AuditRow:
+    """One audit log row as shown to operators (never a key, only its prefix)."""
+
+    at: dt.datetime
+    request_id: str | None
+    tenant: str | None
+    key_prefix: str | None
+    client_addr: str | None
+    method: str | None
+    path: str | None
+    model: str | None
+    status: int
+    reason: str | None
+    tokens: int
+    latency_ms: float | None
+    count: int
+
+
+def parse_since(text: str, now: dt.datetime) -> dt.datetime:
+    """`--since`: a duration back from now (`15m`, `2d`) or an ISO date / timestamp."""
+    try:
+        return now - parse_duration(text)
+    except AdminError:
+        pass
+    try:
+        parsed = dt.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise AdminError(f"bad --since {text!r}: use a duration such as 1h or 7d, or an ISO date") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+
+
+async def audit(
+    conn: asyncpg.Connection,
+    *,
+    tenant: str | None = None,
+    prefix: str | None = None,
+    since: dt.datetime | None = None,
+    status: int | None = None,
+    limit: int = 100,
+) -> list[AuditRow]:
+    """Newest audit rows first, filtered."""
+    tenant_id = None if tenant is None else (await _tenant_by_name(conn, tenant)).id
+    key_prefix = None if prefix is None else keys.normalise_prefix(prefix)
+    rows = await conn.fetch(
+        "SELECT a.at, a.request_id, t.name AS tenant, a.key_prefix, a.client_addr, a.method, a.path, "
+        "a.model, a.status, a.reason, a.tokens, a.latency_ms, a.count FROM audit_log a "
+        "LEFT JOIN tenants t ON t.id = a.tenant_id "
+        "WHERE ($1::bigint IS NULL OR a.tenant_id = $1) AND ($2::text IS NULL OR a.key_prefix = $2) "
+        "AND ($3::timestamptz IS NULL OR a.at >= $3) AND ($4::int IS NULL OR a.status = $4) "
+        "ORDER BY a.at DESC, a.id DESC LIMIT $5",
+        tenant_id,
+        key_prefix,
+        since,
+        status,
+        limit,
+    )
+    return [AuditRow(**dict(r)) for r in rows]
+
+
+async def purge_prompts(conn: asyncpg.Connection, *, now: dt.datetime | None = None) -> int:
+    """Delete prompt logs past their expiry now; returns how many."""
+    now = now or dt.datetime.now(dt.UTC)
+    deleted = await conn.fetchval(
+        "WITH gone AS (DELETE FROM prompt_logs WHERE expires_at <= $1 RETURNING 1) SELECT count(*) FROM gone",
+        now,
+    )
+    return int(deleted or 0)

@@ -17,6 +17,7 @@ import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, NoReturn
+from zoneinfo import ZoneInfo
 
 import asyncpg
 import attrs
@@ -26,10 +27,10 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
-from shared import admin, invalidation
+from shared import admin, counters, invalidation
 from shared.config import AdminConfig, load_config
 from shared.db import asyncpg_dsn
-from shared.exceptions import AdminError, ConfigError, GatewayError, KeyFormatError
+from shared.exceptions import AdminError, ConfigError, GatewayError, KeyFormatError, NotFoundError
 from shared.keys import normalise_prefix
 from shared.models import ALL_MODELS, LIMIT_NAMES, UNLIMITED, ApiKey, Tenant
 from shared.redis_keys import RedisKeys
@@ -261,15 +262,100 @@ async def _set_prompt_logging(
 async def _usage(
     args: argparse.Namespace, conn: asyncpg.Connection, out: Output, _: AdminConfig
 ) -> list[Any]:
-    result = await admin.usage(conn, tenant=args.tenant, prefix=args.prefix)
+    result = await admin.usage(conn, tenant=args.tenant, prefix=args.prefix, zone=ZoneInfo(_.budget.timezone))
     if out.as_json:
         out.json(attrs.asdict(result))
         return []
-    table = Table(title=f"usage of {result.scope} {result.name} (tokens, UTC periods)")
+    zone = _.budget.timezone
+    table = Table(title=f"usage of {result.scope} {result.name} (tokens; days and months in {zone})")
     for column in ("today", "this month", "total", "requests"):
         table.add_column(column, justify="right")
     table.add_row(f"{result.day:,}", f"{result.month:,}", f"{result.total:,}", f"{result.requests:,}")
     out.console.print(table)
+    return []
+
+
+async def _audit(
+    args: argparse.Namespace, conn: asyncpg.Connection, out: Output, _: AdminConfig
+) -> list[Any]:
+    since = None if args.since is None else admin.parse_since(args.since, dt.datetime.now(dt.UTC))
+    rows = await admin.audit(
+        conn, tenant=args.tenant, prefix=args.prefix, since=since, status=args.status, limit=args.limit
+    )
+    if out.as_json:
+        out.json([{**attrs.asdict(r), "at": r.at.isoformat()} for r in rows])
+        return []
+    table = Table(title=f"audit log (newest first, at most {args.limit})")
+    for column in (
+        "at",
+        "tenant",
+        "prefix",
+        "client",
+        "request",
+        "status",
+        "reason",
+        "model",
+        "tokens",
+        "ms",
+        "n",
+    ):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(
+            _when(r.at),
+            r.tenant or "—",
+            f"nz_{r.key_prefix}" if r.key_prefix else "—",
+            r.client_addr or "—",
+            f"{r.method or ''} {r.path or ''}".strip() or "—",
+            str(r.status),
+            r.reason or "",
+            r.model or "",
+            f"{r.tokens:,}",
+            "" if r.latency_ms is None else f"{r.latency_ms:.1f}",
+            str(r.count),
+        )
+    out.console.print(table)
+    return []
+
+
+async def _purge_prompts(
+    args: argparse.Namespace, conn: asyncpg.Connection, out: Output, _: AdminConfig
+) -> list[Any]:
+    deleted = await admin.purge_prompts(conn)
+    if out.as_json:
+        out.json({"deleted": deleted})
+    else:
+        out.console.print(f"deleted {deleted:,} expired prompt log rows")
+    return []
+
+
+async def _rebuild_counters(
+    args: argparse.Namespace, conn: asyncpg.Connection, out: Output, cfg: AdminConfig
+) -> list[Any]:
+    tenant_ids = None
+    if args.tenant is not None:
+        tenant_ids = [t.id for t, _ in await admin.list_tenants(conn) if t.name == args.tenant]
+        if not tenant_ids:
+            raise NotFoundError(f"no tenant named {args.tenant!r}")
+    client: coredis.Redis[bytes] = coredis.Redis.from_url(cfg.redis.url)
+    try:
+        async with client:
+            result = await counters.rebuild(
+                conn,
+                client,
+                RedisKeys(cfg.redis.prefix),
+                zone=ZoneInfo(cfg.budget.timezone),
+                tenant_ids=tenant_ids,
+            )
+    except (coredis.exceptions.RedisError, OSError) as exc:
+        raise AdminError(f"cannot reach Redis ({type(exc).__name__}); check GATEWAY_REDIS_URL") from None
+    if out.as_json:
+        out.json(attrs.asdict(result))
+    else:
+        out.console.print(
+            f"rebuilt {result.budget_counters:,} budget counters and {result.tpm_windows:,} TPM windows "
+            f"for {result.tenants:,} tenants"
+        )
     return []
 
 
@@ -284,6 +370,9 @@ HANDLERS: dict[str, Handler] = {
     "set-limits": _set_limits,
     "set-prompt-logging": _set_prompt_logging,
     "usage": _usage,
+    "audit": _audit,
+    "purge-prompts": _purge_prompts,
+    "rebuild-counters": _rebuild_counters,
 }
 
 
@@ -349,6 +438,16 @@ def build_parser() -> argparse.ArgumentParser:
     switch.add_argument("--off", dest="on", action="store_false")
     logging_cmd.add_argument("--ttl", type=_duration, help="retention, e.g. 7d (with --on)")
     target(command("usage", "tokens used today, this month and in total"))
+    audit_cmd = command("audit", "show the audit log, newest first")
+    audit_cmd.add_argument("--tenant", type=_tenant_name)
+    audit_cmd.add_argument("--prefix", type=_prefix)
+    audit_cmd.add_argument("--since", help="a duration back from now (1h, 7d) or an ISO date")
+    audit_cmd.add_argument("--status", type=int, help="only this HTTP status")
+    audit_cmd.add_argument("--limit", type=int, default=100, help="at most this many rows (default 100)")
+    command("purge-prompts", "delete prompt logs past their expiry now")
+    command("rebuild-counters", "recompute Redis budget and TPM counters from Postgres").add_argument(
+        "--tenant", type=_tenant_name, help="only this tenant"
+    )
     command("migrate", "apply the database migrations (dbmate)")
     return parser
 
@@ -370,6 +469,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                 any(c.value == "inherit" for c in args.limits.values()) or args.models == "inherit"
             ):
                 raise AdminError("'inherit' only applies to a key (--prefix)")
+        if args.command == "audit":
+            if not 1 <= args.limit <= 100_000:
+                raise AdminError("--limit is 1 to 100000")
+            if args.since is not None:
+                admin.parse_since(args.since, dt.datetime.now(dt.UTC))
         if args.command == "set-prompt-logging":
             if args.on and args.ttl is None:
                 raise AdminError("--on needs --ttl (for example --ttl 7d)")

@@ -201,6 +201,23 @@ class KeyHashing:
 
 
 @attrs.frozen
+class BudgetOptions:
+    """Where budget days and months roll over."""
+
+    timezone: str = env(
+        "BUDGET_TIMEZONE", "UTC", help="IANA time zone where budget days and months roll over"
+    )
+
+    def check(self) -> list[str]:
+        """The budget time zone must be a known IANA zone."""
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            return [f"GATEWAY_BUDGET_TIMEZONE: unknown time zone (got {self.timezone!r})"]
+        return []
+
+
+@attrs.frozen
 class SidecarOptions:
     """Tuning of the authz_sidecar."""
 
@@ -217,20 +234,9 @@ class SidecarOptions:
         "SIDECAR_DRAIN_SECONDS", 5.0, minimum=0, help="seconds the sidecar's /readyz is 503 before exit"
     )
     lease_ttl: float = env("LEASE_TTL", 30.0, minimum=1, help="seconds a stream lease lives unless renewed")
-    budget_timezone: str = env(
-        "BUDGET_TIMEZONE", "UTC", help="time zone where budget days and months roll over"
-    )
     grant_ttl: float = env(
         "GRANT_TTL", 60.0, minimum=1, maximum=60, help="seconds a grant stays valid (at most 60)"
     )
-
-    def check(self) -> list[str]:
-        """The budget time zone must be a known IANA zone."""
-        try:
-            ZoneInfo(self.budget_timezone)
-        except (ZoneInfoNotFoundError, ValueError):
-            return [f"GATEWAY_BUDGET_TIMEZONE: unknown time zone (got {self.budget_timezone!r})"]
-        return []
 
 
 @attrs.frozen
@@ -311,6 +317,7 @@ class SidecarConfig:
     grant: GrantSecrets
     hashing: KeyHashing
     options: SidecarOptions
+    budget: BudgetOptions
     accountant: AccountantOptions
     logging: LoggingOptions
 
@@ -342,6 +349,7 @@ class AdminConfig:
     postgres: PostgresConfig
     redis: RedisConfig
     hashing: KeyHashing
+    budget: BudgetOptions
 
 
 ALL_CONFIGS: tuple[type[Any], ...] = (SidecarConfig, ProxyConfig, AdminConfig, AccountantConfig)
