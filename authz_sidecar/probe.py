@@ -1,38 +1,8 @@
-"""`python -m authz_sidecar.probe`: a container healthcheck without curl.
-
-Exits 0 when the sidecar's /readyz (or the URL given) answers 200, else 1. Reads the port from
-GATEWAY_SIDECAR_PORT when no URL is given.
-"""
+"""`python -m authz_sidecar.probe [URL]`: exit 0 when authz_sidecar is ready (a container healthcheck)."""
 
 from __future__ import annotations
 
-import os
-import sys
-import urllib.error
-import urllib.request
-from collections.abc import Sequence
-
-
-def probe(url: str, timeout: float = 2.0) -> bool:
-    """True when the URL answers 200 within the timeout."""
-    if not url.startswith(("http://", "https://")):
-        return False
-    try:
-        # The scheme was checked above: only http(s) URLs are opened.
-        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310  # nosec B310
-            return bool(response.status == 200)
-    except (urllib.error.URLError, OSError, TimeoutError):
-        return False
-
-
-def main(argv: Sequence[str] | None = None, default_port_var: str = "GATEWAY_SIDECAR_PORT") -> int:
-    """Probe readiness; prints one line."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    url = args[0] if args else f"http://127.0.0.1:{os.environ.get(default_port_var, '8081')}/readyz"
-    ok = probe(url)
-    sys.stdout.write(f"{'ready' if ok else 'not ready'}: {url}\n")
-    return 0 if ok else 1
-
+from shared.probe import main
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(None, port_variable="GATEWAY_SIDECAR_PORT", default_port=8081))

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiohttp
 import coredis
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from yarl import URL
 
 from shared.config import ProxyConfig
@@ -17,6 +18,7 @@ from shared.dialect import error_response
 from shared.limits import LimitScripts
 from shared.redis_keys import RedisKeys
 from stream_proxy.exceptions import Refused
+from stream_proxy.metrics import ProxyMetrics
 from stream_proxy.proxy import Proxy
 from stream_proxy.usage import UsageReporter
 
@@ -29,6 +31,7 @@ CLOCK: web.AppKey[Clock] = web.AppKey("clock")
 DRAINING = web.AppKey("draining", asyncio.Event)
 REPORTER = web.AppKey("reporter", UsageReporter)
 PROXY = web.AppKey("proxy", Proxy)
+METRICS = web.AppKey("metrics", ProxyMetrics)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -64,6 +67,12 @@ async def readyz(request: web.Request) -> web.Response:
             checks["ollama"] = resp.status == 200
     ready = checks["ollama"] and not checks["spool_full"] and not checks["draining"]
     return web.json_response({"ready": ready, **checks}, status=200 if ready else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus metrics."""
+    body = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 async def _session(app: web.Application) -> AsyncIterator[None]:
@@ -104,8 +113,10 @@ async def _proxy(app: web.Application) -> AsyncIterator[None]:
         scripts=LimitScripts(app[REDIS], app[KEYS]),
         reporter=app[REPORTER],
         draining=app[DRAINING],
+        metrics=app[METRICS],
         clock=app[CLOCK],
     )
+    app[METRICS].watch_spool(lambda: app[REPORTER].depth)
     yield
 
 
@@ -116,8 +127,10 @@ def create_app(config: ProxyConfig, *, clock: Clock = time.time) -> web.Applicat
     app[CLOCK] = clock
     app[KEYS] = RedisKeys(config.redis.prefix)
     app[DRAINING] = asyncio.Event()
+    app[METRICS] = ProxyMetrics()
     app.cleanup_ctx.extend([_session, _redis, _reporter, _proxy])
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
     app.router.add_route("*", "/{tail:.*}", proxy)
     return app

@@ -30,6 +30,7 @@ from shared.periods import from_names
 from stream_proxy import body, grants, meter
 from stream_proxy import policy as body_policy
 from stream_proxy.exceptions import Refused
+from stream_proxy.metrics import ProxyMetrics
 from stream_proxy.relay import Relay
 from stream_proxy.usage import UsageReporter
 
@@ -76,6 +77,7 @@ class Proxy:
     scripts: LimitScripts
     reporter: UsageReporter
     draining: asyncio.Event
+    metrics: ProxyMetrics
     clock: Callable[[], float] = time.time
     ollama: URL = attrs.field(init=False)
 
@@ -317,6 +319,7 @@ class Proxy:
                     await self.scripts.lease(
                         scope_of(grant), grant.request_id, action="release", ttl_ms=self._lease_ms
                     )
+        self._observe(route, event)
         log.info(
             "request",
             extra={
@@ -331,6 +334,19 @@ class Proxy:
                 "latency_ms": round((event.finished_at - started) * 1000, 1),
             },
         )
+
+    def _observe(self, route: policy.Route, event: UsageEvent) -> None:
+        m = self.metrics
+        m.requests.labels(route, f"{event.http_status // 100}xx").inc()
+        m.duration.labels(route).observe(max(0.0, event.finished_at - event.started_at))
+        if event.first_byte_at is not None:
+            m.first_byte.labels(route).observe(max(0.0, event.first_byte_at - event.started_at))
+        m.tokens.labels(route, "prompt").inc(event.prompt_tokens)
+        m.tokens.labels(route, "completion").inc(event.completion_tokens)
+        if event.client_disconnected:
+            m.disconnects.labels(route).inc()
+        if event.estimate_reason == "upstream_failed" or (event.upstream_status or 0) >= 500:
+            m.upstream_errors.labels(route).inc()
 
     @staticmethod
     def _model(route: policy.Route, doc: body.Body | None) -> str | None:
