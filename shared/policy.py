@@ -111,7 +111,9 @@ def normalisations(raw_path: str) -> set[str]:
         for variant in (candidate, candidate.replace("\\", "/")):
             collapsed = re.sub(r"/{2,}", "/", variant)
             resolved = _resolve_dots(collapsed)
-            for form in (variant, collapsed, resolved):
+            # RFC 3986 dot removal keeps empty segments: "/api//../pull" is "/api/pull" there.
+            rfc = _resolve_dots(variant)
+            for form in (variant, collapsed, resolved, rfc, re.sub(r"/{2,}", "/", rfc)):
                 stripped = form.rstrip("/") or "/"
                 results.update({form, stripped, form.lower(), stripped.lower()})
     return results
