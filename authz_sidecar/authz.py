@@ -33,7 +33,7 @@ from shared.dialect import error_response
 from shared.exceptions import KeyFormatError
 from shared.keystore import Verdict
 from shared.limits import Admitted, LimitScripts, Refused, Scope
-from shared.models import KeyContext
+from shared.models import KeyContext, Limits
 from shared.periods import periods_at
 
 log = logging.getLogger("authz_sidecar.authz")
@@ -87,6 +87,7 @@ def _key_denial(verdict: Verdict) -> Denied:
 
 
 UNAVAILABLE = {"Retry-After": "1"}
+UNLIMITED = Limits()
 STORE_ERRORS = (coredis.exceptions.RedisError, OSError, TimeoutError)
 _BUDGET_NAMES = {"budget_day": "daily", "budget_month": "monthly", "budget_total": "total"}
 
@@ -133,7 +134,13 @@ class Admission:
         self.zone = ZoneInfo(self.config.budget.timezone)
 
     async def _limits(self, scope: Scope, request_id: str, *, metered: bool) -> Admitted:
-        """One admission script call (plus hydration when a budget counter is missing)."""
+        """One admission script call (plus hydration when a budget counter is missing).
+
+        A key and tenant with no limit at all have nothing to count: no Redis call is made (the
+        grant is still single use, enforced by stream_proxy's reservation call).
+        """
+        if scope.key_limits == UNLIMITED and scope.tenant_limits == UNLIMITED:
+            return Admitted(grants.RateInfo())
         lease_ms = int(self.config.options.lease_ttl * 1000)
         try:
             for _ in range(50):

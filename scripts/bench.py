@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import asyncpg
 import attrs
@@ -32,6 +33,9 @@ from authz_sidecar.app import ADMISSION, AUTHENTICATOR, POOL, create_app
 from shared import admin, keys
 from shared.config import SidecarConfig, load_config
 from shared.db import asyncpg_dsn
+from shared.limits import Scope
+from shared.models import LIMIT_NAMES, Limits
+from shared.periods import periods_at
 
 DOC = localstack.ROOT / "docs" / "BENCHMARKS.md"
 console = Console(highlight=False)
@@ -123,17 +127,7 @@ def _invalid_token() -> str:
 
 async def scenario_sidecar(services: Services, *, decisions: int) -> list[Row]:
     """/authz alone, in process: cached-key decisions and invalid-key rejections."""
-    config = load_config(
-        SidecarConfig,
-        {
-            "GATEWAY_DATABASE_URL": services.database_url,
-            "GATEWAY_REDIS_URL": services.redis_url,
-            "GATEWAY_REDIS_PREFIX": f"bench:{uuid.uuid4().hex[:6]}:",
-            "GATEWAY_GRANT_SECRET": secrets.token_urlsafe(32),
-            "GATEWAY_KEY_PEPPER": secrets.token_urlsafe(32),
-            "GATEWAY_LOG_LEVEL": "WARNING",
-        },
-    )
+    config = _sidecar_config(services)
     conn = await asyncpg.connect(asyncpg_dsn(services.database_url))
     try:
         await admin.create_tenant(conn, name="bench")
@@ -196,7 +190,116 @@ async def _pg_queries(app: web.Application) -> int:
     return int(value) - 2
 
 
-SCENARIOS: dict[str, Callable[..., Awaitable[list[Row]]]] = {"sidecar": scenario_sidecar}
+async def _concurrent(
+    handle: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    requests: Sequence[web.Request],
+    workers: int,
+) -> float:
+    """Requests per second with `workers` decisions in flight at once."""
+    queue = list(reversed(requests))
+
+    async def worker() -> None:
+        while queue:
+            await handle(queue.pop())
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(workers)))
+    return len(requests) / (time.perf_counter() - start)
+
+
+def _sidecar_config(services: Services) -> SidecarConfig:
+    return load_config(
+        SidecarConfig,
+        {
+            "GATEWAY_DATABASE_URL": services.database_url,
+            "GATEWAY_REDIS_URL": services.redis_url,
+            "GATEWAY_REDIS_PREFIX": f"bench:{uuid.uuid4().hex[:6]}:",
+            "GATEWAY_GRANT_SECRET": secrets.token_urlsafe(32),
+            "GATEWAY_KEY_PEPPER": secrets.token_urlsafe(32),
+            "GATEWAY_LOG_LEVEL": "WARNING",
+            "GATEWAY_ACCOUNTANT": "off",
+        },
+    )
+
+
+async def scenario_limits(services: Services, *, decisions: int) -> list[Row]:
+    """/authz in process with every limit configured (one Redis script call per decision), and the
+    reservation call alone."""
+    config = _sidecar_config(services)
+    conn = await asyncpg.connect(asyncpg_dsn(services.database_url))
+    big = admin.LimitChange(10**9)
+    try:
+        tenant = f"limits-{uuid.uuid4().hex[:6]}"
+        await admin.create_tenant(conn, name=tenant)
+        created = await admin.create_key(conn, tenant=tenant, name="k", pepper=config.hashing.pepper)
+        everything = dict.fromkeys(LIMIT_NAMES, big)
+        await admin.set_limits(conn, tenant=tenant, limits=everything)
+        await admin.set_limits(conn, prefix=created.key.prefix, limits=everything)
+    finally:
+        await conn.close()
+    token = created.token
+    app = create_app(config)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        admission = app[ADMISSION]
+        for _ in range(500):
+            response = await admission.handle(_authz_request(app, token, "10.0.0.1"))
+            if response.status != 200:
+                raise RuntimeError(f"the bench key was refused: {response.status}")
+        samples, elapsed = await _timed(
+            admission.handle, [_authz_request(app, token, "10.0.0.1") for _ in range(decisions)]
+        )
+        rate32 = await _concurrent(
+            admission.handle, [_authz_request(app, token, "10.0.0.1") for _ in range(decisions)], 32
+        )
+        scripts = admission.scripts
+        scope = Scope(
+            tenant_id=created.key.tenant_id,
+            key_id=created.key.id,
+            key_limits=Limits(**dict.fromkeys(LIMIT_NAMES, 10**9)),
+            tenant_limits=Limits(**dict.fromkeys(LIMIT_NAMES, 10**9)),
+            periods=periods_at(time.time(), ZoneInfo("UTC")),
+        )
+        reserve_samples: list[float] = []
+        settle_samples: list[float] = []
+        for _ in range(min(decisions, 5000)):
+            request_id = str(uuid.uuid4())
+            t0 = time.perf_counter()
+            await scripts.reserve(scope, request_id, metered=True, prompt_bound=50, requested_completion=100,
+                                  default_completion=2048, lease_ttl_ms=30_000)  # fmt: skip
+            t1 = time.perf_counter()
+            await scripts.settle(scope, request_id, 60)
+            reserve_samples.append(t1 - t0)
+            settle_samples.append(time.perf_counter() - t1)
+    finally:
+        await runner.cleanup()
+    p99 = percentile(samples, 99) * 1e3
+    return [
+        Row("decision p50, all limits", f"{percentile(samples, 50) * 1e3:.3f} ms", "—", None),
+        Row("decision p99, all limits", f"{p99:.3f} ms", "≤ 1 ms", p99 <= 1.0),
+        Row(
+            "decisions per second, sequential",
+            f"{decisions / elapsed:,.0f}",
+            "≥ 3,000",
+            decisions / elapsed >= 3000,
+        ),
+        Row("decisions per second, 32 in flight", f"{rate32:,.0f}", "≥ 3,000", rate32 >= 3000),
+        Row("reservation call p50", f"{percentile(reserve_samples, 50) * 1e3:.3f} ms", "—", None),
+        Row(
+            "reservation call p99",
+            f"{percentile(reserve_samples, 99) * 1e3:.3f} ms",
+            "≤ 1 ms",
+            percentile(reserve_samples, 99) * 1e3 <= 1.0,
+        ),
+        Row("settle call p99", f"{percentile(settle_samples, 99) * 1e3:.3f} ms", "—", None),
+    ]
+
+
+SCENARIOS: dict[str, Callable[..., Awaitable[list[Row]]]] = {
+    "sidecar": scenario_sidecar,
+    "limits": scenario_limits,
+}
 
 
 def render(name: str, rows: list[Row], meta: dict[str, str]) -> str:
