@@ -134,14 +134,13 @@ class Accountant:
         )
 
     async def _settle(self, events: Sequence[UsageEvent]) -> None:
+        items: list[tuple[Scope, str, int | None]] = []
         for event in events:
             scope = scope_of(event)
             if scope is not None and event.metered:
-                await self.scripts.settle(
-                    scope,
-                    event.request_id,
-                    None if event.estimate_reason == "lease_expired" else event.total_tokens,
-                )
+                actual = None if event.estimate_reason == "lease_expired" else event.total_tokens
+                items.append((scope, event.request_id, actual))
+        await self.scripts.settle_many(items)
 
     async def apply(self, entries: Sequence[Any]) -> int:
         """Apply stream entries: Postgres, then Redis, then XACK. Returns events applied."""
@@ -344,6 +343,10 @@ class Accountant:
                 log.warning("accountant paused: a store is unavailable", exc_info=True)
                 groups_ready = False
                 await asyncio.sleep(1.0)
+            except Exception:
+                # Never die silently: log where it failed and keep the stream moving.
+                log.exception("accountant iteration failed")
+                await asyncio.sleep(1.0)
 
 
 async def _standalone(config: AccountantConfig) -> None:
@@ -363,8 +366,10 @@ async def _standalone(config: AccountantConfig) -> None:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, stop.set)
-            await stop.wait()
-            task.cancel()
+            stopper = asyncio.create_task(stop.wait())
+            await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            for pending in (task, stopper):
+                pending.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
     finally:

@@ -9,20 +9,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
+import itertools
 import os
 import platform
 import re
 import secrets
+import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
+import aiohttp
 import asyncpg
 import attrs
+import coredis
+import orjson
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from rich.console import Console
@@ -30,12 +36,14 @@ from rich.table import Table
 
 import localstack
 from authz_sidecar.app import ADMISSION, AUTHENTICATOR, POOL, create_app
-from shared import admin, keys
+from shared import admin, keys, usage_wire
 from shared.config import SidecarConfig, load_config
 from shared.db import asyncpg_dsn
+from shared.grant import Grant, sign
 from shared.limits import Scope
-from shared.models import LIMIT_NAMES, Limits
+from shared.models import LIMIT_NAMES, Limits, UsageEvent
 from shared.periods import periods_at
+from shared.redis_keys import RedisKeys
 
 DOC = localstack.ROOT / "docs" / "BENCHMARKS.md"
 console = Console(highlight=False)
@@ -266,8 +274,15 @@ async def scenario_limits(services: Services, *, decisions: int) -> list[Row]:
         for _ in range(min(decisions, 5000)):
             request_id = str(uuid.uuid4())
             t0 = time.perf_counter()
-            await scripts.reserve(scope, request_id, metered=True, prompt_bound=50, requested_completion=100,
-                                  default_completion=2048, lease_ttl_ms=30_000)  # fmt: skip
+            await scripts.reserve(
+                scope,
+                request_id,
+                metered=True,
+                prompt_bound=50,
+                requested_completion=100,
+                default_completion=2048,
+                lease_ttl_ms=30_000,
+            )
             t1 = time.perf_counter()
             await scripts.settle(scope, request_id, 60)
             reserve_samples.append(t1 - t0)
@@ -296,7 +311,291 @@ async def scenario_limits(services: Services, *, decisions: int) -> list[Row]:
     ]
 
 
+@contextlib.contextmanager
+def _process(name: str, argv: list[str], port: int, env: dict[str, str], workdir: Path) -> Iterator[int]:
+    """A child process for the duration of a scenario; yields its pid."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    with (workdir / f"{name}.log").open("ab") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env})
+    try:
+        localstack.wait_for_port(port, proc=proc)
+        yield proc.pid
+    finally:
+        localstack.terminate(proc)
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def _stream_once(
+    session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str]
+) -> tuple[float, list[float]]:
+    """Time to first body byte and the gaps between chunks of one streamed request."""
+    t0 = time.perf_counter()
+    arrivals: list[float] = []
+    async with session.post(url, data=body, headers=headers) as resp:
+        if resp.status != 200:
+            raise RuntimeError(f"{url} answered {resp.status}: {(await resp.read())[:200]!r}")
+        async for _ in resp.content.iter_any():
+            arrivals.append(time.perf_counter())
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+    return arrivals[0] - t0, gaps
+
+
+def _grant_headers(secret: str, tenant_id: int, key_id: int) -> dict[str, str]:
+    now = time.time()
+    periods = periods_at(now, ZoneInfo("UTC")).names()
+    grant = Grant(
+        request_id=str(uuid.uuid4()),
+        tenant_id=tenant_id,
+        key_id=key_id,
+        key_prefix="benchkey",
+        method="POST",
+        path="/api/chat",
+        expires_at=now + 55,
+        metered=True,
+        periods={str(k): v for k, v in periods.items()},
+    )
+    return {"X-Gw-Grant": sign(grant, secret), "Content-Type": "application/json"}
+
+
+async def scenario_proxy(services: Services, *, decisions: int) -> list[Row]:
+    """The stream_proxy hop alone, against the simulator directly, in interleaved rounds."""
+    workdir = services.workdir / "proxy"
+    secret = secrets.token_urlsafe(32)
+    sim_port, proxy_port = localstack.free_port(), localstack.free_port()
+    sim_url, proxy_url = f"http://127.0.0.1:{sim_port}", f"http://127.0.0.1:{proxy_port}"
+    env = {
+        "GATEWAY_REDIS_URL": services.redis_url,
+        "GATEWAY_REDIS_PREFIX": f"bench:{uuid.uuid4().hex[:6]}:",
+        "GATEWAY_GRANT_SECRET": secret,
+        "GATEWAY_OLLAMA_URL": sim_url,
+        "GATEWAY_PROXY_PORT": str(proxy_port),
+        "GATEWAY_PROXY_DRAIN_SECONDS": "0",
+        "GATEWAY_LOG_LEVEL": "WARNING",
+    }
+    simulator = [
+        sys.executable,
+        str(localstack.ROOT / "scripts" / "ollama_simulator.py"),
+        "--port",
+        str(sim_port),
+    ]
+    body = orjson.dumps({"model": "llama3.2", "messages": [{"role": "user", "content": "Say hi"}]})
+    rows: list[Row] = []
+    rounds = max(4, decisions // 1000)
+    with (
+        _process("simulator", simulator, sim_port, {}, workdir),
+        _process(
+            "stream_proxy", [sys.executable, "-m", "stream_proxy"], proxy_port, env, workdir
+        ) as proxy_pid,
+    ):
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(
+            connector=connector, timeout=aiohttp.ClientTimeout(total=600)
+        ) as session:
+
+            async def settings(**values: object) -> None:
+                async with session.post(f"{sim_url}/_sim/settings", json=values) as resp:
+                    resp.raise_for_status()
+
+            async def arm(direct: bool, concurrency: int, count: int) -> tuple[list[float], list[float]]:
+                ttfb: list[float] = []
+                gaps: list[float] = []
+
+                async def one() -> None:
+                    url = f"{sim_url if direct else proxy_url}/api/chat"
+                    headers = {"Content-Type": "application/json"} if direct else _grant_headers(secret, 1, 1)
+                    first, between = await _stream_once(session, url, body, headers)
+                    ttfb.append(first)
+                    gaps.extend(between)
+
+                for _ in range(count // concurrency):
+                    await asyncio.gather(*(one() for _ in range(concurrency)))
+                return ttfb, gaps
+
+            await settings(tokens_per_second=0, time_to_first_token=0, completion_tokens=12)
+            for concurrency in (1, 64):
+                direct_ttfb: list[float] = []
+                proxy_ttfb: list[float] = []
+                per_round = 64 if concurrency == 64 else 100
+                await arm(False, concurrency, per_round)  # warm-up
+                for _ in range(rounds):
+                    direct_ttfb += (await arm(True, concurrency, per_round))[0]
+                    proxy_ttfb += (await arm(False, concurrency, per_round))[0]
+                for q, target in ((50, 0.6), (99, 1.5)):
+                    added = (percentile(proxy_ttfb, q) - percentile(direct_ttfb, q)) * 1e3
+                    rows.append(
+                        Row(
+                            f"added time to first byte p{q}, {concurrency} concurrent",
+                            f"{added:.3f} ms",
+                            f"≤ {target} ms",
+                            added <= target,
+                        )
+                    )
+            await settings(tokens_per_second=100, completion_tokens=40)
+            direct_gaps: list[float] = []
+            proxy_gaps: list[float] = []
+            for _ in range(rounds):
+                direct_gaps += (await arm(True, 8, 16))[1]
+                proxy_gaps += (await arm(False, 8, 16))[1]
+            added_gap = (percentile(proxy_gaps, 99) - percentile(direct_gaps, 99)) * 1e3
+            rows.append(
+                Row(
+                    "added inter-chunk delay p99 (100 tokens/s)",
+                    f"{added_gap:.3f} ms",
+                    "≤ 0.5 ms",
+                    added_gap <= 0.5,
+                )
+            )
+            await settings(tokens_per_second=2, completion_tokens=16)
+            rss_before = _rss_mb(proxy_pid)
+            peak = 0.0
+            streams = [
+                asyncio.create_task(
+                    _stream_once(session, f"{proxy_url}/api/chat", body, _grant_headers(secret, 1, 1))
+                )
+                for _ in range(1000)
+            ]
+            while not all(t.done() for t in streams):
+                peak = max(peak, _rss_mb(proxy_pid))
+                await asyncio.sleep(0.25)
+            failed = sum(1 for t in streams if t.exception() is not None)
+            rows.append(
+                Row(
+                    "1,000 concurrent slow streams: RSS of stream_proxy (peak)",
+                    f"{peak:.0f} MB (idle {rss_before:.0f} MB), {failed} failed",
+                    "≤ 200 MB",
+                    peak <= 200 and failed == 0,
+                )
+            )
+    return rows
+
+
+async def _ledger_rows(pool: asyncpg.Pool[asyncpg.Record], key_id: int) -> int:
+    return int(await pool.fetchval("SELECT count(*) FROM usage_ledger WHERE key_id = $1", key_id))
+
+
+async def scenario_accountant(services: Services, *, decisions: int) -> list[Row]:
+    """Usage events applied per second by one accountant, and event-to-ledger latency at 500/s."""
+    prefix = f"bench:{uuid.uuid4().hex[:6]}:"
+    keys = RedisKeys(prefix)
+    conn = await asyncpg.connect(asyncpg_dsn(services.database_url))
+    tenant = f"acct-{uuid.uuid4().hex[:6]}"
+    try:
+        owner = await admin.create_tenant(conn, name=tenant)
+        key = (await admin.create_key(conn, tenant=tenant, name="k", pepper="p")).key
+    finally:
+        await conn.close()
+    periods = {str(k): v for k, v in periods_at(time.time(), ZoneInfo("UTC")).names().items()}
+
+    def event(finished: float) -> UsageEvent:
+        return UsageEvent(
+            request_id=str(uuid.uuid4()),
+            tenant_id=owner.id,
+            key_id=key.id,
+            key_prefix=key.prefix,
+            endpoint="/api/chat",
+            model="llama3.2",
+            prompt_tokens=20,
+            completion_tokens=12,
+            reserved_tokens=0,
+            estimated=False,
+            estimate_reason=None,
+            http_status=200,
+            upstream_status=200,
+            started_at=finished,
+            first_byte_at=finished,
+            finished_at=finished,
+            bytes_relayed=1000,
+            client_disconnected=False,
+            periods=periods,
+        )
+
+    count = max(decisions, 20_000)
+    client: coredis.Redis[bytes] = coredis.Redis.from_url(services.redis_url)
+    env = {
+        "GATEWAY_DATABASE_URL": services.database_url,
+        "GATEWAY_REDIS_URL": services.redis_url,
+        "GATEWAY_REDIS_PREFIX": prefix,
+        "GATEWAY_LOG_LEVEL": "WARNING",
+    }
+    async with client:
+        now = time.time()
+        for start in range(0, count, 1000):
+            async with client.pipeline(transaction=False) as pipe:
+                for _ in range(min(1000, count - start)):
+                    pipe.xadd(keys.usage_stream, usage_wire.encode(event(now)))
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "authz_sidecar.accountant", env={**os.environ, **env}
+        )
+        try:
+            pool = await asyncpg.create_pool(asyncpg_dsn(services.database_url), min_size=1, max_size=2)
+            try:
+                first_row = None
+                while True:
+                    applied = await _ledger_rows(pool, key.id)
+                    if applied and first_row is None:
+                        first_row = time.perf_counter()
+                        first_applied = applied
+                    if applied >= count:
+                        break
+                    await asyncio.sleep(0.05)
+                drained = time.perf_counter()
+                rate = (count - first_applied) / max(drained - (first_row or drained), 1e-9)
+                # Latency at a steady 500 events per second for 10 seconds.
+                await pool.execute("DELETE FROM usage_ledger WHERE key_id = $1", key.id)
+                sent = 0
+                begin = time.perf_counter()
+                while sent < 5000:
+                    due = int((time.perf_counter() - begin) * 500)
+                    if due > sent:
+                        async with client.pipeline(transaction=False) as pipe:
+                            for _ in range(due - sent):
+                                pipe.xadd(keys.usage_stream, usage_wire.encode(event(time.time())))
+                        sent = due
+                    await asyncio.sleep(0.01)
+                while await _ledger_rows(pool, key.id) < sent:  # noqa: ASYNC110 - polling Postgres
+                    await asyncio.sleep(0.05)
+                lags = [
+                    float(r["lag"])
+                    for r in await pool.fetch(
+                        "SELECT extract(epoch FROM recorded_at - finished_at) AS lag FROM usage_ledger "
+                        "WHERE key_id = $1",
+                        key.id,
+                    )
+                ]
+            finally:
+                await pool.close()
+        finally:
+            proc.terminate()
+            await proc.wait()
+    p99 = percentile(lags, 99)
+    return [
+        Row(
+            f"usage events applied per second ({count:,} queued, 1 process)",
+            f"{rate:,.0f}",
+            "≥ 5,000",
+            rate >= 5000,
+        ),
+        Row(
+            "event written → ledger row p50 at 500 events/s",
+            f"{percentile(lags, 50) * 1e3:.0f} ms",
+            "—",
+            None,
+        ),
+        Row(
+            "event written → ledger row p99 at 500 events/s", f"{p99 * 1e3:.0f} ms", "≤ 1,000 ms", p99 <= 1.0
+        ),
+    ]
+
+
 SCENARIOS: dict[str, Callable[..., Awaitable[list[Row]]]] = {
+    "proxy": scenario_proxy,
+    "accountant": scenario_accountant,
     "sidecar": scenario_sidecar,
     "limits": scenario_limits,
 }

@@ -7,6 +7,7 @@ Script time comes from Redis `TIME` unless `now_ms` is given (tests pin it).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from importlib import resources
 from typing import Any, Literal
 
@@ -232,8 +233,9 @@ class LimitScripts:
         completion = int(reply[1])
         return Reserved(completion_limit=None if completion < 0 else completion, reserved=int(reply[2]))
 
-    async def settle(self, scope: Scope, request_id: str, actual_tokens: int | None) -> bool:
-        """Replace the reservation with the actual tokens (None: charge it as reserved)."""
+    def _settle_call(
+        self, scope: Scope, request_id: str, actual_tokens: int | None
+    ) -> tuple[list[str], list[Any]]:
         t, k = scope.tenant_id, scope.key_scope
         keys = [
             self.keys.reservation(t, request_id),
@@ -245,8 +247,27 @@ class LimitScripts:
             self.keys.leases(t, k),
             self.keys.leases(t, "t"),
         ]
-        args = ["" if actual_tokens is None else actual_tokens, request_id, MARKER_TTL_MS]
+        return keys, ["" if actual_tokens is None else actual_tokens, request_id, MARKER_TTL_MS]
+
+    async def settle(self, scope: Scope, request_id: str, actual_tokens: int | None) -> bool:
+        """Replace the reservation with the actual tokens (None: charge it as reserved)."""
+        keys, args = self._settle_call(scope, request_id, actual_tokens)
         return int(await self._settle(keys=keys, args=args)) == 1
+
+    async def settle_many(self, items: Sequence[tuple[Scope, str, int | None]]) -> int:
+        """Settle many requests in one pipelined round trip (each call is still its own script, so
+        Redis Cluster routing is per tenant slot); returns how many were applied now."""
+        if not items:
+            return 0
+        async with self.redis.pipeline(transaction=False) as pipe:
+            replies = []
+            for scope, request_id, actual in items:
+                keys, args = self._settle_call(scope, request_id, actual)
+                replies.append(self._settle(keys=keys, args=args, client=pipe))
+        applied = 0
+        for reply in replies:
+            applied += int(await reply)
+        return applied
 
     async def lease(
         self,
