@@ -42,7 +42,9 @@ def normalise(name: str) -> str:
     host = (match["host"] or DEFAULT_HOST).lower()
     namespace = (match["ns"] or DEFAULT_NAMESPACE).lower()
     if match["host"] and not match["ns"]:
-        # two parts: "ns/model", not "host/model"
+        # two parts: "ns/model", not "host/model"; a namespace has no dots or colons
+        if not re.fullmatch(_NAMESPACE, match["host"]):
+            raise InvalidModelName(name)
         namespace, host = host, DEFAULT_HOST
     model = match["model"].lower()
     tag = (match["tag"] or DEFAULT_TAG).lower()

@@ -48,32 +48,35 @@ class PromptSize:
         return text + per_message * (self.messages + 1) + per_image * self.images + self.context_tokens
 
 
-def _text_bytes(value: Any) -> tuple[int, int]:
-    """UTF-8 bytes of every string and number in a JSON value, and how many images it holds."""
-    if isinstance(value, str):
-        return len(value.encode("utf-8")), 0
-    if isinstance(value, bool) or value is None:
-        return 0, 0
-    if isinstance(value, (int, float)):
-        return len(str(value)), 0
+def _without_images(value: Any) -> tuple[Any, int]:
+    """A copy of a JSON value with image payloads removed, and how many images it held."""
     if isinstance(value, list):
-        total, images = 0, 0
+        items, count = [], 0
         for item in value:
-            size, count = _text_bytes(item)
-            total, images = total + size, images + count
-        return total, images
+            cleaned, images = _without_images(item)
+            items.append(cleaned)
+            count += images
+        return items, count
     if isinstance(value, dict):
-        total, images = 0, 0
+        out, count = {}, 0
         for key, item in value.items():
             if key.casefold() in _IMAGE_FIELDS:
-                images += len(item) if isinstance(item, list) else 1
+                count += len(item) if isinstance(item, list) else 1
                 continue
-            if key.casefold() == "type":
-                continue
-            size, count = _text_bytes(item)
-            total, images = total + size + len(key), images + count
-        return total, images
-    return 0, 0
+            cleaned, images = _without_images(item)
+            out[key] = cleaned
+            count += images
+        return out, count
+    return value, 0
+
+
+def _text_bytes(value: Any) -> tuple[int, int]:
+    """UTF-8 bytes of a JSON value as compact JSON (every key, value and punctuation mark: a token
+    is never shorter than a byte, so this bounds any tokenisation of it), and its image count."""
+    cleaned, images = _without_images(value)
+    if cleaned is None:
+        return 0, images
+    return len(orjson.dumps(cleaned)), images
 
 
 def prompt_size(route: policy.Route, document: dict[str, Any]) -> PromptSize:
@@ -81,11 +84,11 @@ def prompt_size(route: policy.Route, document: dict[str, Any]) -> PromptSize:
     fields: list[Any] = []
     messages = 1
     context = 0
+    extra_images = 0
     if route in ("chat", "openai_chat"):
         msgs = body.get(document, "messages")
         msgs = msgs if isinstance(msgs, list) else []
-        fields += [msgs, body.get(document, "tools"), body.get(document, "format"),
-                   body.get(document, "response_format")]  # fmt: skip
+        fields += [msgs, *(body.get(document, n) for n in ("tools", "format", "response_format"))]
         # Ollama's OpenAI layer turns every content part into its own message.
         messages = sum(
             len(c) if isinstance(c := body.get(m, "content"), list) else 1
@@ -98,15 +101,16 @@ def prompt_size(route: policy.Route, document: dict[str, Any]) -> PromptSize:
         ctx = body.get(document, "context")
         context = len(ctx) if isinstance(ctx, list) else 0
         images = body.get(document, "images")
-        if images is not None:
-            fields.append({"images": images})
+        extra_images = len(images) if isinstance(images, list) else 0
     elif route in EMBEDDINGS:
         key = "prompt" if route == "embeddings" else "input"
         value = body.get(document, key)
         fields.append(value)
         messages = len(value) if isinstance(value, list) else 1
-    size, image_count = _text_bytes(fields)
-    return PromptSize(text_bytes=size, messages=messages, images=image_count, context_tokens=context)
+    size, image_count = _text_bytes([f for f in fields if f is not None])
+    return PromptSize(
+        text_bytes=size, messages=messages, images=image_count + extra_images, context_tokens=context
+    )
 
 
 def wants_stream(route: policy.Route, document: dict[str, Any]) -> bool:
@@ -127,10 +131,10 @@ def requested_completion(route: policy.Route, document: dict[str, Any]) -> int |
         value = body.get(body.get(document, "options"), "num_predict")
     else:
         candidates = [body.get(document, "max_completion_tokens"), body.get(document, "max_tokens")]
-        numbers = [c for c in candidates if isinstance(c, int) and not isinstance(c, bool)]
+        numbers = [c for c in candidates if isinstance(c, int) and not isinstance(c, bool) and c > 0]
         value = min(numbers) if numbers else None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        return None  # -1 / -2 mean "until the model stops / fills the context"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        return None  # 0, -1 and -2 mean "no limit": until the model stops or fills the context
     return int(value)
 
 

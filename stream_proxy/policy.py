@@ -16,8 +16,8 @@ from shared.model_names import InvalidModelName, is_cloud, normalise
 from stream_proxy import body
 from stream_proxy.exceptions import Refused
 
-_DURATION = re.compile(r"^(-?\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)$")
-_UNIT = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_GO_DURATION_PART = re.compile(r"((?:\d+(?:\.\d*)?|\.\d+))(ns|us|µs|μs|ms|s|m|h)")
+_UNIT = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 def model_allowed(grant: Grant, name: str) -> bool:
@@ -47,18 +47,21 @@ def _seconds(value: Any) -> float | None:
         raise Refused(400, "invalid keep_alive")
     if isinstance(value, (int, float)):
         return float(value)
-    if isinstance(value, str):
-        total, rest = 0.0, value.strip()
-        if not rest:
-            return None
-        for number, unit in re.findall(r"(-?\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)", rest):
-            total += float(number) * _UNIT[unit]
-        if re.sub(r"(-?\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)", "", rest):
-            raise Refused(400, "invalid keep_alive duration")
-        return total
     if value is None:
         return None
-    raise Refused(400, "invalid keep_alive")
+    if not isinstance(value, str):
+        raise Refused(400, "invalid keep_alive")
+    text = value.strip()
+    if not text:
+        return None
+    if text in ("0", "+0", "-0"):  # Go's one unit-less duration
+        return 0.0
+    sign = -1.0 if text.startswith("-") else 1.0
+    rest = text.lstrip("+-")
+    parts = _GO_DURATION_PART.findall(rest)
+    if not parts or _GO_DURATION_PART.sub("", rest):
+        raise Refused(400, "invalid keep_alive duration")
+    return sign * sum(float(number) * _UNIT[unit] for number, unit in parts)
 
 
 def apply_caps(grant: Grant, doc: body.Body) -> None:
@@ -83,11 +86,14 @@ def check_body(grant: Grant, route: policy.Route, doc: body.Body) -> None:
     """Everything the key's policy says about this body."""
     document = doc.document
     if route in policy.MODEL_BODY:
-        check_model(grant, body.get(document, "model"))
-        if route == "show":
-            name = body.get(document, "name")
-            if name is not None:
-                check_model(grant, name)
+        names = [body.get(document, "model")]
+        if route == "show":  # /api/show also takes the deprecated `name`
+            names.append(body.get(document, "name"))
+        given = [n for n in names if isinstance(n, str) and n.strip()]
+        if not given:
+            check_model(grant, None)
+        for name in given:
+            check_model(grant, name)
     apply_caps(grant, doc)
 
 

@@ -159,7 +159,11 @@ class Relay:
             self._read(meter.loads(data.rstrip(b"\n")))
             if self.transform is not None:
                 data = self.transform(data)
-        response.content_length = len(data)
+        if self.request.method == "HEAD":
+            # No body, but the length of the GET answer, as Ollama sends it.
+            response.content_length = upstream.content_length or 0
+        else:
+            response.content_length = len(data)
         await response.prepare(self.request)
         await response.write(data)
         await response.write_eof()

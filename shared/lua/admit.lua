@@ -11,6 +11,7 @@
 --       11..16 budget limits in KEYS order          (-1 = no limit everywhere)
 --       17 decision ttl ms
 -- Returns {1, lim_req, rem_req, reset_req_ms, lim_tok, rem_tok, reset_tok_ms}      admitted
+--         (the token values are reported for every route; only metered ones are checked)
 --         {0, reason, retry_after_ms, scope}                                     refused
 --         {2, i1, i2, ...}           budget counters (KEYS indices) missing: hydrate, then retry
 
@@ -80,10 +81,12 @@ for s = 1, 2 do
     return answer({0, 'rpm', retry_ms(req_old[s]), scopes[s]})
   end
 end
+for s = 1, 2 do
+  if tonumber(ARGV[6 + s]) >= 0 then tok_used[s], tok_old[s] = window(KEYS[3 + s]) end
+end
 if metered then
   for s = 1, 2 do
     local tpm = tonumber(ARGV[6 + s])
-    tok_used[s], tok_old[s] = window(KEYS[3 + s])
     if tpm >= 0 and tok_used[s] >= tpm then
       return answer({0, 'tpm', retry_ms(tok_old[s]), scopes[s]})
     end
@@ -132,15 +135,13 @@ for s = 1, 2 do
   end
 end
 local lim_tok, rem_tok, reset_tok = -1, -1, 0
-if metered then
-  for s = 1, 2 do
-    local tpm = tonumber(ARGV[6 + s])
-    if tpm >= 0 then
-      local rem = tpm - tok_used[s]
-      if lim_tok < 0 or rem < rem_tok then
-        lim_tok, rem_tok = tpm, rem
-        reset_tok = retry_ms(tok_old[s] or sec)
-      end
+for s = 1, 2 do
+  local tpm = tonumber(ARGV[6 + s])
+  if tpm >= 0 then
+    local rem = tpm - tok_used[s]
+    if lim_tok < 0 or rem < rem_tok then
+      lim_tok, rem_tok = tpm, rem
+      reset_tok = retry_ms(tok_old[s] or sec)
     end
   end
 end

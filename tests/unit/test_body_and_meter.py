@@ -1,0 +1,875 @@
+"""stream_proxy's reading of request bodies (DESIGN.md request path step 3): keys matched
+case-insensitively as Go does, case collisions and non-objects refused; the prompt upper bound and
+the streaming, completion-limit and usage decisions made as Ollama makes them (ollama-protocol.md
+§3, §6, §7); the key's body policy (model allowlist with §9 normalisation, num_ctx and keep_alive
+caps, listing filters).
+
+The prompt bound is checked against the Ollama simulator's own prompt_eval_count, computed with
+the simulator's own binding and counting functions on the very same request bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import ollama_simulator as sim
+from shared.config import ProxyOptions
+from shared.grant import Grant
+from shared.policy import METERED, Route
+from stream_proxy import body, meter
+from stream_proxy import policy as body_policy
+from stream_proxy.exceptions import Refused
+
+OPTIONS = ProxyOptions()
+PER_MESSAGE = OPTIONS.template_tokens_per_message
+PER_IMAGE = OPTIONS.image_tokens
+NON_METERED: tuple[Route, ...] = ("tags", "show", "ps", "version", "openai_models", "openai_model")
+
+
+def _refused(raw: bytes) -> Refused:
+    with pytest.raises(Refused) as caught:
+        body.parse(raw)
+    return caught.value
+
+
+def _doc(document: dict[str, Any]) -> body.Body:
+    raw = orjson.dumps(document)
+    return body.Body(document=body.parse(raw), raw=raw)
+
+
+def _bound(route: Route, document: dict[str, Any]) -> int:
+    return meter.prompt_size(route, document).bound(PER_MESSAGE, PER_IMAGE)
+
+
+# ---------------------------------------------------------------------------------------------
+# body: parsing and case-insensitive access
+
+
+def test_get_matches_keys_case_insensitively() -> None:
+    """`get` finds a field whatever its spelling (Go binds `"MODEL"` to `model`), returns None for
+    an absent field and for a value that is not an object."""
+    document = {"MODEL": "qwen3:8b", "Options": {"Num_Predict": 5}, "stream": False}
+    assert body.get(document, "model") == "qwen3:8b"
+    assert body.get(document, "Model") == "qwen3:8b"
+    assert body.get(body.get(document, "options"), "num_predict") == 5
+    assert body.get(document, "stream") is False
+    assert body.get(document, "messages") is None
+    assert body.get("not an object", "model") is None
+    assert body.get(None, "model") is None
+    assert body.get([{"model": "x"}], "model") is None
+
+
+def test_put_replaces_the_clients_spelling() -> None:
+    """`put` writes the canonical key and removes every other spelling of it, so the forwarded
+    body never carries two spellings of one field."""
+    document: dict[str, Any] = {"Num_Predict": 5000, "temperature": 0.5}
+    body.put(document, "num_predict", 900)
+    assert document == {"num_predict": 900, "temperature": 0.5}
+    body.put(document, "NUM_PREDICT", 10)
+    assert document == {"NUM_PREDICT": 10, "temperature": 0.5}
+    body.put(document, "seed", 1)
+    assert document == {"NUM_PREDICT": 10, "temperature": 0.5, "seed": 1}
+
+
+def test_child_creates_missing_objects_and_refuses_non_objects() -> None:
+    """`child` returns the nested object by any spelling, creates it when absent or null, and
+    refuses (400) a value that is not an object."""
+    document: dict[str, Any] = {"OPTIONS": {"seed": 1}}
+    assert body.child(document, "options") is document["OPTIONS"]
+    empty: dict[str, Any] = {"options": None}
+    body.child(empty, "options")["num_predict"] = 3
+    assert empty == {"options": {"num_predict": 3}}
+    absent: dict[str, Any] = {}
+    assert body.child(absent, "stream_options") == {}
+    assert absent == {"stream_options": {}}
+    with pytest.raises(Refused) as caught:
+        body.child({"options": 5}, "options")
+    assert caught.value.status == 400
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"model":"llama3.2","MODEL":"qwen3:8b"}',
+        b'{"Model":"llama3.2","model":"llama3.2"}',
+        b'{"model":"llama3.2","options":{"num_ctx":1,"NUM_CTX":2}}',
+        b'{"model":"m","messages":[{"role":"user","ROLE":"system","content":"x"}]}',
+        b'{"stream":false,"Stream":true}',
+    ],
+)
+def test_keys_that_collide_by_case_are_refused(raw: bytes) -> None:
+    """Two spellings of one key (at any depth) are refused with 400: Go would take the last one,
+    other readers the first, so the gateway and Ollama could disagree on the model."""
+    refused = _refused(raw)
+    assert refused.status == 400
+    assert "case" in refused.message
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"", "missing request body"),
+        (b"  \n\t ", "missing request body"),
+        (b"[]", "JSON object"),
+        (b'[{"model":"llama3.2"}]', "JSON object"),
+        (b'"llama3.2"', "JSON object"),
+        (b"42", "JSON object"),
+        (b"null", "JSON object"),
+        (b"true", "JSON object"),
+        (b'{"model":', "not valid JSON"),
+        (b"{'model': 'x'}", "not valid JSON"),
+    ],
+)
+def test_bodies_that_are_not_json_objects_are_refused(raw: bytes, message: str) -> None:
+    """Empty bodies, JSON that is not an object and invalid JSON are refused with 400."""
+    refused = _refused(raw)
+    assert refused.status == 400
+    assert message in refused.message
+
+
+def _containers(count: int) -> bytes:
+    """A body of `count` nested containers: an object holding lists inside lists."""
+    value: Any = 0
+    for _ in range(count - 1):
+        value = [value]
+    return orjson.dumps({"a": value})
+
+
+def test_nesting_is_bounded() -> None:
+    """Bodies nest at most MAX_DEPTH containers deep; deeper ones (including ones deeper than the
+    JSON parser's own limit) are refused with 400, never a crash."""
+    assert body.parse(_containers(body.MAX_DEPTH)) is not None
+    assert _refused(_containers(body.MAX_DEPTH + 1)).status == 400
+    assert _refused(b"[" * 5000 + b"]" * 5000).status == 400
+    assert _refused(b'{"a":' * 3000 + b"1" + b"}" * 3000).status == 400
+
+
+def test_a_realistic_json_schema_is_not_too_deep() -> None:
+    """A structured-output schema nested a few dozen levels deep is accepted."""
+    schema: dict[str, Any] = {"type": "string"}
+    for _ in range(15):
+        schema = {"type": "object", "properties": {"x": schema}}
+    parsed = body.parse(orjson.dumps({"model": "llama3.2", "prompt": "x", "format": schema}))
+    assert parsed["format"] == schema
+
+
+def test_unchanged_bodies_are_forwarded_byte_for_byte() -> None:
+    """A body nobody rewrote is forwarded as the client's own bytes (spacing, key order, escapes);
+    a rewritten one is re-serialised with the rewrite."""
+    raw = b'{ "model" : "llama3.2",\n "prompt": "\\u003c&>", "options": {"seed": 1} }'
+    doc = body.Body(document=body.parse(raw), raw=raw)
+    assert doc.encoded() == raw
+    meter.set_completion("generate", doc, 7)
+    assert orjson.loads(doc.encoded()) == {
+        "model": "llama3.2",
+        "prompt": "<&>",
+        "options": {"seed": 1, "num_predict": 7},
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# meter: the prompt's upper bound
+
+
+def test_chat_bound_counts_text_messages_and_the_assistant_turn() -> None:
+    """A chat prompt is bounded by the UTF-8 bytes of its text plus the template allowance for
+    every message and once more for the assistant turn; multi-byte text counts in bytes."""
+    one: dict[str, Any] = {"model": "llama3.2", "messages": [{"role": "user", "content": "héllo wörld"}]}
+    size = meter.prompt_size("chat", one)
+    assert size.messages == 1
+    assert size.images == 0
+    assert size.context_tokens == 0
+    assert size.text_bytes >= len("héllo wörld".encode())
+    assert size.bound(PER_MESSAGE, PER_IMAGE) == size.text_bytes + 2 * PER_MESSAGE
+    three = {**one, "messages": one["messages"] * 3}
+    assert meter.prompt_size("chat", three).messages == 3
+    assert _bound("chat", three) >= 3 * len("héllo wörld".encode()) + 4 * PER_MESSAGE
+
+
+def test_chat_bound_counts_tools_and_format() -> None:
+    """Tool schemas and the structured-output format are part of the prompt's text."""
+    base = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]}
+    description = "Get the current weather for a city, in degrees Celsius"
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": description}}]
+    with_tools = _bound("chat", {**base, "tools": tools})
+    assert with_tools >= _bound("chat", base) + len(description) + len("get_weather")
+    schema = {"type": "object", "properties": {"answer_in_full_sentences": {"type": "string"}}}
+    assert _bound("chat", {**base, "format": schema}) >= _bound("chat", base) + len(
+        "answer_in_full_sentences"
+    )
+
+
+def test_images_cost_the_image_allowance_not_their_base64_bytes() -> None:
+    """An attached image costs the per-image allowance, however large its base64 text is (a
+    1 MB picture must not reserve a million tokens); native chat, generate and OpenAI content
+    parts alike."""
+    picture = base64.b64encode(bytes(300_000)).decode()
+    message = {"role": "user", "content": "what is this?"}
+    plain = _bound("chat", {"model": "m", "messages": [message]})
+    two = _bound("chat", {"model": "m", "messages": [{**message, "images": [picture, picture]}]})
+    assert two == plain + 2 * PER_IMAGE
+    size = meter.prompt_size("chat", {"model": "m", "messages": [{**message, "images": [picture]}]})
+    assert size.images == 1
+    generate = {"model": "m", "prompt": "what is this?"}
+    assert _bound("generate", {**generate, "images": [picture]}) == _bound("generate", generate) + PER_IMAGE
+    parts = [
+        {"type": "text", "text": "what is this?"},
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{picture}"}},
+    ]
+    openai_size = meter.prompt_size(
+        "openai_chat", {"model": "m", "messages": [{"role": "user", "content": parts}]}
+    )
+    assert openai_size.images == 1
+    assert openai_size.text_bytes < 1000
+
+
+def test_openai_content_parts_count_as_messages() -> None:
+    """Ollama's OpenAI layer turns every content part into its own message, so each part gets
+    the template allowance."""
+    parts = [
+        {"type": "text", "text": "first"},
+        {"type": "text", "text": "second"},
+        {"type": "text", "text": "3"},
+    ]
+    document = {
+        "model": "m",
+        "messages": [{"role": "system", "content": "sys"}, {"role": "user", "content": parts}],
+    }
+    size = meter.prompt_size("openai_chat", document)
+    assert size.messages == 4
+    assert size.text_bytes >= len("sys") + len("first") + len("second") + len("3")
+
+
+@pytest.mark.parametrize("route", ["generate", "openai_completions"])
+def test_generate_bound_counts_every_prompt_field(route: Route) -> None:
+    """generate and /v1/completions count prompt, suffix, system, template and format, with the
+    allowance for the system and user turns plus the assistant turn."""
+    fields = {"prompt": "p" * 10, "suffix": "s" * 20, "system": "y" * 40, "template": "t" * 80}
+    base = _bound(route, {"model": "m"})
+    assert base >= 3 * PER_MESSAGE
+    for name, text in fields.items():
+        assert _bound(route, {"model": "m", name: text}) >= base + len(text), name
+    everything = _bound(route, {"model": "m", **fields})
+    assert everything >= base + 150
+
+
+def test_generate_bound_counts_the_context_tokens() -> None:
+    """The deprecated `context` of /api/generate is token ids: one token each."""
+    document = {"model": "m", "prompt": "go on", "context": list(range(1000, 1500))}
+    size = meter.prompt_size("generate", document)
+    assert size.context_tokens == 500
+    assert size.bound(PER_MESSAGE, PER_IMAGE) >= 500 + len("go on")
+
+
+@pytest.mark.parametrize(
+    ("route", "field"), [("embed", "input"), ("embeddings", "prompt"), ("openai_embeddings", "input")]
+)
+def test_embedding_bounds(route: Route, field: str) -> None:
+    """Embedding inputs are bounded by their bytes plus an allowance per input."""
+    single = meter.prompt_size(route, {"model": "m", field: "why is the sky blue?"})
+    assert single.messages == 1
+    assert single.text_bytes >= len("why is the sky blue?")
+    if route != "embeddings":  # the legacy endpoint takes one prompt string only
+        several = meter.prompt_size(route, {"model": "m", field: ["a" * 10, "b" * 20, "c" * 30]})
+        assert several.messages == 3
+        assert several.text_bytes >= 60
+
+
+def test_embedding_bounds_ignore_other_routes_fields() -> None:
+    """Only the route's own prompt field counts: an /api/embed body's `prompt` is not its input."""
+    assert meter.prompt_size("embed", {"model": "m", "prompt": "x" * 500}).text_bytes < 500
+    assert meter.prompt_size("embeddings", {"model": "m", "input": "x" * 500}).text_bytes < 500
+
+
+# --- against the simulator's own count -------------------------------------------------------
+
+_text = st.text(max_size=60)
+_b64 = st.binary(max_size=24).map(lambda b: base64.b64encode(b).decode())
+
+
+@st.composite
+def _native_message(draw: st.DrawFn) -> dict[str, Any]:
+    message: dict[str, Any] = {
+        "role": draw(st.sampled_from(["system", "user", "assistant", "tool"])),
+        "content": draw(_text),
+    }
+    if draw(st.booleans()):
+        message["thinking"] = draw(_text)
+    if draw(st.booleans()):
+        message["images"] = draw(st.lists(_b64, max_size=2))
+    return message
+
+
+def _sim_chat_count(document: dict[str, Any], tokens_per_image: int) -> int:
+    """The simulator's prompt_eval_count for this /api/chat body (as handle_chat computes it)."""
+    obj = sim.bind_root(sim.parse_go_json(orjson.dumps(document)), "api.ChatRequest")
+    bind = sim.Binder("ChatRequest")
+    messages, images = sim._bind_native_messages(bind, obj)
+    tools = bind.array(obj, "tools", "api.Tools")
+    extra = (sim._compact_json(tools),) if tools else ()
+    return sim.PromptShape(messages=messages, extra=extra, images=images).prompt_eval_count(tokens_per_image)
+
+
+def _sim_openai_chat_count(document: dict[str, Any], tokens_per_image: int) -> int:
+    """The simulator's prompt_eval_count for this /v1/chat/completions body."""
+    obj = sim.bind_root(sim.parse_go_json(orjson.dumps(document)), "openai.ChatCompletionRequest")
+    bind = sim.Binder("ChatCompletionRequest")
+    messages, images = sim._openai_messages(bind, obj)
+    tools = bind.array(obj, "tools", "[]api.Tool")
+    extra = (sim._compact_json(tools),) if tools else ()
+    return sim.PromptShape(messages=messages, extra=extra, images=images).prompt_eval_count(tokens_per_image)
+
+
+@settings(max_examples=150, deadline=None)
+@given(messages=st.lists(_native_message(), min_size=1, max_size=6), per_image=st.integers(0, PER_IMAGE))
+def test_native_chat_bound_covers_the_simulators_count(
+    messages: list[dict[str, Any]], per_image: int
+) -> None:
+    """For any native chat messages, the reserved prompt bound is at least the prompt_eval_count
+    the simulator reports for the same request (DESIGN.md "Zero overshoot")."""
+    document = {"model": "llama3.2", "messages": messages}
+    assert _bound("chat", document) >= _sim_chat_count(document, per_image)
+
+
+_part = st.one_of(
+    _text.map(lambda t: {"type": "text", "text": t}),
+    _b64.map(lambda b: {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{b}"}}),
+)
+
+
+@st.composite
+def _openai_message(draw: st.DrawFn) -> dict[str, Any]:
+    content: Any = draw(st.one_of(_text, st.lists(_part, min_size=1, max_size=4)))
+    return {"role": draw(st.sampled_from(["system", "user", "assistant"])), "content": content}
+
+
+@settings(max_examples=150, deadline=None)
+@given(messages=st.lists(_openai_message(), min_size=1, max_size=6), per_image=st.integers(0, PER_IMAGE))
+def test_openai_chat_bound_covers_the_simulators_count(
+    messages: list[dict[str, Any]], per_image: int
+) -> None:
+    """For any OpenAI chat messages (plain text or content parts with text and images), the bound
+    is at least the simulator's prompt_eval_count for the same request."""
+    document = {"model": "llama3.2", "messages": messages}
+    assert _bound("openai_chat", document) >= _sim_openai_chat_count(document, per_image)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    prompt=st.text(min_size=1, max_size=80),
+    system=_text,
+    suffix=_text,
+    context=st.lists(st.integers(0, 128_000), max_size=40),
+    images=st.lists(_b64, max_size=2),
+)
+def test_generate_bound_covers_the_simulators_count(
+    prompt: str, system: str, suffix: str, context: list[int], images: list[str]
+) -> None:
+    """For any generate request, the bound is at least the simulator's prompt_eval_count
+    (templated: system and prompt turns plus the assistant turn, context ids, images)."""
+    document = {
+        "model": "llama3.2",
+        "prompt": prompt,
+        "system": system,
+        "suffix": suffix,
+        "context": context,
+        "images": images,
+    }
+    messages = ((system,),) if system else ()
+    shape = sim.PromptShape(
+        messages=(*messages, (prompt, suffix)), images=len(images), context_tokens=len(context)
+    )
+    assert _bound("generate", document) >= shape.prompt_eval_count(PER_IMAGE)
+
+
+@settings(max_examples=100, deadline=None)
+@given(inputs=st.one_of(_text, st.lists(_text, min_size=1, max_size=8)))
+def test_embed_bound_covers_the_simulators_count(inputs: str | list[str]) -> None:
+    """For any /api/embed input, the bound is at least the simulator's prompt_eval_count (tokens
+    plus the two special tokens per input)."""
+    counted = sim.embed_prompt_tokens(sim._embed_inputs(inputs))
+    assert _bound("embed", {"model": "all-minilm", "input": inputs}) >= counted
+    assert _bound("openai_embeddings", {"model": "all-minilm", "input": inputs}) >= counted
+
+
+def _weather_tool(properties: int) -> dict[str, Any]:
+    names = "abcdefghijklmnopqrstuvwxyz"
+    return {
+        "type": "function",
+        "function": {
+            "name": "plot",
+            "description": "Plot a point",
+            "parameters": {
+                "type": "object",
+                "properties": {names[i]: {"type": "number"} for i in range(properties)},
+                "required": [names[i] for i in range(properties)],
+            },
+        },
+    }
+
+
+@pytest.mark.parametrize("properties", [1, 3, 8])
+def test_chat_bound_with_tools_covers_the_simulators_count(properties: int) -> None:
+    """Tool schemas are rendered into the prompt as JSON, which the simulator counts token by
+    token (the way a template renders them): the bound must cover that too, for native and
+    OpenAI chat alike."""
+    tools = [_weather_tool(properties)]
+    native = {"model": "llama3.2", "messages": [{"role": "user", "content": "plot it"}], "tools": tools}
+    assert _bound("chat", native) >= _sim_chat_count(native, 0)
+    assert _bound("openai_chat", native) >= _sim_openai_chat_count(native, 0)
+
+
+def test_chat_bound_with_tool_calls_covers_the_simulators_count() -> None:
+    """An assistant turn's tool calls are part of the prompt (as JSON) on the next request."""
+    call = {"function": {"name": "plot", "arguments": {"x": 1, "y": 2, "z": 3, "w": 4}}}
+    document = {
+        "model": "llama3.2",
+        "messages": [
+            {"role": "user", "content": "plot"},
+            {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "content": "ok"},
+        ],
+    }
+    assert _bound("chat", document) >= _sim_chat_count(document, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# meter: streaming, completion limits, usage
+
+
+@pytest.mark.parametrize("route", ["chat", "generate"])
+@pytest.mark.parametrize(
+    ("document", "streams"),
+    [
+        ({}, True),
+        ({"stream": None}, True),
+        ({"stream": True}, True),
+        ({"stream": False}, False),
+        ({"Stream": False}, False),
+        ({"STREAM": False}, False),
+        ({"sTrEaM": True}, True),
+    ],
+)
+def test_native_routes_stream_unless_told_not_to(
+    route: Route, document: dict[str, Any], streams: bool
+) -> None:
+    """Native generate and chat stream when `stream` is absent or null; `false` (any spelling of
+    the key) gives one object."""
+    assert meter.wants_stream(route, {"model": "m", **document}) is streams
+
+
+@pytest.mark.parametrize("route", ["openai_chat", "openai_completions"])
+@pytest.mark.parametrize(
+    ("document", "streams"),
+    [
+        ({}, False),
+        ({"stream": None}, False),
+        ({"stream": False}, False),
+        ({"Stream": False}, False),
+        ({"stream": True}, True),
+        ({"Stream": True}, True),
+        ({"STREAM": True}, True),
+    ],
+)
+def test_openai_routes_stream_only_when_asked(route: Route, document: dict[str, Any], streams: bool) -> None:
+    """OpenAI chat and completions do not stream unless `stream` is true (any spelling)."""
+    assert meter.wants_stream(route, {"model": "m", **document}) is streams
+
+
+@pytest.mark.parametrize("route", ["embed", "embeddings", "openai_embeddings", *NON_METERED])
+def test_other_routes_never_stream(route: Route) -> None:
+    """Embeddings and the read-only routes never stream, whatever the body says."""
+    assert meter.wants_stream(route, {"stream": True}) is False
+    assert meter.wants_stream(route, {}) is False
+
+
+@pytest.mark.parametrize("route", ["chat", "generate"])
+@pytest.mark.parametrize(
+    ("options", "limit"),
+    [
+        (None, None),
+        ({}, None),
+        ({"num_predict": 100}, 100),
+        ({"NUM_PREDICT": 100}, 100),
+        ({"num_predict": 100.0}, 100),
+        ({"num_predict": -1}, None),
+        ({"num_predict": -2}, None),
+        ({"num_predict": None}, None),
+        ({"num_predict": True}, None),
+        ({"num_predict": "100"}, None),
+        ({"temperature": 0.2}, None),
+    ],
+)
+def test_native_completion_limit(route: Route, options: dict[str, Any] | None, limit: int | None) -> None:
+    """Native routes read `options.num_predict`; -1 (until the model stops) and -2 (fill the
+    context) are no limit, as is anything that is not a number."""
+    document: dict[str, Any] = {"model": "m"}
+    if options is not None:
+        document["options"] = options
+    assert meter.requested_completion(route, document) == limit
+
+
+@pytest.mark.parametrize("route", ["openai_chat", "openai_completions"])
+@pytest.mark.parametrize(
+    ("fields", "limit"),
+    [
+        ({}, None),
+        ({"max_tokens": 100}, 100),
+        ({"MAX_TOKENS": 100}, 100),
+        ({"max_completion_tokens": 50}, 50),
+        ({"max_tokens": 100, "max_completion_tokens": 50}, 50),
+        ({"max_tokens": 30, "max_completion_tokens": 50}, 30),
+        ({"max_tokens": -1}, None),
+        ({"max_completion_tokens": -2}, None),
+        ({"max_tokens": 100, "max_completion_tokens": -1}, 100),
+        ({"max_tokens": -1, "max_completion_tokens": 40}, 40),
+        ({"max_tokens": True}, None),
+        ({"max_tokens": "100"}, None),
+        ({"options": {"num_predict": 5}}, None),
+    ],
+    ids=repr,
+)
+def test_openai_completion_limit(route: Route, fields: dict[str, Any], limit: int | None) -> None:
+    """OpenAI routes read `max_tokens` and `max_completion_tokens` and, like Ollama (which keeps
+    the smallest positive one), a negative value in one field does not cancel a real limit in the
+    other; negative alone means no limit."""
+    assert meter.requested_completion(route, {"model": "m", **fields}) == limit
+
+
+@pytest.mark.parametrize("route", ["embed", "embeddings", "openai_embeddings"])
+def test_embeddings_complete_nothing(route: Route) -> None:
+    """Embedding routes generate no completion tokens."""
+    assert meter.requested_completion(route, {"model": "m", "options": {"num_predict": 99}}) == 0
+
+
+def test_set_completion_native_rewrites_the_clients_spelling() -> None:
+    """The clamped limit replaces the client's num_predict (whatever its spelling) inside
+    `options`, creating `options` when absent, and marks the body changed."""
+    doc = _doc({"model": "m", "Options": {"NUM_PREDICT": 5000, "seed": 3}})
+    meter.set_completion("chat", doc, 900)
+    assert doc.changed
+    assert orjson.loads(doc.encoded()) == {"model": "m", "Options": {"seed": 3, "num_predict": 900}}
+    bare = _doc({"model": "m", "prompt": "x"})
+    meter.set_completion("generate", bare, 12)
+    assert orjson.loads(bare.encoded()) == {"model": "m", "prompt": "x", "options": {"num_predict": 12}}
+
+
+def test_set_completion_openai_rewrites_every_limit_field() -> None:
+    """On OpenAI routes the clamped limit goes into `max_tokens`, and into
+    `max_completion_tokens` too when the client used it, replacing the client's spellings."""
+    doc = _doc({"model": "m", "MAX_TOKENS": 5000})
+    meter.set_completion("openai_chat", doc, 900)
+    assert orjson.loads(doc.encoded()) == {"model": "m", "max_tokens": 900}
+    both = _doc({"model": "m", "Max_Completion_Tokens": 5000, "prompt": "x"})
+    meter.set_completion("openai_completions", both, 70)
+    assert orjson.loads(both.encoded()) == {
+        "model": "m",
+        "prompt": "x",
+        "max_tokens": 70,
+        "max_completion_tokens": 70,
+    }
+
+
+@pytest.mark.parametrize("route", ["embed", "embeddings", "openai_embeddings"])
+def test_set_completion_leaves_embeddings_alone(route: Route) -> None:
+    """Embedding bodies carry no completion limit and are forwarded unchanged."""
+    raw = b'{"model":"all-minilm","input":"x"}'
+    doc = body.Body(document=body.parse(raw), raw=raw)
+    meter.set_completion(route, doc, 10)
+    assert not doc.changed
+    assert doc.encoded() == raw
+
+
+def test_ask_for_usage_injects_include_usage() -> None:
+    """Without stream_options, the gateway asks Ollama for usage itself and reports that the
+    client did not."""
+    doc = _doc({"model": "m", "stream": True})
+    assert meter.ask_for_usage(doc) is False
+    assert doc.changed
+    assert orjson.loads(doc.encoded())["stream_options"] == {"include_usage": True}
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"stream_options": {"include_usage": True}}, {"Stream_Options": {"INCLUDE_USAGE": True}}],
+)
+def test_ask_for_usage_keeps_the_clients_request(options: dict[str, Any]) -> None:
+    """A client that asked for usage (any spelling) gets it and its body is not rewritten."""
+    doc = _doc({"model": "m", "stream": True, **options})
+    assert meter.ask_for_usage(doc) is True
+    assert not doc.changed
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"stream_options": {"include_usage": False}},
+        {"stream_options": None},
+        {"stream_options": {}},
+        {"STREAM_OPTIONS": {"Include_Usage": False}},
+    ],
+)
+def test_ask_for_usage_overrides_a_refusal(options: dict[str, Any]) -> None:
+    """include_usage false, null or missing is turned on upstream, with one spelling only, and
+    reported as not asked for (so the usage event is dropped before the client)."""
+    doc = _doc({"model": "m", "stream": True, **options})
+    assert meter.ask_for_usage(doc) is False
+    forwarded = orjson.loads(doc.encoded())
+    stream_options = body.get(forwarded, "stream_options")
+    assert stream_options == {"include_usage": True}
+
+
+def test_ask_for_usage_refuses_non_object_stream_options() -> None:
+    """stream_options that is not an object is a 400 (Go could not bind it either)."""
+    with pytest.raises(Refused) as caught:
+        meter.ask_for_usage(_doc({"model": "m", "stream": True, "stream_options": "yes"}))
+    assert caught.value.status == 400
+
+
+def test_metered_routes_are_exactly_the_inference_routes() -> None:
+    """Every inference route is metered and nothing else is."""
+    assert set(METERED) == {
+        "chat",
+        "generate",
+        "embed",
+        "embeddings",
+        "openai_chat",
+        "openai_completions",
+        "openai_embeddings",
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# policy: models, caps, listings
+
+
+def _grant(**changes: Any) -> Grant:
+    fields: dict[str, Any] = {
+        "request_id": "r",
+        "tenant_id": 1,
+        "key_id": 1,
+        "key_prefix": "AAAAAAAA",
+        "method": "POST",
+        "path": "/api/chat",
+        "expires_at": time.time() + 30,
+        **changes,
+    }
+    return Grant(**fields)
+
+
+ONLY_LLAMA = _grant(allowed_models=("llama3.2:latest",))
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "llama3.2",
+        "LLama3.2",
+        "llama3.2:latest",
+        "LLAMA3.2:LATEST",
+        "library/llama3.2",
+        "Library/llama3.2:latest",
+        "registry.ollama.ai/library/llama3.2:latest",
+        "Registry.Ollama.AI/library/llama3.2",
+        "  llama3.2  ",
+        "llama3.2:local",
+    ],
+)
+def test_allowlist_matches_every_spelling_of_an_allowed_model(name: str) -> None:
+    """Names are compared as Ollama resolves them: case-insensitively, with the default host,
+    namespace and tag filled in (ollama-protocol.md §9)."""
+    body_policy.check_model(ONLY_LLAMA, name)
+    assert body_policy.model_allowed(ONLY_LLAMA, name)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "qwen3:8b",
+        "llama3.2:1b",
+        "llama3.1",
+        "other/llama3.2",
+        "example.com/library/llama3.2",
+        "llama3.2:cloud",
+        "llama3.2:latest-cloud",
+    ],
+)
+def test_allowlist_refuses_other_models(name: str) -> None:
+    """Any other model, namespace, host or tag is 403."""
+    with pytest.raises(Refused) as caught:
+        body_policy.check_model(ONLY_LLAMA, name)
+    assert caught.value.status == 403
+
+
+@pytest.mark.parametrize("name", ["llama3:cloud", "gpt-oss:20b-cloud", "GPT-OSS:120B-CLOUD", "ns/m:x-cloud"])
+def test_cloud_models_need_an_explicit_allow(name: str) -> None:
+    """`:cloud` names and `-cloud` tags (proxied off-box by Ollama) are refused even for a key
+    that may use every model; naming them in the allowlist allows them."""
+    with pytest.raises(Refused) as caught:
+        body_policy.check_model(_grant(), name)
+    assert caught.value.status == 403
+    body_policy.check_model(_grant(allowed_models=(name.strip().lower(),)), name)
+
+
+def test_local_names_that_merely_mention_cloud_are_not_cloud_models() -> None:
+    """`cloud` in a model name (not its `:cloud` tag or `-cloud` tag suffix) stays local."""
+    for name in ("cloud", "my-cloud", "cloud-model:7b", "llama3.2:cloudy"):
+        body_policy.check_model(_grant(), name)
+
+
+@pytest.mark.parametrize(
+    "name", ["bad name", "a/b/c/d", "llama3.2:", ":latest", "-leading", "ns.with.dots/model", "x" * 81]
+)
+def test_invalid_model_names_are_400(name: str) -> None:
+    """A name Ollama's grammar rejects is 400, with or without an allowlist."""
+    for grant in (_grant(), ONLY_LLAMA):
+        with pytest.raises(Refused) as caught:
+            body_policy.check_model(grant, name)
+        assert caught.value.status == 400
+
+
+def test_missing_model_is_refused_only_under_an_allowlist() -> None:
+    """A body without a usable model string is 403 for a key limited to some models (there is
+    nothing to check it against) and left to Ollama otherwise."""
+    for missing in (None, "", "   ", 5, ["llama3.2"]):
+        with pytest.raises(Refused) as caught:
+            body_policy.check_model(ONLY_LLAMA, missing)
+        assert caught.value.status == 403
+        body_policy.check_model(_grant(), missing)
+
+
+@pytest.mark.parametrize(
+    ("route", "document"),
+    [
+        ("chat", {"MODEL": "qwen3:8b", "messages": []}),
+        ("generate", {"Model": "qwen3:8b", "prompt": "x"}),
+        ("openai_chat", {"model": "qwen3:8b", "messages": []}),
+        ("embed", {"model": "all-minilm", "input": "x"}),
+        ("show", {"model": "qwen3:8b"}),
+        ("show", {"name": "qwen3:8b"}),
+        ("show", {"NAME": "qwen3:8b"}),
+        ("show", {"model": "llama3.2", "name": "qwen3:8b"}),
+    ],
+)
+def test_body_policy_checks_the_model_fields(route: Route, document: dict[str, Any]) -> None:
+    """The model is read case-insensitively, and /api/show's deprecated `name` is checked too."""
+    with pytest.raises(Refused) as caught:
+        body_policy.check_body(ONLY_LLAMA, route, _doc(document))
+    assert caught.value.status == 403
+
+
+def test_body_policy_allows_the_allowed_model() -> None:
+    """The allowed model passes on every body-carrying route."""
+    for route in ("chat", "generate", "embed", "embeddings", "openai_chat", "openai_completions", "show"):
+        body_policy.check_body(ONLY_LLAMA, route, _doc({"model": "llama3.2"}))
+    body_policy.check_body(ONLY_LLAMA, "show", _doc({"model": "llama3.2:latest", "name": "LLAMA3.2"}))
+
+
+@pytest.mark.parametrize(
+    "document", [{"name": "llama3.2"}, {"NAME": "llama3.2:latest"}, {"model": "", "name": "llama3.2"}]
+)
+def test_show_by_its_deprecated_name_field_is_allowed(document: dict[str, Any]) -> None:
+    """/api/show still takes the deprecated `name` when `model` is empty (Ollama reads
+    `model`, else `name`): naming an allowed model that way is not refused."""
+    body_policy.check_body(ONLY_LLAMA, "show", _doc(document))
+
+
+CAPPED = _grant(max_num_ctx=4096, max_keep_alive_seconds=300)
+
+
+@pytest.mark.parametrize("options", [{"num_ctx": 8192}, {"NUM_CTX": 4097}, {"num_ctx": 4096.5}])
+def test_num_ctx_above_the_cap_is_400(options: dict[str, Any]) -> None:
+    """num_ctx above the key's cap is refused (it decides the memory Ollama allocates)."""
+    with pytest.raises(Refused) as caught:
+        body_policy.apply_caps(CAPPED, _doc({"model": "m", "options": options}))
+    assert caught.value.status == 400
+
+
+@pytest.mark.parametrize("options", [{"num_ctx": 4096}, {"num_ctx": 512}, {}, {"num_ctx": None}])
+def test_num_ctx_within_the_cap_passes_unchanged(options: dict[str, Any]) -> None:
+    """num_ctx at or under the cap, or absent, is forwarded as sent."""
+    doc = _doc({"model": "m", "options": options})
+    body_policy.apply_caps(CAPPED, doc)
+    assert not doc.changed
+
+
+def test_no_caps_no_checks() -> None:
+    """A key without caps forwards any num_ctx and keep_alive."""
+    doc = _doc({"model": "m", "options": {"num_ctx": 1_000_000}, "keep_alive": -1})
+    body_policy.apply_caps(_grant(), doc)
+    assert not doc.changed
+
+
+@pytest.mark.parametrize(
+    "keep_alive",
+    [301, 3600, -1, -5, "10m", "1h", "1h30m", "301s", "-1m", "5m0.5s", "1.5h", "+10m", ".5h"],
+    ids=repr,
+)
+def test_keep_alive_above_the_cap_is_lowered(keep_alive: Any) -> None:
+    """keep_alive above the cap, or negative (forever), is lowered to the cap in seconds, for
+    every form Go's duration parser accepts; the client's spelling of the key is replaced."""
+    if isinstance(keep_alive, str):
+        assert sim.parse_go_duration(keep_alive) != 0  # a valid Go duration, as Ollama reads it
+    doc = _doc({"model": "m", "Keep_Alive": keep_alive})
+    body_policy.apply_caps(CAPPED, doc)
+    assert doc.changed
+    forwarded = orjson.loads(doc.encoded())
+    assert forwarded == {"model": "m", "keep_alive": 300}
+
+
+@pytest.mark.parametrize("keep_alive", [0, 300, 299.5, "0", "5m", "300s", "1m30s", "250ms", None], ids=repr)
+def test_keep_alive_within_the_cap_is_forwarded_as_sent(keep_alive: Any) -> None:
+    """keep_alive within the cap (including 0, unload now, and Go's unit-less "0") is untouched."""
+    doc = _doc({"model": "m", "keep_alive": keep_alive})
+    body_policy.apply_caps(CAPPED, doc)
+    assert not doc.changed
+
+
+@pytest.mark.parametrize("keep_alive", ["10", "5 minutes", "m", True, [1], {"s": 1}], ids=repr)
+def test_invalid_keep_alive_is_400(keep_alive: Any) -> None:
+    """A keep_alive Ollama cannot parse (unit-less number strings, words, other types) is a 400."""
+    with pytest.raises(Refused) as caught:
+        body_policy.apply_caps(CAPPED, _doc({"model": "m", "keep_alive": keep_alive}))
+    assert caught.value.status == 400
+
+
+def _tags(*names: str) -> dict[str, Any]:
+    return {"models": [{"name": n, "model": n, "size": 1, "details": {}} for n in names]}
+
+
+def test_listing_filters_keep_only_allowed_models() -> None:
+    """/api/tags and /api/ps keep only the allowed models (by `model`, else `name`), /v1/models
+    only allowed `id`s; entries that are not objects or carry invalid names are dropped."""
+    installed = ("llama3.2:latest", "qwen3:8b", "all-minilm:latest", "llama3:cloud")
+    for route in ("tags", "ps"):
+        listing = _tags(*installed)
+        listing["models"] += ["junk", {"name": "bad name!"}, {"name": "LLAMA3.2"}]
+        filtered = body_policy.filter_listing(ONLY_LLAMA, route, listing)
+        assert [m["name"] for m in filtered["models"]] == ["llama3.2:latest", "LLAMA3.2"]
+    openai = {"object": "list", "data": [{"id": n, "object": "model"} for n in installed]}
+    filtered = body_policy.filter_listing(ONLY_LLAMA, "openai_models", openai)
+    assert filtered == {"object": "list", "data": [{"id": "llama3.2:latest", "object": "model"}]}
+
+
+def test_listing_filters_drop_cloud_models_unless_allowed() -> None:
+    """Cloud entries disappear from listings unless the allowlist names them."""
+    listing = _tags("llama3.2:latest", "gpt-oss:20b-cloud")
+    both = _grant(allowed_models=("llama3.2:latest", "gpt-oss:20b-cloud"))
+    assert len(body_policy.filter_listing(both, "tags", listing)["models"]) == 2
+    only = body_policy.filter_listing(ONLY_LLAMA, "tags", _tags("llama3.2:latest", "gpt-oss:20b-cloud"))
+    assert [m["name"] for m in only["models"]] == ["llama3.2:latest"]
+
+
+def test_listing_filters_leave_other_shapes_alone() -> None:
+    """Bodies that are not listings (errors, `"data": null`) pass through unchanged."""
+    assert body_policy.filter_listing(ONLY_LLAMA, "tags", {"error": "x"}) == {"error": "x"}
+    empty = {"object": "list", "data": None}
+    assert body_policy.filter_listing(ONLY_LLAMA, "openai_models", empty) == empty
+    assert body_policy.filter_listing(ONLY_LLAMA, "tags", ["not", "a", "dict"]) == ["not", "a", "dict"]
