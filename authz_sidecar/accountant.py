@@ -114,11 +114,9 @@ class Accountant:
     async def ensure_groups(self) -> None:
         """Create the consumer groups (from the start of each stream) if missing."""
         for stream in (self.keys.usage_stream, self.keys.audit_stream):
-            try:
+            # Another accountant created it first: join it.
+            with contextlib.suppress(coredis.exceptions.StreamDuplicateConsumerGroupError):
                 await self.redis.xgroup_create(stream, GROUP, identifier="0", mkstream=True)
-            except coredis.exceptions.ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
 
     # --- usage events ------------------------------------------------------------------------------
 
@@ -156,7 +154,7 @@ class Accountant:
                     entry.identifier, dict(entry.field_values), f"undecodable: {type(exc).__name__}"
                 )
                 await self.redis.xack(self.keys.usage_stream, GROUP, [entry.identifier])
-        events = [e for _, e in good]
+        events = list({e.request_id: e for _, e in reversed(good)}.values())  # one per request id
         try:
             async with self.pool.acquire() as conn:
                 await ledger.apply_usage(conn, events)
@@ -247,7 +245,9 @@ class Accountant:
         for raw_tenant in await self.redis.smembers(self.keys.reserving_tenants):
             tenant_id = int(raw_tenant)
             index = self.keys.reservation_index(tenant_id)
-            due = await self.redis.zrangebyscore(index, "-inf", cutoff, offset=0, count=500)  # type: ignore[arg-type]
+            due = await self.redis.zrange(
+                index, "-inf", cutoff, sortby=coredis.PureToken.BYSCORE, offset=0, count=500
+            )
             if not due and not await self.redis.zcard(index):
                 await self.redis.srem(self.keys.reserving_tenants, [raw_tenant])
                 continue

@@ -112,7 +112,8 @@ async def apply_usage(conn: Conn, events: Sequence[UsageEvent]) -> set[str]:
             _column(events, "client_disconnected"),
         )
         new = {r["request_id"] for r in rows}
-        fresh = [e for e in events if e.request_id in new]
+        # One event per new request id, even if the batch carried a duplicate delivery.
+        fresh = list({e.request_id: e for e in events if e.request_id in new}.values())
         if not fresh:
             return new
         await conn.execute(_BUDGET_SQL, *_budget_rows(fresh))

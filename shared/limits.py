@@ -254,6 +254,11 @@ class LimitScripts:
         keys, args = self._settle_call(scope, request_id, actual_tokens)
         return int(await self._settle(keys=keys, args=args)) == 1
 
+    def settle_in(self, pipe: Any, scope: Scope, request_id: str, actual_tokens: int | None) -> Any:
+        """Queue a settle on a pipeline (returns the pending reply)."""
+        keys, args = self._settle_call(scope, request_id, actual_tokens)
+        return self._settle(keys=keys, args=args, client=pipe)
+
     async def settle_many(self, items: Sequence[tuple[Scope, str, int | None]]) -> int:
         """Settle many requests in one pipelined round trip (each call is still its own script, so
         Redis Cluster routing is per tenant slot); returns how many were applied now."""

@@ -80,6 +80,7 @@ class Proxy:
     metrics: ProxyMetrics
     clock: Callable[[], float] = time.time
     ollama: URL = attrs.field(init=False)
+    _background: set[asyncio.Task[None]] = attrs.field(init=False, factory=set)
 
     def __attrs_post_init__(self) -> None:
         self.ollama = URL(self.config.options.ollama_url)
@@ -119,10 +120,16 @@ class Proxy:
                 raise Refused(429, message, code="rate_limit_exceeded", headers={"Retry-After": retry})
             raise Refused(429, f"{outcome.scope} token budget exhausted", code="insufficient_quota")
         if metered:
-            # Where the accountant's sweeper looks for reservations whose lease expired.
-            with contextlib.suppress(*STORE_ERRORS):
-                await self.scripts.redis.sadd(self.scripts.keys.reserving_tenants, [str(grant.tenant_id)])
+            # Where the accountant's sweeper looks for reservations whose lease expired; sent while
+            # the request goes upstream, off the time to first byte.
+            task = asyncio.create_task(self._register_tenant(grant.tenant_id))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
         return outcome, size
+
+    async def _register_tenant(self, tenant_id: int) -> None:
+        with contextlib.suppress(*STORE_ERRORS):
+            await self.scripts.redis.sadd(self.scripts.keys.reserving_tenants, [str(tenant_id)])
 
     @contextlib.asynccontextmanager
     async def _lease(self, grant: Grant) -> AsyncIterator[None]:
@@ -308,17 +315,24 @@ class Proxy:
             metered=metered,
             periods=grant.periods,
         )
-        await self.reporter.report(event)
-        if grant.metered:
+        settle_now = grant.metered and reserved is not None and event.metered
+        # With the event on the stream, settle in the same round trip so the next request sees the
+        # actual usage; the accountant's own settle is then a no-op (same request id).
+        written = await self.reporter.report(
+            event,
+            then=(
+                lambda pipe: self.scripts.settle_in(
+                    pipe, scope_of(grant), grant.request_id, event.total_tokens
+                )
+            )
+            if settle_now
+            else None,
+        )
+        if grant.metered and not (settle_now and written):
             with contextlib.suppress(*STORE_ERRORS):
-                if reserved is not None and event.metered and self.reporter.depth == 0:
-                    # The event is on the stream: settle at once so the next request sees the
-                    # actual usage; the accountant's own settle is then a no-op (same request id).
-                    await self.scripts.settle(scope_of(grant), grant.request_id, event.total_tokens)
-                else:
-                    await self.scripts.lease(
-                        scope_of(grant), grant.request_id, action="release", ttl_ms=self._lease_ms
-                    )
+                await self.scripts.lease(
+                    scope_of(grant), grant.request_id, action="release", ttl_ms=self._lease_ms
+                )
         self._observe(route, event)
         log.info(
             "request",

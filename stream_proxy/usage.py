@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
+from collections.abc import Callable
+from typing import Any
 
 import attrs
 import coredis
@@ -45,19 +48,31 @@ class UsageReporter:
         """No room for another event: the process must stop accepting requests."""
         return len(self._spool) >= self.spool_max
 
-    async def report(self, event: UsageEvent) -> None:
-        """Write one event now, or spool it."""
+    async def report(self, event: UsageEvent, *, then: Callable[[Any], Any] | None = None) -> bool:
+        """Write one event now (with `then(pipeline)` queued in the same round trip), or spool it.
+
+        Returns whether the event reached the stream now. A reply lost after a successful write
+        spools the event again; the accountant applies each request id once, so that is harmless.
+        """
         if self._spool:
             self._spool.append(event)  # keep order: older events go first
             self.spooled += 1
-            return
+            return False
         try:
-            await self.redis.xadd(self.stream, usage_wire.encode(event))
+            async with self.redis.pipeline(transaction=False) as pipe:
+                written = pipe.xadd(self.stream, usage_wire.encode(event))
+                follow = then(pipe) if then is not None else None
+            await written
             self.written += 1
         except STORE_ERRORS:
             self._spool.append(event)
             self.spooled += 1
             log.warning("usage event spooled: Redis unavailable", extra={"request_id": event.request_id})
+            return False
+        if follow is not None:
+            with contextlib.suppress(*STORE_ERRORS):
+                await follow
+        return True
 
     async def drain(self) -> int:
         """Retry spooled events in order; returns how many were written."""
