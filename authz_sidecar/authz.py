@@ -89,6 +89,7 @@ def _key_denial(verdict: Verdict) -> Denied:
 UNAVAILABLE = {"Retry-After": "1"}
 UNLIMITED = Limits()
 STORE_ERRORS = (coredis.exceptions.RedisError, OSError, TimeoutError)
+DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 _BUDGET_NAMES = {"budget_day": "daily", "budget_month": "monthly", "budget_total": "total"}
 
 
@@ -153,14 +154,14 @@ class Admission:
                     await self.hydrator.hydrate(scope, outcome, self.clock())
                 except HydrationBusy:
                     continue
+                except DB_ERRORS:
+                    raise Denied(
+                        503, "budget store unavailable", reason="hydration_failed", headers=UNAVAILABLE
+                    ) from None
         except STORE_ERRORS:
             self.metrics.redis_errors.inc()
             raise Denied(
                 503, "gateway state store unavailable", reason="redis_error", headers=UNAVAILABLE
-            ) from None
-        except (asyncpg.PostgresError, asyncpg.InterfaceError):
-            raise Denied(
-                503, "budget store unavailable", reason="hydration_failed", headers=UNAVAILABLE
             ) from None
         raise Denied(503, "budget counters are being rebuilt", reason="hydration_busy", headers=UNAVAILABLE)
 
@@ -183,7 +184,12 @@ class Admission:
                     code="rate_limit_exceeded",
                     headers={"Retry-After": str(retry)},
                 )
-            verdict = await self.authenticator.resolve(parsed.token)
+            try:
+                verdict = await self.authenticator.resolve(parsed.token)
+            except DB_ERRORS:
+                raise Denied(
+                    503, "key store unavailable", reason="postgres_error", headers=UNAVAILABLE
+                ) from None
         if verdict.context is None:
             if verdict.reason in ("unknown", "mismatch"):
                 self.limiter.failed(address)

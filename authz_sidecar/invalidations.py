@@ -92,6 +92,10 @@ class InvalidationListener:
             except asyncio.CancelledError:
                 raise
             except BaseException:  # noqa: BLE001 - Redis failures surface as exception groups
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    # Cancelled while coredis unwound an error: the group hid the cancellation.
+                    raise asyncio.CancelledError from None
                 if self.subscribed:
                     log.warning("invalidation subscription lost; falling back to Postgres")
                 self.subscribed = False

@@ -20,7 +20,6 @@ from stream_proxy import body
 NATIVE_STREAMING: frozenset[policy.Route] = frozenset({"chat", "generate"})
 OPENAI_STREAMING: frozenset[policy.Route] = frozenset({"openai_chat", "openai_completions"})
 EMBEDDINGS: frozenset[policy.Route] = frozenset({"embed", "embeddings", "openai_embeddings"})
-_IMAGE_FIELDS = frozenset({"images", "image_url"})
 BYTES_PER_TOKEN_ESTIMATE = 4
 
 
@@ -48,69 +47,62 @@ class PromptSize:
         return text + per_message * (self.messages + 1) + per_image * self.images + self.context_tokens
 
 
-def _without_images(value: Any) -> tuple[Any, int]:
-    """A copy of a JSON value with image payloads removed, and how many images it held."""
-    if isinstance(value, list):
-        items, count = [], 0
-        for item in value:
-            cleaned, images = _without_images(item)
-            items.append(cleaned)
-            count += images
-        return items, count
-    if isinstance(value, dict):
-        out, count = {}, 0
-        for key, item in value.items():
-            if key.casefold() in _IMAGE_FIELDS:
-                count += len(item) if isinstance(item, list) else 1
-                continue
-            cleaned, images = _without_images(item)
-            out[key] = cleaned
-            count += images
-        return out, count
-    return value, 0
+def _json_bytes(value: Any) -> int:
+    """Bytes of a structured field (tools, tool calls, a format schema) as compact JSON."""
+    return 0 if value is None else len(orjson.dumps(value))
 
 
-def _text_bytes(value: Any) -> tuple[int, int]:
-    """UTF-8 bytes of a JSON value as compact JSON (every key, value and punctuation mark: a token
-    is never shorter than a byte, so this bounds any tokenisation of it), and its image count."""
-    cleaned, images = _without_images(value)
-    if cleaned is None:
-        return 0, images
-    return len(orjson.dumps(cleaned)), images
+def _text(value: Any) -> int:
+    return len(value.encode("utf-8")) if isinstance(value, str) else 0
+
+
+def _message(message: Any) -> tuple[int, int, int]:
+    """(text bytes, images, template messages) of one chat message."""
+    if not isinstance(message, dict):
+        return 0, 0, 0
+    size = sum(_text(body.get(message, n)) for n in ("thinking", "reasoning", "reasoning_content"))
+    size += _json_bytes(body.get(message, "tool_calls"))
+    images = body.get(message, "images")
+    image_count = len(images) if isinstance(images, list) else 0
+    content = body.get(message, "content")
+    if not isinstance(content, list):
+        return size + (_text(content) if isinstance(content, str) else _json_bytes(content)), image_count, 1
+    for part in content:  # OpenAI content parts: each becomes its own message in Ollama
+        if isinstance(part, dict) and isinstance(body.get(part, "image_url"), (dict, str)):
+            image_count += 1
+        elif isinstance(part, dict):
+            size += _text(body.get(part, "text")) or _json_bytes(body.get(part, "input_audio"))
+    return size, image_count, max(1, len(content))
 
 
 def prompt_size(route: policy.Route, document: dict[str, Any]) -> PromptSize:
-    """What the prompt of a metered request consists of."""
-    fields: list[Any] = []
+    """What the prompt of a metered request consists of: text bytes (structured fields as compact
+    JSON), messages, images and context tokens."""
+    size = images = context = 0
     messages = 1
-    context = 0
-    extra_images = 0
     if route in ("chat", "openai_chat"):
         msgs = body.get(document, "messages")
-        msgs = msgs if isinstance(msgs, list) else []
-        fields += [msgs, *(body.get(document, n) for n in ("tools", "format", "response_format"))]
-        # Ollama's OpenAI layer turns every content part into its own message.
-        messages = sum(
-            len(c) if isinstance(c := body.get(m, "content"), list) else 1
-            for m in msgs
-            if isinstance(m, dict)
-        )
+        messages = 0
+        for message in msgs if isinstance(msgs, list) else []:
+            text, pictures, count = _message(message)
+            size, images, messages = size + text, images + pictures, messages + count
+        size += sum(_json_bytes(body.get(document, n)) for n in ("tools", "format", "response_format"))
     elif route in ("generate", "openai_completions"):
-        fields += [body.get(document, n) for n in ("prompt", "suffix", "system", "template", "format")]
+        for name in ("prompt", "suffix", "system", "template"):
+            value = body.get(document, name)
+            size += _text(value) if isinstance(value, str) else _json_bytes(value)
+        size += _json_bytes(body.get(document, "format"))
         messages = 2
         ctx = body.get(document, "context")
         context = len(ctx) if isinstance(ctx, list) else 0
-        images = body.get(document, "images")
-        extra_images = len(images) if isinstance(images, list) else 0
+        pictures = body.get(document, "images")
+        images = len(pictures) if isinstance(pictures, list) else 0
     elif route in EMBEDDINGS:
-        key = "prompt" if route == "embeddings" else "input"
-        value = body.get(document, key)
-        fields.append(value)
-        messages = len(value) if isinstance(value, list) else 1
-    size, image_count = _text_bytes([f for f in fields if f is not None])
-    return PromptSize(
-        text_bytes=size, messages=messages, images=image_count + extra_images, context_tokens=context
-    )
+        value = body.get(document, "prompt" if route == "embeddings" else "input")
+        inputs = value if isinstance(value, list) else [value]
+        size = sum(_text(v) if isinstance(v, str) else _json_bytes(v) for v in inputs)
+        messages = len(inputs)
+    return PromptSize(text_bytes=size, messages=messages, images=images, context_tokens=context)
 
 
 def wants_stream(route: policy.Route, document: dict[str, Any]) -> bool:

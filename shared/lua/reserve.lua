@@ -90,8 +90,7 @@ local completion = tonumber(ARGV[5])
 if completion < 0 then completion = tonumber(ARGV[6]) end
 if headroom ~= nil then
   if headroom < prompt + 1 then
-    redis.call('DEL', KEYS[1])  -- not spent: nothing was reserved
-    return {0, tight, tight_retry, tight_scope}
+    return {0, tight, tight_retry, tight_scope}  -- nothing reserved; the grant stays spent
   end
   if completion < 0 or completion > headroom - prompt then completion = headroom - prompt end
 end
