@@ -30,7 +30,15 @@ import attrs
 import coredis
 import orjson
 import uvloop
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 from authz_sidecar import ledger
 from shared import logs, usage_wire
@@ -349,18 +357,46 @@ class Accountant:
                 await asyncio.sleep(1.0)
 
 
+async def _metrics_listener(registry: CollectorRegistry, options: AccountantOptions) -> web.AppRunner | None:
+    """/metrics and /healthz of a standalone accountant (port 0 turns it off)."""
+    if not options.metrics_port:
+        return None
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, options.metrics_host, options.metrics_port).start()
+    except OSError:
+        # Accounting matters more than its metrics: carry on without the listener.
+        log.warning("accountant metrics listener not started", extra={"port": options.metrics_port})
+        await runner.cleanup()
+        return None
+    return runner
+
+
 async def _standalone(config: AccountantConfig) -> None:
     pool = await create_pool(config.postgres)
     client: coredis.Redis[bytes] = coredis.Redis.from_url(config.redis.url)
     try:
         async with client:
+            registry = CollectorRegistry()
             accountant = Accountant(
                 redis=client,
                 pool=pool,
                 keys=RedisKeys(config.redis.prefix),
                 options=config.accountant,
-                metrics=AccountantMetrics(CollectorRegistry()),
+                metrics=AccountantMetrics(registry),
             )
+            runner = await _metrics_listener(registry, config.accountant)
             task = asyncio.create_task(accountant.run())
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
@@ -372,6 +408,8 @@ async def _standalone(config: AccountantConfig) -> None:
                 pending.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+            if runner is not None:
+                await runner.cleanup()
     finally:
         await pool.close()
 

@@ -294,6 +294,16 @@ class AccountantOptions:
         minimum=0,
         help="seconds past lease expiry before a reservation is charged",
     )
+    metrics_host: str = env(
+        "ACCOUNTANT_METRICS_HOST", "127.0.0.1", help="standalone accountant: metrics address"
+    )
+    metrics_port: int = env(
+        "ACCOUNTANT_METRICS_PORT",
+        8083,
+        minimum=0,
+        maximum=65535,
+        help="standalone accountant: metrics port (0 = off)",
+    )
     prompt_purge_interval: float = env(
         "PROMPT_PURGE_INTERVAL", 60.0, minimum=1, help="seconds between purges of expired prompt logs"
     )
