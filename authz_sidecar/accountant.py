@@ -41,9 +41,9 @@ from prometheus_client import (
 )
 
 from authz_sidecar import ledger
-from shared import logs, usage_wire
+from shared import admin, logs, usage_wire
 from shared.config import AccountantConfig, AccountantOptions, load_config
-from shared.db import create_pool
+from shared.db import DB_ERRORS, create_pool
 from shared.exceptions import ConfigError
 from shared.limits import LimitScripts, Scope
 from shared.models import Limits, UsageEvent
@@ -53,7 +53,7 @@ from shared.redis_keys import RedisKeys
 log = logging.getLogger("authz_sidecar.accountant")
 GROUP = "accountant"
 STORE_ERRORS = (coredis.exceptions.RedisError, OSError, TimeoutError)
-DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
+STORE_AND_DB_ERRORS: tuple[type[BaseException], ...] = (*STORE_ERRORS, *DB_ERRORS)
 
 
 @attrs.define
@@ -321,7 +321,7 @@ class Accountant:
     async def purge(self) -> int:
         """Delete expired prompt logs."""
         async with self.pool.acquire() as conn:
-            return await ledger.purge_prompt_logs(conn, dt.datetime.fromtimestamp(self.clock(), dt.UTC))
+            return await admin.purge_prompts(conn, now=dt.datetime.fromtimestamp(self.clock(), dt.UTC))
 
     # --- the loop --------------------------------------------------------------------------------------
 
@@ -347,7 +347,7 @@ class Accountant:
                     await self.purge()
             except asyncio.CancelledError:
                 raise
-            except (*STORE_ERRORS, *DB_ERRORS):
+            except STORE_AND_DB_ERRORS:
                 log.warning("accountant paused: a store is unavailable", exc_info=True)
                 groups_ready = False
                 await asyncio.sleep(1.0)

@@ -15,7 +15,6 @@ import uuid
 from collections.abc import Callable
 from zoneinfo import ZoneInfo
 
-import asyncpg
 import attrs
 import coredis
 from aiohttp import web
@@ -29,6 +28,7 @@ from authz_sidecar.metrics import SidecarMetrics
 from shared import grant as grants
 from shared import keys, policy
 from shared.config import SidecarConfig
+from shared.db import DB_ERRORS
 from shared.dialect import error_response
 from shared.exceptions import KeyFormatError
 from shared.keystore import Verdict
@@ -89,7 +89,6 @@ def _key_denial(verdict: Verdict) -> Denied:
 UNAVAILABLE = {"Retry-After": "1"}
 UNLIMITED = Limits()
 STORE_ERRORS = (coredis.exceptions.RedisError, OSError, TimeoutError)
-DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 _BUDGET_NAMES = {"budget_day": "daily", "budget_month": "monthly", "budget_total": "total"}
 
 

@@ -181,12 +181,3 @@ async def apply_denials(conn: Conn, rows: Sequence[dict[str, Any]]) -> int:
         [int(r.get("count") or 1) for r in rows],
     )
     return len(rows)
-
-
-async def purge_prompt_logs(conn: Conn, now: dt.datetime) -> int:
-    """Delete prompt logs past their expiry; returns how many."""
-    deleted = await conn.fetchval(
-        "WITH gone AS (DELETE FROM prompt_logs WHERE expires_at <= $1 RETURNING 1) SELECT count(*) FROM gone",
-        now,
-    )
-    return int(deleted or 0)

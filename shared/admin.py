@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from zoneinfo import ZoneInfo
 
 import asyncpg
@@ -22,6 +22,9 @@ from shared.hashing import OWASP, Argon2Params, hash_key
 from shared.invalidation import Invalidation
 from shared.model_names import InvalidModelName, normalise
 from shared.models import ALL_MODELS, LIMIT_NAMES, UNLIMITED, ApiKey, Tenant
+
+if TYPE_CHECKING:
+    from shared.db import Conn
 
 _DURATION_RE = re.compile(r"^([0-9]{1,9})([smhdw])$")
 MAX_DURATION = dt.timedelta(days=36500)  # 100 years: beyond it a date would be meaningless
@@ -445,8 +448,8 @@ async def audit(
     return [AuditRow(**dict(r)) for r in rows]
 
 
-async def purge_prompts(conn: asyncpg.Connection, *, now: dt.datetime | None = None) -> int:
-    """Delete prompt logs past their expiry now; returns how many."""
+async def purge_prompts(conn: Conn, *, now: dt.datetime | None = None) -> int:
+    """Delete prompt logs past their expiry; returns how many (the CLI and the accountant's purge)."""
     now = now or dt.datetime.now(dt.UTC)
     deleted = await conn.fetchval(
         "WITH gone AS (DELETE FROM prompt_logs WHERE expires_at <= $1 RETURNING 1) SELECT count(*) FROM gone",

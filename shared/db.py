@@ -22,6 +22,16 @@ class Row(Protocol):
     def __getitem__(self, key: str, /) -> Any: ...
 
 
+# Everything that means "Postgres is not answering properly right now" (a cut connection can leave
+# asyncpg's protocol in a state it reports as an InternalClientError).
+DB_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    OSError,
+    TimeoutError,
+)
+
 LIMIT_COLUMNS = "rpm, tpm, max_concurrent, daily_tokens, monthly_tokens, total_tokens"
 TENANT_COLUMNS = (
     f"id, name, status, {LIMIT_COLUMNS}, allowed_models, max_body_bytes, max_num_ctx, "

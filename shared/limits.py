@@ -27,7 +27,11 @@ BUDGET_FIELDS = {"day": "daily_tokens", "month": "monthly_tokens", "total": "tot
 
 
 def _lua(name: str) -> str:
-    return resources.files("shared").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
+    """A script with the common prelude (clock and window) in front of it."""
+    folder = resources.files("shared").joinpath("lua")
+    return folder.joinpath("common.lua").read_text(encoding="utf-8") + folder.joinpath(
+        f"{name}.lua"
+    ).read_text(encoding="utf-8")
 
 
 def _limit(value: int | None) -> int:

@@ -8,10 +8,20 @@ shuts down and the application's cleanup contexts run.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import sys
+from collections.abc import Callable
+from typing import Protocol, TypeVar
 
 import uvloop
 from aiohttp import web
+
+from shared import logs
+from shared.config import LoggingOptions, load_config
+from shared.exceptions import ConfigError
+
+ConfigT = TypeVar("ConfigT", bound="_Service")
 
 
 async def _serve(
@@ -37,3 +47,45 @@ async def _serve(
 def run(app: web.Application, *, host: str, port: int, draining: asyncio.Event, drain_seconds: float) -> None:
     """Serve until a stop signal, then drain and clean up."""
     uvloop.run(_serve(app, host, port, draining, drain_seconds))
+
+
+class _Service(Protocol):
+    """What `main` needs of a service config: logging and listening options."""
+
+    @property
+    def logging(self) -> LoggingOptions: ...
+
+    @property
+    def options(self) -> _Listening: ...
+
+
+class _Listening(Protocol):
+    @property
+    def host(self) -> str: ...
+
+    @property
+    def port(self) -> int: ...
+
+    @property
+    def drain_seconds(self) -> float: ...
+
+
+def main(
+    name: str,
+    config_class: type[ConfigT],
+    create_app: Callable[[ConfigT], web.Application],
+    draining: web.AppKey[asyncio.Event],
+) -> int:
+    """`python -m <service>`: configuration from GATEWAY_*, JSON logs, serve, drain on SIGTERM."""
+    try:
+        config = load_config(config_class, os.environ)
+    except ConfigError as exc:
+        sys.stderr.write(f"{name}: {exc}\n")
+        return 2
+    logs.setup(config.logging.level)
+    app = create_app(config)
+    options = config.options
+    run(
+        app, host=options.host, port=options.port, draining=app[draining], drain_seconds=options.drain_seconds
+    )
+    return 0

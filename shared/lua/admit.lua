@@ -15,43 +15,12 @@
 --         {0, reason, retry_after_ms, scope}                                     refused
 --         {2, i1, i2, ...}           budget counters (KEYS indices) missing: hydrate, then retry
 
-local WINDOW = 60  -- seconds; buckets of one second, 61 kept (a slot frees 60-61 s after use)
-
-local function now_ms()
-  if ARGV[1] ~= '' then return tonumber(ARGV[1]) end
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-
 local remembered = redis.call('GET', KEYS[1])
 if remembered then return cjson.decode(remembered) end
 
 local now = now_ms()
 local sec = math.floor(now / 1000)
 local metered = ARGV[3] == '1'
-
--- Sum a bucket window, dropping buckets older than the window; also the oldest live bucket.
-local function window(key)
-  local data = redis.call('HGETALL', key)
-  local total, oldest = 0, nil
-  for i = 1, #data, 2 do
-    local b = tonumber(data[i])
-    if b < sec - WINDOW then
-      redis.call('HDEL', key, data[i])
-    else
-      total = total + tonumber(data[i + 1])
-      if oldest == nil or b < oldest then oldest = b end
-    end
-  end
-  return total, oldest
-end
-
-local function retry_ms(oldest)
-  if oldest == nil then return 1000 end
-  local ms = (oldest + WINDOW + 1) * 1000 - now
-  if ms < 1 then ms = 1 end
-  return ms
-end
 
 local function answer(result)
   redis.call('SET', KEYS[1], cjson.encode(result), 'PX', tonumber(ARGV[17]))
@@ -76,19 +45,19 @@ local scopes = {'key', 'tenant'}
 local req_used, tok_used, req_old, tok_old = {}, {}, {}, {}
 for s = 1, 2 do
   local rpm = tonumber(ARGV[4 + s])
-  req_used[s], req_old[s] = window(KEYS[1 + s])
+  req_used[s], req_old[s] = window(KEYS[1 + s], sec)
   if rpm >= 0 and req_used[s] >= rpm then
-    return answer({0, 'rpm', retry_ms(req_old[s]), scopes[s]})
+    return answer({0, 'rpm', retry_ms(req_old[s], now), scopes[s]})
   end
 end
 for s = 1, 2 do
-  if tonumber(ARGV[6 + s]) >= 0 then tok_used[s], tok_old[s] = window(KEYS[3 + s]) end
+  if tonumber(ARGV[6 + s]) >= 0 then tok_used[s], tok_old[s] = window(KEYS[3 + s], sec) end
 end
 if metered then
   for s = 1, 2 do
     local tpm = tonumber(ARGV[6 + s])
     if tpm >= 0 and tok_used[s] >= tpm then
-      return answer({0, 'tpm', retry_ms(tok_old[s]), scopes[s]})
+      return answer({0, 'tpm', retry_ms(tok_old[s], now), scopes[s]})
     end
   end
   for s = 1, 2 do
@@ -130,7 +99,7 @@ for s = 1, 2 do
     local rem = rpm - req_used[s] - 1
     if lim_req < 0 or rem < rem_req then
       lim_req, rem_req = rpm, rem
-      reset_req = retry_ms(req_old[s] or sec)
+      reset_req = retry_ms(req_old[s] or sec, now)
     end
   end
 end
@@ -141,7 +110,7 @@ for s = 1, 2 do
     local rem = tpm - tok_used[s]
     if lim_tok < 0 or rem < rem_tok then
       lim_tok, rem_tok = tpm, rem
-      reset_tok = retry_ms(tok_old[s] or sec)
+      reset_tok = retry_ms(tok_old[s] or sec, now)
     end
   end
 end

@@ -7,12 +7,6 @@
 -- far enough out that the expired-lease sweeper leaves it to the accountant's settlement.
 -- Returns the number of lease entries touched.
 
-local function now_ms()
-  if ARGV[1] ~= '' then return tonumber(ARGV[1]) end
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-
 local expires = now_ms() + tonumber(ARGV[4])
 if ARGV[3] == 'release' then
   redis.call('ZADD', KEYS[4], 'XX', expires, ARGV[2])

@@ -15,14 +15,6 @@
 --         {0, 'tpm' | 'budget', retry_after_ms (-1 = unknown), scope}  not even prompt + 1 fits
 --         {2, i1, ...}                        budget counters (KEYS indices) missing
 
-local WINDOW = 60
-
-local function now_ms()
-  if ARGV[1] ~= '' then return tonumber(ARGV[1]) end
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-
 local now = now_ms()
 local sec = math.floor(now / 1000)
 local metered = ARGV[3] == '1'
@@ -53,22 +45,11 @@ local charged = {}
 for s = 1, 2 do
   local limit = tonumber(ARGV[6 + s])
   if limit >= 0 then
-    local data = redis.call('HGETALL', KEYS[1 + s])
-    local used, oldest = 0, nil
-    for i = 1, #data, 2 do
-      local b = tonumber(data[i])
-      if b < sec - WINDOW then
-        redis.call('HDEL', KEYS[1 + s], data[i])
-      else
-        used = used + tonumber(data[i + 1])
-        if oldest == nil or b < oldest then oldest = b end
-      end
-    end
+    local used, oldest = window(KEYS[1 + s], sec)
     local room = limit - used
     if headroom == nil or room < headroom then
       headroom, tight, tight_scope = room, 'tpm', scopes[s]
-      tight_retry = 1000
-      if oldest ~= nil then tight_retry = math.max(1, (oldest + WINDOW + 1) * 1000 - now) end
+      tight_retry = retry_ms(oldest, now)
     end
     table.insert(charged, 1 + s)
   end
