@@ -16,6 +16,7 @@ import os
 import platform
 import re
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -670,6 +671,8 @@ def main(argv: Sequence[str]) -> int:
     unknown = [n for n in args.scenarios if n not in SCENARIOS]
     if unknown:
         parser.error(f"unknown scenario(s): {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
+    # SIGTERM unwinds like Ctrl-C, so the scenario's servers and processes are stopped.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     return asyncio.run(run(args.scenarios, args.decisions))
 
 
