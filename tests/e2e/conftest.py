@@ -3,7 +3,10 @@ test session on the session's Postgres and Valkey, plus a factory for tenants an
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import os
+import secrets
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -12,10 +15,12 @@ from typing import Any
 import aiohttp
 import asyncpg
 import attrs
+import ollama
+import openai
 import pytest
 
 import localstack
-from shared import admin
+from shared import admin, keys
 from shared.db import asyncpg_dsn
 from shared.hashing import Argon2Params
 
@@ -138,3 +143,62 @@ class SimulatorControl:
         """Change simulator settings at runtime."""
         async with self.http.post(f"{self.url}/_sim/settings", json=changes) as resp:
             resp.raise_for_status()
+
+
+# --- helpers several e2e files share ---------------------------------------------------------
+
+
+@pytest.fixture
+async def stack_db(stack: Stack) -> AsyncIterator[asyncpg.Connection]:
+    """A connection to the running stack's database (revoking, suspending, reading the ledger)."""
+    conn = await asyncpg.connect(asyncpg_dsn(stack.database_url))
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+def openai_client(stack: Stack, key: str) -> openai.AsyncOpenAI:
+    """The official openai client on the gateway, without retries (a retry would hide a 429)."""
+    return openai.AsyncOpenAI(base_url=f"{stack.gateway_url}/v1", api_key=key, max_retries=0)
+
+
+@contextlib.asynccontextmanager
+async def ollama_client(stack: Stack, key: str) -> AsyncIterator[ollama.AsyncClient]:
+    """The official ollama client on the gateway with the key, closed afterwards."""
+    client = ollama.AsyncClient(host=stack.gateway_url, headers={"Authorization": f"Bearer {key}"})
+    try:
+        yield client
+    finally:
+        await client.close()  # type: ignore[no-untyped-call]  # ollama 0.6.3 leaves close() unannotated
+
+
+def forged_key(prefix: str) -> str:
+    """A well-formed key (valid checksum) for `prefix` with a random secret."""
+    random_part = "".join(secrets.choice(keys.ALPHABET) for _ in range(keys.RANDOM_LEN))
+    return keys.KEY_SCHEME + prefix + random_part + keys.checksum(prefix + random_part)
+
+
+def sent_bytes(record: dict[str, Any]) -> bytes:
+    """The exact bytes the simulator wrote back for one request."""
+    return base64.b64decode(record["response_base64"])
+
+
+async def key_ids(conn: asyncpg.Connection, token: str) -> tuple[int, int]:
+    """(tenant id, key id) of a key made by make_key."""
+    row = await conn.fetchrow(
+        "SELECT id, tenant_id FROM api_keys WHERE prefix = $1", keys.parse_key(token).prefix
+    )
+    assert row is not None
+    return int(row["tenant_id"]), int(row["id"])
+
+
+async def finished_records(
+    http: aiohttp.ClientSession, stack: Stack, count: int, *, wait_seconds: float = 10.0
+) -> list[dict[str, Any]]:
+    """The simulator's records once `count` requests have finished (the simulator bounds the wait)."""
+    url = f"{stack.ollama_url}/_sim/requests?wait_finished={count}&timeout={wait_seconds:g}"
+    async with http.get(url) as resp:
+        assert resp.status == 200, await resp.text()
+        records: list[dict[str, Any]] = await resp.json()
+        return records

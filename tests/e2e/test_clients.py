@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import io
 import json
-import secrets
 import struct
 import time
 import uuid
@@ -33,8 +31,17 @@ from multidict import CIMultiDict
 
 from shared import admin, keys
 from shared import grant as grants
-from shared.db import asyncpg_dsn
-from tests.e2e.conftest import KeyFactory, SimulatorControl, Stack
+from tests.e2e.conftest import (
+    KeyFactory,
+    SimulatorControl,
+    Stack,
+    finished_records,
+    forged_key,
+    key_ids,
+    ollama_client,
+    openai_client,
+    sent_bytes,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -59,36 +66,9 @@ Reply = tuple[int, CIMultiDict[str], bytes]
 # Helpers
 
 
-@pytest.fixture
-async def stack_db(stack: Stack) -> AsyncIterator[asyncpg.Connection]:
-    """A connection to the running stack's database."""
-    conn = await asyncpg.connect(asyncpg_dsn(stack.database_url))
-    try:
-        yield conn
-    finally:
-        await conn.close()
-
-
-def _openai(stack: Stack, key: str) -> openai.AsyncOpenAI:
-    """The official openai client on the gateway, without retries (a retry would hide a 429)."""
-    return openai.AsyncOpenAI(base_url=f"{stack.gateway_url}/v1", api_key=key, max_retries=0)
-
-
-@contextlib.asynccontextmanager
-async def _ollama(stack: Stack, key: str) -> AsyncIterator[ollama.AsyncClient]:
-    """The official ollama client on the gateway with the key, closed afterwards."""
-    client = ollama.AsyncClient(host=stack.gateway_url, headers={"Authorization": f"Bearer {key}"})
-    try:
-        yield client
-    finally:
-        await client.close()  # type: ignore[no-untyped-call]  # ollama 0.6.3 leaves close() unannotated
-
-
 def _wrong_secret(token: str) -> str:
     """A well-formed key (valid checksum) with a real key's prefix but another secret."""
-    prefix = keys.parse_key(token).prefix
-    random_part = "".join(secrets.choice(keys.ALPHABET) for _ in range(keys.RANDOM_LEN))
-    forged = keys.KEY_SCHEME + prefix + random_part + keys.checksum(prefix + random_part)
+    forged = forged_key(keys.parse_key(token).prefix)
     keys.parse_key(forged)  # well-formed: the refusal must come from the secret check
     assert forged != token
     return forged
@@ -101,11 +81,6 @@ async def _suspended_key(make_key: KeyFactory, stack_db: asyncpg.Connection) -> 
     return token
 
 
-def _sent(record: dict[str, Any]) -> bytes:
-    """The exact bytes the simulator wrote back for one request."""
-    return base64.b64decode(record["response_base64"])
-
-
 def _vector(embedding: list[float] | str) -> list[float]:
     """An OpenAI embedding as floats (the SDK asks for base64 float32 unless told otherwise)."""
     if isinstance(embedding, list):
@@ -116,14 +91,6 @@ def _vector(embedding: list[float] | str) -> list[float]:
 
 def _header_names(record: dict[str, Any]) -> set[str]:
     return {name.lower() for name, _ in record["headers"]}
-
-
-async def _finished(http: aiohttp.ClientSession, stack: Stack, count: int) -> list[dict[str, Any]]:
-    """The simulator's records once `count` requests have finished (bounded by the simulator)."""
-    async with http.get(f"{stack.ollama_url}/_sim/requests?wait_finished={count}&timeout=10") as resp:
-        assert resp.status == 200, await resp.text()
-        records: list[dict[str, Any]] = await resp.json()
-        return records
 
 
 async def _eventually_row(conn: asyncpg.Connection, query: str, *args: object) -> asyncpg.Record:
@@ -139,14 +106,6 @@ async def _eventually_row(conn: asyncpg.Connection, query: str, *args: object) -
         await asyncio.sleep(0.1)
 
 
-async def _key_ids(conn: asyncpg.Connection, token: str) -> tuple[int, int]:
-    row = await conn.fetchrow(
-        "SELECT id, tenant_id FROM api_keys WHERE prefix = $1", keys.parse_key(token).prefix
-    )
-    assert row is not None
-    return int(row["tenant_id"]), int(row["id"])
-
-
 # ---------------------------------------------------------------------------------------------
 # The official clients succeed
 
@@ -156,7 +115,7 @@ async def test_openai_client_every_endpoint(
 ) -> None:
     """With a valid key the official openai client completes a chat (whole and streamed), a
     completion and an embedding, lists models and retrieves one; the answers are the simulator's."""
-    async with _openai(stack, await make_key()) as client:
+    async with openai_client(stack, await make_key()) as client:
         chat = await client.chat.completions.create(model=MODEL, messages=MESSAGES)
         stream = await client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True)
         pieces = [chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices]
@@ -174,14 +133,15 @@ async def test_openai_client_every_endpoint(
         ("GET", f"/v1/models/{MODEL}"),
     ]
     assert (
-        chat.choices[0].message.content == json.loads(_sent(records[0]))["choices"][0]["message"]["content"]
+        chat.choices[0].message.content
+        == json.loads(sent_bytes(records[0]))["choices"][0]["message"]["content"]
     )
     assert chat.choices[0].message.content
     assert len(pieces) > 1
     assert "".join(pieces)
-    assert completion.choices[0].text == json.loads(_sent(records[2]))["choices"][0]["text"]
+    assert completion.choices[0].text == json.loads(sent_bytes(records[2]))["choices"][0]["text"]
     assert [e.embedding for e in embedding.data] == [
-        _vector(e["embedding"]) for e in json.loads(_sent(records[3]))["data"]
+        _vector(e["embedding"]) for e in json.loads(sent_bytes(records[3]))["data"]
     ]
     assert len(embedding.data) == 2
     assert MODEL in {name.split(":")[0] for name in listed}
@@ -193,7 +153,7 @@ async def test_ollama_client_every_endpoint(
 ) -> None:
     """With a valid key the official ollama client chats, generates, embeds, lists and shows; the
     answers are the simulator's."""
-    async with _ollama(stack, await make_key()) as client:
+    async with ollama_client(stack, await make_key()) as client:
         chat = await client.chat(model=MODEL, messages=MESSAGES)
         generated = await client.generate(model=MODEL, prompt="Why is the sky blue?")
         embedded = await client.embed(model=EMBED_MODEL, input=["Why?", "Why not?"])
@@ -207,13 +167,15 @@ async def test_ollama_client_every_endpoint(
         ("GET", "/api/tags"),
         ("POST", "/api/show"),
     ]
-    assert chat.message.content == json.loads(_sent(records[0]))["message"]["content"]
+    assert chat.message.content == json.loads(sent_bytes(records[0]))["message"]["content"]
     assert chat.message.content
-    assert generated.response == json.loads(_sent(records[1]))["response"]
-    assert [list(v) for v in embedded.embeddings] == json.loads(_sent(records[2]))["embeddings"]
-    assert {m.model for m in listed.models} == {m["model"] for m in json.loads(_sent(records[3]))["models"]}
+    assert generated.response == json.loads(sent_bytes(records[1]))["response"]
+    assert [list(v) for v in embedded.embeddings] == json.loads(sent_bytes(records[2]))["embeddings"]
+    assert {m.model for m in listed.models} == {
+        m["model"] for m in json.loads(sent_bytes(records[3]))["models"]
+    }
     assert shown.details is not None
-    assert shown.details.family == json.loads(_sent(records[4]))["details"]["family"]
+    assert shown.details.family == json.loads(sent_bytes(records[4]))["details"]["family"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,7 +187,7 @@ async def test_openai_wrong_secret_is_authentication_error(
 ) -> None:
     """A well-formed key with a real prefix and a wrong secret raises openai.AuthenticationError
     (401, invalid_api_key) and reaches nothing."""
-    async with _openai(stack, _wrong_secret(await make_key())) as client:
+    async with openai_client(stack, _wrong_secret(await make_key())) as client:
         with pytest.raises(openai.AuthenticationError) as raised:
             await client.chat.completions.create(model=MODEL, messages=MESSAGES)
     assert raised.value.status_code == 401
@@ -238,7 +200,7 @@ async def test_openai_suspended_tenant_is_permission_denied(
     stack: Stack, make_key: KeyFactory, stack_db: asyncpg.Connection, simulator: SimulatorControl
 ) -> None:
     """A key of a suspended tenant raises openai.PermissionDeniedError (403, tenant_suspended)."""
-    async with _openai(stack, await _suspended_key(make_key, stack_db)) as client:
+    async with openai_client(stack, await _suspended_key(make_key, stack_db)) as client:
         with pytest.raises(openai.PermissionDeniedError) as raised:
             await client.models.list()
     assert raised.value.status_code == 403
@@ -251,7 +213,7 @@ async def test_openai_unknown_route_is_not_found(
 ) -> None:
     """/v1/unknown, fetched with the client's raw `get`, raises openai.NotFoundError (404) in the
     OpenAI error shape."""
-    async with _openai(stack, await make_key()) as client:
+    async with openai_client(stack, await make_key()) as client:
         with pytest.raises(openai.NotFoundError) as raised:
             await client.get("/unknown", cast_to=object)
     assert raised.value.status_code == 404
@@ -265,7 +227,7 @@ async def test_openai_second_call_over_rpm_is_rate_limit_error(
 ) -> None:
     """With rpm=1 the first call succeeds and the second raises openai.RateLimitError (429,
     rate_limit_exceeded, Retry-After); only the first reaches the simulator."""
-    async with _openai(stack, await make_key(rpm=1)) as client:
+    async with openai_client(stack, await make_key(rpm=1)) as client:
         await client.models.list()
         with pytest.raises(openai.RateLimitError) as raised:
             await client.models.list()
@@ -280,15 +242,15 @@ async def test_ollama_denials_are_response_errors(
 ) -> None:
     """The ollama client raises ResponseError 401 for a wrong secret, 403 for a suspended tenant and
     429 for the second call of an rpm=1 key; only the allowed call reaches the simulator."""
-    async with _ollama(stack, _wrong_secret(await make_key())) as client:
+    async with ollama_client(stack, _wrong_secret(await make_key())) as client:
         with pytest.raises(ollama.ResponseError) as unauthorised:
             await client.chat(model=MODEL, messages=MESSAGES)
     assert (unauthorised.value.status_code, unauthorised.value.error) == (401, "invalid API key")
-    async with _ollama(stack, await _suspended_key(make_key, stack_db)) as client:
+    async with ollama_client(stack, await _suspended_key(make_key, stack_db)) as client:
         with pytest.raises(ollama.ResponseError) as forbidden:
             await client.chat(model=MODEL, messages=MESSAGES)
     assert (forbidden.value.status_code, forbidden.value.error) == (403, "tenant suspended")
-    async with _ollama(stack, await make_key(rpm=1)) as client:
+    async with ollama_client(stack, await make_key(rpm=1)) as client:
         await client.chat(model=MODEL, messages=MESSAGES)
         with pytest.raises(ollama.ResponseError) as limited:
             await client.chat(model=MODEL, messages=MESSAGES)
@@ -302,7 +264,7 @@ async def test_ollama_model_management_is_forbidden(
 ) -> None:
     """pull, push, create, copy and delete with a valid key all raise ResponseError 403, and the
     simulator records none of those paths (nor anything else)."""
-    async with _ollama(stack, await make_key()) as client:
+    async with ollama_client(stack, await make_key()) as client:
         calls: dict[str, Callable[[], Awaitable[object]]] = {
             "pull": lambda: client.pull(MODEL),
             "push": lambda: client.push(MODEL),
@@ -357,7 +319,7 @@ async def test_spoofed_headers_without_a_key_are_401(
     """A request with no key but with a correctly signed grant, a grant request id, another X-Gw-*
     header and X-Forwarded-For/-Method/-Uri naming an open route is still 401, and reaches nothing."""
     token = await make_key()
-    tenant_id, key_id = await _key_ids(stack_db, token)
+    tenant_id, key_id = await key_ids(stack_db, token)
     grant = _signed_grant(
         stack,
         tenant_id=tenant_id,
@@ -386,7 +348,7 @@ async def test_spoofed_headers_with_a_key_change_nothing(
     POST /api/chat, none of the spoofed headers reaches Ollama, and the ledger meters it as chat
     under Caddy's own request id."""
     token = await make_key()
-    tenant_id, key_id = await _key_ids(stack_db, token)
+    tenant_id, key_id = await key_ids(stack_db, token)
     grant = _signed_grant(
         stack,
         tenant_id=tenant_id,
@@ -498,7 +460,7 @@ async def test_client_disconnect_mid_stream_cancels_the_generation(
     key = await make_key()
     received = 0
     if sdk == "openai":
-        async with _openai(stack, key) as client:
+        async with openai_client(stack, key) as client:
             stream = await client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True)
             async for _ in stream:
                 received += 1
@@ -506,7 +468,7 @@ async def test_client_disconnect_mid_stream_cancels_the_generation(
                     break
             await stream.close()
     else:
-        async with _ollama(stack, key) as client:
+        async with ollama_client(stack, key) as client:
             parts = await client.chat(model=MODEL, messages=MESSAGES, stream=True)
             async for _ in parts:
                 received += 1
@@ -514,7 +476,7 @@ async def test_client_disconnect_mid_stream_cancels_the_generation(
                     break
             await parts.aclose()  # type: ignore[attr-defined]  # an async generator, typed as AsyncIterator
     assert received == 2
-    (record,) = await _finished(http, stack, 1)
+    (record,) = await finished_records(http, stack, 1)
     generation = record["generation"]
     assert generation["outcome"] == "cancelled", generation
     assert generation["chunks_sent"] < 200
@@ -527,7 +489,7 @@ async def test_allowed_answers_carry_rate_limit_headers(
     """For a key with rpm and tpm limits, allowed answers (chat, embeddings, the model list) carry
     all six x-ratelimit-* headers with the key's limits, and what remains is within them."""
     rpm, tpm = 1000, 1_000_000
-    async with _openai(stack, await make_key(rpm=rpm, tpm=tpm)) as client:
+    async with openai_client(stack, await make_key(rpm=rpm, tpm=tpm)) as client:
         chat = await client.chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES)
         embeddings = await client.embeddings.with_raw_response.create(model=EMBED_MODEL, input="Why?")
         models = await client.models.with_raw_response.list()

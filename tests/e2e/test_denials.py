@@ -9,12 +9,11 @@ address per minute and every e2e request comes from 127.0.0.1.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -28,8 +27,7 @@ from yarl import URL
 
 from shared import admin, keys
 from shared import grant as grants
-from shared.db import asyncpg_dsn
-from tests.e2e.conftest import KeyFactory, SimulatorControl, Stack
+from tests.e2e.conftest import KeyFactory, SimulatorControl, Stack, forged_key, ollama_client, openai_client
 
 pytestmark = pytest.mark.e2e
 
@@ -50,16 +48,6 @@ BLOCKED_WORDS = (
 )
 
 Reply = tuple[int, CIMultiDict[str], bytes]
-
-
-@pytest.fixture
-async def stack_db(stack: Stack) -> AsyncIterator[asyncpg.Connection]:
-    """A connection to the running stack's database, for revoking, expiring and suspending."""
-    conn = await asyncpg.connect(asyncpg_dsn(stack.database_url))
-    try:
-        yield conn
-    finally:
-        await conn.close()
 
 
 async def _ask(
@@ -142,12 +130,6 @@ def _assert_401(reply: Reply, dialect: str, message: str) -> None:
         assert error["message"] == message
 
 
-def _forged_key(prefix: str) -> str:
-    """A key with a valid checksum for `prefix` and a random secret."""
-    random_part = "".join(secrets.choice(keys.ALPHABET) for _ in range(keys.RANDOM_LEN))
-    return keys.KEY_SCHEME + prefix + random_part + keys.checksum(prefix + random_part)
-
-
 async def _leaked(simulator: SimulatorControl) -> list[dict[str, Any]]:
     """Recorded requests whose path names a blocked route."""
     return [r for r in await simulator.requests() if any(word in r["path"].lower() for word in BLOCKED_WORDS)]
@@ -187,13 +169,13 @@ async def test_unknown_prefix_and_wrong_secret_are_401(
     """A well-formed key whose prefix is unknown, and one with a real prefix but another secret
     (valid checksum, so it reaches the Argon2 check), are both 401 `invalid API key`."""
     gw = stack.gateway_url
-    unknown = _forged_key("".join(secrets.choice(keys.ALPHABET) for _ in range(keys.PREFIX_LEN)))
+    unknown = forged_key("".join(secrets.choice(keys.ALPHABET) for _ in range(keys.PREFIX_LEN)))
     keys.parse_key(unknown)  # well-formed: the refusal must come from the lookup
     _assert_401(
         await _ask(http, "POST", f"{gw}/api/chat", key=unknown, body=CHAT), "ollama", "invalid API key"
     )
     real = await make_key()
-    wrong_secret = _forged_key(keys.parse_key(real).prefix)
+    wrong_secret = forged_key(keys.parse_key(real).prefix)
     assert wrong_secret != real
     _assert_401(
         await _ask(http, "POST", f"{gw}/v1/chat/completions", key=wrong_secret, body=CHAT),
@@ -593,20 +575,6 @@ async def test_stream_proxy_refuses_a_replayed_grant(
 # The official clients
 
 
-def _openai(stack: Stack, key: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=f"{stack.gateway_url}/v1", api_key=key, max_retries=0)
-
-
-@contextlib.asynccontextmanager
-async def _ollama(stack: Stack, key: str) -> AsyncIterator[ollama.AsyncClient]:
-    """An official ollama client on the gateway with the key, closed afterwards."""
-    client = ollama.AsyncClient(host=stack.gateway_url, headers={"Authorization": f"Bearer {key}"})
-    try:
-        yield client
-    finally:
-        await client.close()  # type: ignore[no-untyped-call]  # ollama 0.6.3 leaves close() unannotated
-
-
 async def test_openai_client_sees_the_right_exceptions(
     stack: Stack, make_key: KeyFactory, stack_db: asyncpg.Connection, simulator: SimulatorControl
 ) -> None:
@@ -614,8 +582,8 @@ async def test_openai_client_sees_the_right_exceptions(
     PermissionDeniedError (403) for a suspended tenant and NotFoundError (404) for a route the
     gateway does not serve."""
     messages: list[Any] = [{"role": "user", "content": "Say hi"}]
-    unknown = _forged_key("".join(secrets.choice(keys.ALPHABET) for _ in range(keys.PREFIX_LEN)))
-    async with _openai(stack, unknown) as client:
+    unknown = forged_key("".join(secrets.choice(keys.ALPHABET) for _ in range(keys.PREFIX_LEN)))
+    async with openai_client(stack, unknown) as client:
         with pytest.raises(openai.AuthenticationError) as auth:
             await client.chat.completions.create(model="llama3.2", messages=messages)
     assert auth.value.status_code == 401
@@ -625,12 +593,12 @@ async def test_openai_client_sees_the_right_exceptions(
     tenant = f"susp-{uuid.uuid4().hex[:8]}"
     suspended = await make_key(tenant=tenant)
     await admin.set_tenant_status(stack_db, name=tenant, status="suspended")
-    async with _openai(stack, suspended) as client:
+    async with openai_client(stack, suspended) as client:
         with pytest.raises(openai.PermissionDeniedError) as denied:
             await client.chat.completions.create(model="llama3.2", messages=messages)
     assert denied.value.status_code == 403
 
-    async with _openai(stack, await make_key()) as client:
+    async with openai_client(stack, await make_key()) as client:
         with pytest.raises(openai.NotFoundError) as missing:
             await client.responses.create(model="llama3.2", input="Say hi")
     assert missing.value.status_code == 404
@@ -644,7 +612,7 @@ async def test_openai_client_chat_works(
     """With a valid key the official openai client completes a chat, streamed and not, and lists
     models."""
     messages: list[Any] = [{"role": "user", "content": "Say hi"}]
-    async with _openai(stack, await make_key()) as client:
+    async with openai_client(stack, await make_key()) as client:
         completion = await client.chat.completions.create(model="llama3.2", messages=messages)
         assert completion.choices[0].message.content
         stream = await client.chat.completions.create(model="llama3.2", messages=messages, stream=True)
@@ -663,8 +631,8 @@ async def test_ollama_client_sees_401_and_403(
     """The official ollama client raises ResponseError 401 for a bad key and 403 for a suspended
     tenant on chat, and 403 for pull, push, create, copy and delete with a valid key."""
     messages: list[Any] = [{"role": "user", "content": "Say hi"}]
-    bad = _forged_key(keys.parse_key(await make_key()).prefix)
-    async with _ollama(stack, bad) as client:
+    bad = forged_key(keys.parse_key(await make_key()).prefix)
+    async with ollama_client(stack, bad) as client:
         with pytest.raises(ollama.ResponseError) as unauthorised:
             await client.chat(model="llama3.2", messages=messages)
     assert unauthorised.value.status_code == 401
@@ -673,12 +641,12 @@ async def test_ollama_client_sees_401_and_403(
     tenant = f"susp-{uuid.uuid4().hex[:8]}"
     suspended = await make_key(tenant=tenant)
     await admin.set_tenant_status(stack_db, name=tenant, status="suspended")
-    async with _ollama(stack, suspended) as client:
+    async with ollama_client(stack, suspended) as client:
         with pytest.raises(ollama.ResponseError) as forbidden:
             await client.chat(model="llama3.2", messages=messages)
     assert forbidden.value.status_code == 403
 
-    async with _ollama(stack, await make_key()) as client:
+    async with ollama_client(stack, await make_key()) as client:
         calls: dict[str, Callable[[], Awaitable[object]]] = {
             "pull": lambda: client.pull("llama3.2"),
             "push": lambda: client.push("llama3.2"),
@@ -700,7 +668,7 @@ async def test_ollama_client_chat_works(
 ) -> None:
     """With a valid key the official ollama client chats, streamed and not, and lists models."""
     messages: list[Any] = [{"role": "user", "content": "Say hi"}]
-    async with _ollama(stack, await make_key()) as client:
+    async with ollama_client(stack, await make_key()) as client:
         response = await client.chat(model="llama3.2", messages=messages)
         assert response.message.content
         assert response.done

@@ -43,7 +43,7 @@ from shared.db import asyncpg_dsn
 from shared.models import UsageEvent
 from shared.periods import periods_at
 from stream_proxy.app import create_app
-from tests.e2e.conftest import KeyFactory, SimulatorControl, Stack
+from tests.e2e.conftest import KeyFactory, SimulatorControl, Stack, finished_records, key_ids, sent_bytes
 
 pytestmark = pytest.mark.e2e
 
@@ -157,11 +157,6 @@ async def _records(simulator: SimulatorControl, method: str, path: str) -> list[
     return [r for r in await simulator.requests() if r["method"] == method and r["path"] == path]
 
 
-def _sent(record: dict[str, Any]) -> bytes:
-    """The exact bytes the simulator wrote back for one request."""
-    return base64.b64decode(record["response_base64"])
-
-
 def _forwarded(record: dict[str, Any]) -> dict[str, Any]:
     """The body that reached the simulator."""
     document: dict[str, Any] = orjson.loads(base64.b64decode(record["body_base64"]))
@@ -177,24 +172,13 @@ def _is_usage_event(event: bytes) -> bool:
     return isinstance(data, dict) and data.get("choices") == []
 
 
-async def _wait_finished(http: aiohttp.ClientSession, stack: Stack, count: int) -> list[dict[str, Any]]:
-    """The simulator's records once `count` requests have finished (bounded by the simulator)."""
-    url = f"{stack.ollama_url}/_sim/requests?wait_finished={count}&timeout=5"
-    async with http.get(url) as resp:
-        assert resp.status == 200, await resp.text()
-        records: list[dict[str, Any]] = await resp.json()
-        return records
-
-
 async def _key_ids(stack: Stack, token: str) -> tuple[int, int]:
     """(tenant id, key id) of a key made by make_key."""
     conn = await asyncpg.connect(asyncpg_dsn(stack.database_url))
     try:
-        row = await conn.fetchrow("SELECT id, tenant_id FROM api_keys WHERE prefix = $1", _prefix(token))
+        return await key_ids(conn, token)
     finally:
         await conn.close()
-    assert row is not None
-    return int(row["tenant_id"]), int(row["id"])
 
 
 async def _signed_grant(
@@ -373,7 +357,7 @@ async def test_every_endpoint_relays_the_simulators_bytes_and_reports_its_counts
     records = await _records(simulator, case.method, case.path)
     assert len(records) == 1, records
     record = records[0]
-    sent = _sent(record)
+    sent = sent_bytes(record)
     assert sent, record
     assert received == _expected(case, sent)
     assert headers.get("Content-Type") == case.content_type
@@ -426,7 +410,7 @@ async def test_head_answers_carry_the_length_of_the_get_body(
     status, headers, received = await _send(http, "HEAD", f"{stack.gateway_url}{path}", key=key)
     assert (status, received) == (200, b"")
     (record,) = await _records(simulator, "HEAD", path)
-    length = len(_sent(record))
+    length = len(sent_bytes(record))
     assert length > 0
     assert headers.get("Content-Length", str(length)) == str(length), headers
 
@@ -490,7 +474,7 @@ async def test_a_client_that_disconnects_cancels_the_generation(
     )
     assert k - 1 <= event.completion_tokens <= k + 1, event
     assert event.prompt_tokens > 0
-    (record,) = await _wait_finished(http, stack, 1)
+    (record,) = await finished_records(http, stack, 1, wait_seconds=5)
     generation = record["generation"]
     assert generation["outcome"] == "cancelled", generation
     assert generation["chunks_sent"] < 200
@@ -553,7 +537,7 @@ async def test_a_key_limited_to_one_model_sees_only_that_model(
         status, headers, data = await _send(http, "GET", f"{gw}{path}", key=key)
         assert status == 200, data
         (record,) = await _records(simulator, "GET", path)
-        upstream = orjson.loads(_sent(record))
+        upstream = orjson.loads(sent_bytes(record))
         assert {e[name_of] for e in upstream[field]} >= {"llama3.2:latest", "qwen3:8b"}, upstream
         listed = orjson.loads(data)
         assert listed == {**upstream, field: [e for e in upstream[field] if e[name_of] == "llama3.2:latest"]}
@@ -561,7 +545,7 @@ async def test_a_key_limited_to_one_model_sees_only_that_model(
         status, _, data = await _send(http, "GET", f"{gw}{path}", key=everything)
         assert status == 200
         _, unfiltered = await _records(simulator, "GET", path)
-        assert data == _sent(unfiltered)
+        assert data == sent_bytes(unfiltered)
 
 
 NUM_PREDICT = ("options", "num_predict")
@@ -662,7 +646,7 @@ async def test_ollama_too_slow_is_504_in_the_callers_dialect(
                     e for e in await usage.of(_prefix(token), done) if e.request_id == grant.request_id
                 )
                 assert (event.http_status, event.upstream_status, event.endpoint) == (504, None, path)
-            records = await _wait_finished(http, stack, len(paths))
+            records = await finished_records(http, stack, len(paths), wait_seconds=5)
             assert [r["generation"]["outcome"] for r in records] == ["cancelled", "cancelled"], records
     finally:
         await simulator.reset()
@@ -693,7 +677,7 @@ async def test_a_grant_is_good_for_one_request(
 
 
 def _sse_events(record: dict[str, Any]) -> list[Any]:
-    return [d for d in map(_sse_data, _sent(record).split(b"\n\n")) if d is not None]
+    return [d for d in map(_sse_data, sent_bytes(record).split(b"\n\n")) if d is not None]
 
 
 async def test_openai_client_streams_chat_with_and_without_usage(
@@ -746,17 +730,17 @@ async def test_ollama_client_chat_generate_and_embed(
     chat_whole, chat_stream = await _records(simulator, "POST", "/api/chat")
     (generate,) = await _records(simulator, "POST", "/api/generate")
     (embed,) = await _records(simulator, "POST", "/api/embed")
-    sent = orjson.loads(_sent(chat_whole))
+    sent = orjson.loads(sent_bytes(chat_whole))
     assert whole.message.content == sent["message"]["content"]
     assert whole.message.content
     assert (whole.prompt_eval_count, whole.eval_count) == (sent["prompt_eval_count"], sent["eval_count"])
-    lines = [orjson.loads(line) for line in _sent(chat_stream).splitlines()]
+    lines = [orjson.loads(line) for line in sent_bytes(chat_stream).splitlines()]
     assert "".join(p.message.content or "" for p in parts) == "".join(x["message"]["content"] for x in lines)
     assert parts[-1].done
     assert parts[-1].eval_count == chat_stream["generation"]["eval_count"]
-    assert generated.response == orjson.loads(_sent(generate))["response"]
+    assert generated.response == orjson.loads(sent_bytes(generate))["response"]
     assert generated.eval_count == generate["generation"]["eval_count"]
-    sent_embed = orjson.loads(_sent(embed))
+    sent_embed = orjson.loads(sent_bytes(embed))
     assert len(embedded.embeddings) == 2
     assert (
         embedded.prompt_eval_count
