@@ -28,7 +28,6 @@ import coredis
 import orjson
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 import localstack
 from authz_sidecar.app import ADMISSION, LISTENER, create_app
@@ -38,6 +37,7 @@ from shared.db import asyncpg_dsn
 from shared.hashing import Argon2Params
 from shared.periods import TOTAL_START, periods_at
 from shared.redis_keys import RedisKeys
+from tests.integration.serving import serving
 
 pytestmark = pytest.mark.integration
 
@@ -47,7 +47,6 @@ CHEAP = Argon2Params(memory_kib=1024, time_cost=1, parallelism=1)
 CLIENT = "198.51.100.23"
 WAIT_SECONDS = 10.0
 START_SECONDS = 20.0
-SHUTDOWN_SECONDS = 10.0
 POLL_SECONDS = 0.05
 BERLIN = ZoneInfo("Europe/Berlin")
 UTC = ZoneInfo("UTC")
@@ -112,45 +111,10 @@ class Sidecar:
 
 @contextlib.asynccontextmanager
 async def running(env: Mapping[str, str], clock: FixedClock | None = None) -> AsyncIterator[Sidecar]:
-    """create_app served by a TestServer, started and stopped inside one task of its own."""
+    """create_app served in process (tests/integration/serving.py)."""
     app = create_app(load_config(SidecarConfig, env), clock=clock or FixedClock())
-    started: asyncio.Future[Sidecar] = asyncio.get_running_loop().create_future()
-    stop = asyncio.Event()
-
-    async def serve() -> None:
-        server = TestServer(app)
-        await server.start_server()
-        try:
-            connector = aiohttp.TCPConnector(limit=250)
-            async with aiohttp.ClientSession(connector=connector) as session:
-                started.set_result(Sidecar(str(server.make_url("")).rstrip("/"), session, app))
-                await stop.wait()
-        finally:
-            await server.close()
-
-    task = asyncio.create_task(serve())
-    try:
-        waiters: list[asyncio.Future[Any]] = [started, task]
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        if not started.done():
-            task.result()  # raises what made the start fail
-        yield started.result()
-    finally:
-        stop.set()
-        done, _ = await asyncio.wait({task}, timeout=SHUTDOWN_SECONDS)
-        if not done:
-            # The app's cleanup hung (see the report on InvalidationListener.run_subscription, which
-            # can swallow its cancellation): cancel again until it is down, so no task outlives the
-            # test, then fail below (unless the test is already failing for another reason).
-            for _ in range(40):
-                task.cancel()
-                done, _ = await asyncio.wait({task}, timeout=0.25)
-                if done:
-                    break
-    if not done:
-        raise AssertionError(f"the sidecar app did not shut down within {SHUTDOWN_SECONDS} s")
-    if not task.cancelled():
-        task.result()
+    async with serving(app, connections=250) as (server, session):
+        yield Sidecar(str(server.make_url("")).rstrip("/"), session, app)
 
 
 @pytest.fixture

@@ -36,6 +36,7 @@ from shared.config import SidecarConfig, load_config
 from shared.hashing import Argon2Params
 from shared.models import Limits
 from shared.redis_keys import RedisKeys
+from tests.integration.serving import serving
 
 pytestmark = pytest.mark.integration
 
@@ -135,36 +136,11 @@ def sidecar_env(database_url: str, redis_url: str, redis_prefix: str) -> dict[st
 
 @contextlib.asynccontextmanager
 async def running(env: Mapping[str, str], clock: FixedClock | None = None) -> AsyncIterator[Sidecar]:
-    """create_app(config, clock=…) served by a TestServer, with a ClientSession.
-
-    The server starts and stops inside one task of its own, as in production (coredis clients must
-    be left in the task that entered them; an async fixture's setup and teardown are two tasks).
-    """
+    """create_app(config, clock=…) served in process (tests/integration/serving.py)."""
     clock = clock or fixed_clock()
     app = create_app(load_config(SidecarConfig, env), clock=clock)
-    started: asyncio.Future[Sidecar] = asyncio.get_running_loop().create_future()
-    stop = asyncio.Event()
-
-    async def serve() -> None:
-        server = TestServer(app)
-        await server.start_server()
-        try:
-            async with aiohttp.ClientSession() as session:
-                started.set_result(Sidecar(app, server, session, clock))
-                await stop.wait()
-        finally:
-            await server.close()
-
-    task = asyncio.create_task(serve())
-    try:
-        waiters: list[asyncio.Future[Any]] = [started, task]
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        if not started.done():
-            task.result()  # raises what made the start fail
-        yield started.result()
-    finally:
-        stop.set()
-        await task
+    async with serving(app) as (server, session):
+        yield Sidecar(app, server, session, clock)
 
 
 @pytest.fixture
