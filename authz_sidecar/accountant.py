@@ -250,14 +250,13 @@ class Accountant:
         now_ms = int((await self.redis.time()).timestamp() * 1000)
         cutoff = now_ms - int(self.options.sweep_grace * 1000)
         charged: list[UsageEvent] = []
-        for raw_tenant in await self.redis.smembers(self.keys.reserving_tenants):
-            tenant_id = int(raw_tenant)
+        for tenant_id in await self.scripts.reserving_tenants():
             index = self.keys.reservation_index(tenant_id)
             due = await self.redis.zrange(
                 index, "-inf", cutoff, sortby=coredis.PureToken.BYSCORE, offset=0, count=500
             )
             if not due and not await self.redis.zcard(index):
-                await self.redis.srem(self.keys.reserving_tenants, [raw_tenant])
+                await self.scripts.forget_tenant(tenant_id)
                 continue
             for raw_id in due:
                 request_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)

@@ -103,6 +103,12 @@ def _budget_specs(scope: Scope) -> list[tuple[Literal["key", "tenant"], str, int
     return specs
 
 
+# A stream_proxy re-registers a tenant at most this often; the sweeper unlists a tenant only when
+# its registration is older than TENANT_KEEP_MS (far longer, so skipped refreshes never unlist it).
+TENANT_REFRESH_SECONDS = 10.0
+TENANT_KEEP_MS = 120_000
+
+
 @attrs.define
 class LimitScripts:
     """The registered scripts of one Redis client."""
@@ -113,12 +119,14 @@ class LimitScripts:
     _reserve: Any = attrs.field(init=False)
     _settle: Any = attrs.field(init=False)
     _lease: Any = attrs.field(init=False)
+    _tenants: Any = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self._admit = self.redis.register_script(_lua("admit"))
         self._reserve = self.redis.register_script(_lua("reserve"))
         self._settle = self.redis.register_script(_lua("settle"))
         self._lease = self.redis.register_script(_lua("lease"))
+        self._tenants = self.redis.register_script(_lua("tenants"))
 
     def budget_key(self, scope: Scope, who: str, period: str) -> str:
         """The Redis counter of one budget period."""
@@ -298,3 +306,22 @@ class LimitScripts:
         ttl = SETTLE_GRACE_MS if action == "release" else ttl_ms
         reply = await self._lease(keys=keys, args=["" if now_ms is None else now_ms, request_id, action, ttl])
         return int(reply)
+
+    async def register_tenant(self, tenant_id: int, *, now_ms: int | None = None) -> None:
+        """List a tenant where the expired-lease sweeper looks (refresh at most every
+        TENANT_REFRESH_SECONDS; the sweeper keeps a registration TENANT_KEEP_MS)."""
+        await self._tenants(
+            keys=[self.keys.reserving_tenants], args=["" if now_ms is None else now_ms, tenant_id, "register"]
+        )
+
+    async def reserving_tenants(self) -> list[int]:
+        """The tenants that may hold open reservations."""
+        return [int(member) for member in await self.redis.zrange(self.keys.reserving_tenants, 0, -1)]
+
+    async def forget_tenant(self, tenant_id: int, *, now_ms: int | None = None) -> bool:
+        """Unlist a tenant whose reservation index was seen empty, unless registered lately."""
+        reply = await self._tenants(
+            keys=[self.keys.reserving_tenants],
+            args=["" if now_ms is None else now_ms, tenant_id, "forget", TENANT_KEEP_MS],
+        )
+        return bool(int(reply))

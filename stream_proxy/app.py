@@ -118,6 +118,7 @@ async def _proxy(app: web.Application) -> AsyncIterator[None]:
     )
     app[METRICS].watch_spool(lambda: app[REPORTER].depth)
     yield
+    await app[PROXY].finish()
 
 
 def create_app(config: ProxyConfig, *, clock: Clock = time.time) -> web.Application:

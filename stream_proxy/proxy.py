@@ -11,7 +11,8 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
 
 import aiohttp
 import attrs
@@ -23,7 +24,7 @@ from yarl import URL
 from shared import policy
 from shared.config import ProxyConfig
 from shared.grant import Grant, RateInfo
-from shared.limits import LimitScripts, NeedsHydration, Reserved, Scope, Spent
+from shared.limits import TENANT_REFRESH_SECONDS, LimitScripts, NeedsHydration, Reserved, Scope, Spent
 from shared.limits import Refused as LimitRefused
 from shared.models import EstimateReason, UsageEvent
 from shared.periods import from_names
@@ -81,6 +82,7 @@ class Proxy:
     clock: Callable[[], float] = time.time
     ollama: URL = attrs.field(init=False)
     _background: set[asyncio.Task[None]] = attrs.field(init=False, factory=set)
+    _registered: dict[int, float] = attrs.field(init=False, factory=dict)  # tenant → monotonic time
 
     def __attrs_post_init__(self) -> None:
         self.ollama = URL(self.config.options.ollama_url)
@@ -120,16 +122,37 @@ class Proxy:
                 raise Refused(429, message, code="rate_limit_exceeded", headers={"Retry-After": retry})
             raise Refused(429, f"{outcome.scope} token budget exhausted", code="insufficient_quota")
         if metered:
-            # Where the accountant's sweeper looks for reservations whose lease expired; sent while
-            # the request goes upstream, off the time to first byte.
-            task = asyncio.create_task(self._register_tenant(grant.tenant_id))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._register(grant.tenant_id)
         return outcome, size
 
-    async def _register_tenant(self, tenant_id: int) -> None:
-        with contextlib.suppress(*STORE_ERRORS):
-            await self.scripts.redis.sadd(self.scripts.keys.reserving_tenants, [str(tenant_id)])
+    def _register(self, tenant_id: int) -> None:
+        """List the tenant where the accountant's sweeper looks for reservations whose lease expired:
+        at most every TENANT_REFRESH_SECONDS, sent while the request goes upstream."""
+        last = self._registered.get(tenant_id)
+        if last is not None and time.monotonic() - last < TENANT_REFRESH_SECONDS:
+            return
+
+        async def register() -> None:
+            with contextlib.suppress(*STORE_ERRORS):
+                await self.scripts.register_tenant(tenant_id)
+                self._registered[tenant_id] = time.monotonic()
+
+        self._spawn(register())
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.error("background work failed", exc_info=error)
+
+    async def finish(self) -> None:
+        """Wait for the usage events and registrations still in flight (on shutdown)."""
+        while self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
 
     @contextlib.asynccontextmanager
     async def _lease(self, grant: Grant) -> AsyncIterator[None]:
@@ -238,8 +261,10 @@ class Proxy:
                     relay.result.status = refused.status
                     raise
         finally:
-            await self._emit(
-                grant, route, doc=doc, relay=relay, reserved=reserved, started=started, size=size
+            # After the response has ended, off the request's path: a keep-alive client's next
+            # request on this connection is not held behind the usage round trip.
+            self._spawn(
+                self._emit(grant, route, doc=doc, relay=relay, reserved=reserved, started=started, size=size)
             )
         return response
 

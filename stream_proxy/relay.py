@@ -83,16 +83,14 @@ class Relay:
     async def _open(self, payload: bytes | None) -> aiohttp.ClientResponse:
         target = self.ollama.with_path(self.request.path)  # no client query string: Ollama takes none
         try:
-            return await asyncio.wait_for(
-                self.session.request(
+            async with asyncio.timeout(self.first_byte_timeout):
+                return await self.session.request(
                     self.request.method,
                     target,
                     data=payload,
                     headers=upstream_headers(self.request, self.ollama),
                     allow_redirects=False,
-                ),
-                timeout=self.first_byte_timeout,
-            )
+                )
         except TimeoutError:
             self.result.upstream_failed = True
             raise Refused(504, "upstream model server timed out", headers={"Retry-After": "5"}) from None

@@ -609,14 +609,16 @@ async def test_ollama_unreachable_is_502_in_the_callers_dialect(
     token = await make_key()
     closed = f"http://127.0.0.1:{localstack.free_port()}"
     async with _own_proxy(stack, closed) as url:
-        for path in ("/api/chat", "/v1/chat/completions"):
+        for done, path in enumerate(("/api/chat", "/v1/chat/completions"), start=1):
             grant, signed = await _signed_grant(stack, token, "POST", path, metered=True)
             status, headers, data = await _send(
                 http, "POST", url.with_path(path), body=CHAT, headers={"X-Gw-Grant": signed}
             )
             assert status == 502, data
             _assert_dialect(path, headers, data)
-            event = next(e for e in await usage.of(_prefix(token), 1) if e.request_id == grant.request_id)
+            event = next(
+                e for e in await usage.of(_prefix(token), done) if e.request_id == grant.request_id
+            )
             assert (event.http_status, event.upstream_status, event.endpoint) == (502, None, path)
 
 

@@ -36,7 +36,7 @@ from shared import admin, usage_wire
 from shared.config import AccountantOptions, PostgresConfig
 from shared.db import create_pool
 from shared.hashing import Argon2Params
-from shared.limits import LimitScripts, Reserved, Scope
+from shared.limits import TENANT_KEEP_MS, LimitScripts, Reserved, Scope
 from shared.models import Limits, UsageEvent
 from shared.periods import PERIODS, Periods, periods_at
 from shared.redis_keys import RedisKeys
@@ -672,7 +672,7 @@ async def test_a_reservation_whose_lease_expired_is_charged_once_after_the_grace
             now_ms=redis_now - 21_000,
         )
         assert dead == Reserved(completion_limit=200, reserved=500)
-        await client.sadd(names.reserving_tenants, [str(key.tenant.id)])
+        await scripts.register_tenant(key.tenant.id)
         expires = redis_now - 20_000
 
     async with accountant_on(
@@ -725,7 +725,7 @@ async def test_a_reservation_whose_lease_expired_is_charged_once_after_the_grace
             now_ms=redis_now - 21_000,
         )
         assert isinstance(live, Reserved)
-        await redis.sadd(names.reserving_tenants, [str(key.tenant.id)])
+        await accountant.scripts.register_tenant(key.tenant.id)
         await accountant.scripts.lease(scope, "finished-normally", action="release", ttl_ms=1_000)
         assert await accountant.sweep() == 0
         assert await accountant.scripts.settle(scope, "finished-normally", 42)
@@ -737,6 +737,29 @@ async def test_a_reservation_whose_lease_expired_is_charged_once_after_the_grace
 
 
 # --- prompt logs -----------------------------------------------------------------------------------
+
+
+async def test_the_sweeper_unlists_a_tenant_only_when_its_index_is_empty_and_its_registration_old(
+    database_url: str, redis_url: str, redis_prefix: str
+) -> None:
+    """stream_proxy registers a tenant at most every TENANT_REFRESH_SECONDS, so a reservation may be
+    made without a fresh registration: the sweeper must not unlist a tenant registered lately (even
+    with an empty index), nor one with reservations; it unlists one registered long ago with none."""
+    async with accountant_on(database_url, redis_url, redis_prefix, groups=False) as accountant:
+        scripts = accountant.scripts
+        redis_now = int((await accountant.redis.time()).timestamp() * 1000)
+        await scripts.register_tenant(101)  # fresh, empty index
+        await scripts.register_tenant(102, now_ms=redis_now - TENANT_KEEP_MS - 5_000)  # old, empty
+        await scripts.register_tenant(103, now_ms=redis_now - TENANT_KEEP_MS - 5_000)  # old, in use
+        await accountant.redis.zadd(scripts.keys.reservation_index(103), {"open-request": redis_now + 60_000})
+        assert sorted(await scripts.reserving_tenants()) == [101, 102, 103]
+
+        assert await accountant.sweep() == 0
+        assert sorted(await scripts.reserving_tenants()) == [101, 103]
+        # A registration refreshed between the sweeper's look at the index and its removal wins.
+        assert not await scripts.forget_tenant(101)
+        assert await scripts.forget_tenant(101, now_ms=redis_now + TENANT_KEEP_MS + 1_000)
+        assert await scripts.reserving_tenants() == [103]
 
 
 async def test_prompt_logs_expire_and_are_purged_by_the_accountant_and_the_cli(
