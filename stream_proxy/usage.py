@@ -13,7 +13,7 @@ import asyncio
 import collections
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import attrs
@@ -48,8 +48,11 @@ class UsageReporter:
         """No room for another event: the process must stop accepting requests."""
         return len(self._spool) >= self.spool_max
 
-    async def report(self, event: UsageEvent, *, then: Callable[[Any], Any] | None = None) -> bool:
-        """Write one event now (with `then(pipeline)` queued in the same round trip), or spool it.
+    async def report(
+        self, event: UsageEvent, *, then: Callable[[Any], Callable[[], Awaitable[Any]]] | None = None
+    ) -> bool:
+        """Write one event now (with `then(pipeline)` queued in the same round trip, which returns
+        what reads its outcome), or spool it.
 
         Returns whether the event reached the stream now. A reply lost after a successful write
         spools the event again; the accountant applies each request id once, so that is harmless.
@@ -59,7 +62,8 @@ class UsageReporter:
             self.spooled += 1
             return False
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
+            # Errors stay with their command: a failed follow-up never hides a written event.
+            async with self.redis.pipeline(transaction=False, raise_on_error=False) as pipe:
                 written = pipe.xadd(self.stream, usage_wire.encode(event))
                 follow = then(pipe) if then is not None else None
             await written
@@ -71,7 +75,7 @@ class UsageReporter:
             return False
         if follow is not None:
             with contextlib.suppress(*STORE_ERRORS):
-                await follow
+                await follow()
         return True
 
     async def drain(self) -> int:

@@ -616,9 +616,7 @@ async def test_ollama_unreachable_is_502_in_the_callers_dialect(
             )
             assert status == 502, data
             _assert_dialect(path, headers, data)
-            event = next(
-                e for e in await usage.of(_prefix(token), done) if e.request_id == grant.request_id
-            )
+            event = next(e for e in await usage.of(_prefix(token), done) if e.request_id == grant.request_id)
             assert (event.http_status, event.upstream_status, event.endpoint) == (502, None, path)
 
 

@@ -397,6 +397,32 @@ async def test_settling_without_a_count_charges_the_reservation_as_it_stands(
         assert await lab.budget(who, "tenant", "total") == 50
 
 
+async def test_a_settle_queued_on_a_pipeline_applies_once_even_after_redis_lost_its_scripts(
+    lab_args: tuple[str, str],
+) -> None:
+    """settle_in (stream_proxy's settle beside the usage event) sends EVALSHA on the pipeline; with
+    the script cache flushed (a restarted Redis) the outcome loads the script again and applies the
+    settle; a second settle of the same request id is a no-op."""
+    async with lab_on(*lab_args) as lab:
+        who = scope(Limits(total_tokens=1000))
+        for request_id in ("r1", "r2"):
+            await lab.admitted(who, request_id, T0)
+            assert await lab.reserve(who, request_id, T0, prompt=60, completion=40) == Reserved(40, 100)
+        async with lab.redis.pipeline(transaction=False, raise_on_error=False) as pipe:
+            first = lab.scripts.settle_in(pipe, who, "r1", 30)
+        assert await first() is True
+        assert await lab.budget(who, "key", "total") == 30 + 100
+        await lab.redis.script_flush()
+        async with lab.redis.pipeline(transaction=False, raise_on_error=False) as pipe:
+            second = lab.scripts.settle_in(pipe, who, "r2", 25)
+        assert await second() is True
+        assert await lab.budget(who, "key", "total") == 30 + 25
+        async with lab.redis.pipeline(transaction=False, raise_on_error=False) as pipe:
+            again = lab.scripts.settle_in(pipe, who, "r2", 99)
+        assert await again() is False
+        assert await lab.budget(who, "key", "total") == 55
+
+
 async def test_a_grant_is_spent_by_its_first_reservation(lab_args: tuple[str, str]) -> None:
     """The reservation call spends the grant: a second call with the same request id gets Spent
     and charges nothing more, metered or not."""

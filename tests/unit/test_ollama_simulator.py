@@ -945,6 +945,17 @@ async def test_control_api_changes_settings_and_resets() -> None:
         assert s.recorder.records == []
 
 
+async def test_max_records_keeps_only_the_newest_requests() -> None:
+    """With max_records 2, three requests leave the last two on record (benchmarks keep few)."""
+    async with running() as s:
+        async with s.post("/_sim/settings", {"max_records": 2}) as r:
+            assert r.status == 200
+        for prompt in ("one", "two", "three"):
+            async with s.post("/api/generate", {"model": "llama3.2", "prompt": prompt, "stream": False}) as r:
+                assert r.status == 200
+        assert [json.loads(r.body)["prompt"] for r in s.recorder.records] == ["two", "three"]
+
+
 # --------------------------------------------------------------------------- pure pieces
 
 

@@ -1,0 +1,738 @@
+"""The HTTP-level arms of `scripts/bench`: the simulator directly, a bare Caddy `reverse_proxy` (the
+floor), Caddy with forward_auth only (the sidecar hop), the full gateway with every limit
+configured, and optionally LiteLLM's proxy (`--peer litellm`), measured the same way.
+
+Arms run interleaved in rounds (A B C A B C …) so drift of the machine cancels out; the load comes
+from separate `scripts/loadgen.py` processes (closed-loop aiohttp clients) so the client is not
+what limits an arm. Every arm sends the same OpenAI `/v1/chat/completions` body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import attrs
+import orjson
+
+import localstack
+from shared import admin
+from shared.db import asyncpg_dsn
+from shared.models import LIMIT_NAMES
+
+CHAT_PATH = "/v1/chat/completions"
+MESSAGES = [{"role": "user", "content": "Say hi"}]
+LOADGEN = localstack.ROOT / "scripts" / "loadgen.py"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def process_tree(pid: int) -> list[int]:
+    """A process and its descendants (Postgres backends, LiteLLM workers)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo.extend(children.get(current, []))
+    return found
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process tree so far."""
+    total = 0
+    for each in process_tree(pid):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{each}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / CLK_TCK
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process tree."""
+    total = 0
+    for each in process_tree(pid):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            for line in Path(f"/proc/{each}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+    return total / 1024
+
+
+@attrs.frozen
+class Arm:
+    """One way to reach the simulator."""
+
+    name: str
+    url: str
+    headers: Mapping[str, str]
+    pids: Mapping[str, int]  # the processes this arm adds (measured for CPU and RSS)
+    model: str = "llama3.2"
+
+
+@attrs.define
+class Sample:
+    """Everything measured for one arm at one concurrency (summed over rounds)."""
+
+    latency: list[float] = attrs.Factory(list)
+    ttfb: list[float] = attrs.Factory(list)
+    gaps: list[float] = attrs.Factory(list)
+    requests: int = 0
+    elapsed: float = 0.0
+    reads: int = 0
+    coalesced_reads: int = 0
+    errors: int = 0
+    statuses: dict[str, int] = attrs.Factory(dict)
+    cpu: dict[str, float] = attrs.Factory(dict)  # process → CPU seconds during the runs
+    rss: dict[str, float] = attrs.Factory(dict)  # process → peak MB
+    loadgen_cpu: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        """Completed requests per second."""
+        return self.requests / self.elapsed if self.elapsed else 0.0
+
+
+@attrs.define
+class LoadGenerator:
+    """`workers` loadgen processes sharing each job's concurrency."""
+
+    workers: int = 2
+    procs: list[asyncio.subprocess.Process] = attrs.Factory(list)
+
+    async def start(self) -> LoadGenerator:
+        """Start the worker processes."""
+        for _ in range(self.workers):
+            self.procs.append(
+                await asyncio.create_subprocess_exec(
+                    str(localstack.ROOT / ".venv" / "bin" / "python"),
+                    str(LOADGEN),
+                    stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE,
+                    limit=1 << 28,
+                )
+            )
+        return self
+
+    async def stop(self) -> None:
+        """Close their input and wait for them."""
+        for proc in self.procs:
+            if proc.stdin is not None:
+                proc.stdin.close()
+        for proc in self.procs:
+            try:
+                await asyncio.wait_for(proc.wait(), 5)
+            except TimeoutError:
+                proc.kill()
+        self.procs.clear()
+
+    async def run(self, arm: Arm, *, concurrency: int, seconds: float, stream: bool) -> dict[str, Any]:
+        """One closed-loop run of `concurrency` clients for `seconds`, merged over the workers."""
+        body: dict[str, Any] = {"model": arm.model, "messages": MESSAGES}
+        if stream:
+            body["stream"] = True
+        used = self.procs[: max(1, min(len(self.procs), concurrency))]
+        start_at = time.time() + 0.2
+        shares = [concurrency // len(used) + (i < concurrency % len(used)) for i in range(len(used))]
+        for proc, share in zip(used, shares, strict=True):
+            job = {
+                "url": arm.url + CHAT_PATH,
+                "headers": {"Content-Type": "application/json", **arm.headers},
+                "body": orjson.dumps(body).decode(),
+                "concurrency": share,
+                "seconds": seconds,
+                "start_at": start_at,
+                "stream": stream,
+                "separator": "\n\n",
+            }
+            assert proc.stdin is not None  # noqa: S101 (started with a pipe)
+            proc.stdin.write(orjson.dumps(job) + b"\n")
+            await proc.stdin.drain()
+        merged: dict[str, Any] = {"latency": [], "ttfb": [], "gaps": [], "statuses": {}, "elapsed": 0.0}
+        for proc in used:
+            assert proc.stdout is not None  # noqa: S101
+            part = orjson.loads(await proc.stdout.readline())
+            for name in ("latency", "ttfb", "gaps"):
+                merged[name] += part[name]
+            for name in ("reads", "coalesced_reads", "events", "errors", "cpu"):
+                merged[name] = merged.get(name, 0) + part[name]
+            for status, count in part["statuses"].items():
+                merged["statuses"][status] = merged["statuses"].get(status, 0) + count
+            merged["elapsed"] = max(merged["elapsed"], part["elapsed"])
+        return merged
+
+
+async def measure(
+    generator: LoadGenerator,
+    arms: Sequence[Arm],
+    *,
+    concurrency: int,
+    seconds: float,
+    rounds: int,
+    stream: bool,
+) -> dict[str, Sample]:
+    """Interleaved rounds over the arms (after one short warm-up run each)."""
+    samples = {arm.name: Sample() for arm in arms}
+    for arm in arms:
+        await generator.run(arm, concurrency=concurrency, seconds=min(1.0, seconds), stream=stream)
+    for _ in range(rounds):
+        for arm in arms:
+            before = {name: cpu_seconds(pid) for name, pid in arm.pids.items()}
+            part = await generator.run(arm, concurrency=concurrency, seconds=seconds, stream=stream)
+            sample = samples[arm.name]
+            for name, pid in arm.pids.items():
+                sample.cpu[name] = sample.cpu.get(name, 0.0) + cpu_seconds(pid) - before[name]
+                sample.rss[name] = max(sample.rss.get(name, 0.0), rss_mb(pid))
+            sample.latency += part["latency"]
+            sample.ttfb += part["ttfb"]
+            sample.gaps += part["gaps"]
+            sample.requests += len(part["latency"])
+            sample.elapsed += part["elapsed"]
+            sample.reads += part["reads"]
+            sample.coalesced_reads += part["coalesced_reads"]
+            sample.errors += part["errors"]
+            sample.loadgen_cpu += part["cpu"]
+            for status, count in part["statuses"].items():
+                sample.statuses[status] = sample.statuses.get(status, 0) + count
+    return samples
+
+
+# --- the arms -----------------------------------------------------------------------------------------
+
+BARE_CADDYFILE = """{
+	auto_https off
+	admin 127.0.0.1:{$CADDY_ADMIN_PORT}
+	persist_config off
+	servers {
+		timeouts {
+			read_header 10s
+			write_idle 10m
+		}
+	}
+}
+
+http://127.0.0.1:{$BARE_PORT} {
+	reverse_proxy 127.0.0.1:{$SIM_PORT}
+}
+
+http://127.0.0.1:{$AUTH_PORT} {
+	route {
+		request_header -X-Gw-*
+		forward_auth 127.0.0.1:{$SIDECAR_PORT} {
+			uri /authz
+			header_up X-Request-Id {http.request.uuid}
+			copy_headers X-Gw-Request-Id X-Gw-Grant
+		}
+		reverse_proxy 127.0.0.1:{$SIM_PORT}
+	}
+}
+"""
+
+
+async def _keys(stack: localstack.LocalStack) -> tuple[str, str]:
+    """A key with every limit configured (key and tenant, far above what the bench uses), and one
+    for the forward_auth-only arm without a concurrency limit (no stream_proxy releases its lease)."""
+    conn = await asyncpg.connect(asyncpg_dsn(stack.env["GATEWAY_DATABASE_URL"]))
+    try:
+        tokens = []
+        for name, limits in (
+            ("every-limit", LIMIT_NAMES),
+            ("auth-only", [n for n in LIMIT_NAMES if n != "max_concurrent"]),
+        ):
+            tenant = f"bench-{name}-{uuid.uuid4().hex[:6]}"
+            await admin.create_tenant(conn, name=tenant)
+            created = await admin.create_key(
+                conn, tenant=tenant, name=name, pepper=stack.env["GATEWAY_KEY_PEPPER"]
+            )
+            everything = {name: admin.parse_limit(name, str(10**9)) for name in limits}
+            await admin.set_limits(conn, tenant=tenant, limits=everything)
+            await admin.set_limits(conn, prefix=created.key.prefix, limits=everything)
+            tokens.append(created.token)
+    finally:
+        await conn.close()
+    return tokens[0], tokens[1]
+
+
+@contextlib.contextmanager
+def _bare_caddy(workdir: Path, sim_port: int, sidecar_port: int) -> Iterator[tuple[int, int, int]]:
+    """The same Caddy binary: a bare reverse_proxy site, and one with forward_auth only."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = workdir / "Caddyfile.bench"
+    config.write_text(BARE_CADDYFILE)
+    bare, auth, admin_port = (localstack.free_port() for _ in range(3))
+    env = {
+        "XDG_DATA_HOME": str(workdir / "data"),
+        "XDG_CONFIG_HOME": str(workdir / "config"),
+        "CADDY_ADMIN_PORT": str(admin_port),
+        "BARE_PORT": str(bare),
+        "AUTH_PORT": str(auth),
+        "SIM_PORT": str(sim_port),
+        "SIDECAR_PORT": str(sidecar_port),
+    }
+    with (workdir / "caddy-bare.log").open("ab") as log:
+        proc = subprocess.Popen(
+            [localstack.caddy_binary(), "run", "--config", str(config), "--adapter", "caddyfile"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **env},
+        )
+    try:
+        localstack.wait_for_port(bare, proc=proc)
+        localstack.wait_for_port(auth, proc=proc)
+        yield bare, auth, proc.pid
+    finally:
+        localstack.terminate(proc)
+
+
+@attrs.define
+class Bench:
+    """The local stack plus the extra arms, started once for the HTTP scenarios."""
+
+    workdir: Path
+    database_url: str
+    redis_url: str
+    store_pids: dict[str, int] = attrs.Factory(dict)  # Valkey and Postgres, when started here
+    peer: str | None = None
+    arms: list[Arm] = attrs.Factory(list)
+    sim_url: str = ""
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[Bench]:
+        """Start everything; stop it all on the way out."""
+        environ = {
+            **os.environ,
+            "GATEWAY_DATABASE_URL": self.database_url,
+            "GATEWAY_REDIS_URL": self.redis_url,
+            "GATEWAY_REDIS_PREFIX": f"bench:{uuid.uuid4().hex[:6]}:",
+        }
+        environ.pop("GATEWAY_OLLAMA_URL", None)
+        stack = localstack.LocalStack(self.workdir / "stack", environ=environ)
+        with contextlib.ExitStack() as stop:
+            stack.start()
+            stop.callback(stack.stop)
+            pids = stack.pids()
+            self.sim_url = stack.urls["ollama_url"]
+            sim_port = int(self.sim_url.rsplit(":", 1)[1])
+            sidecar_port = int(stack.urls["sidecar_url"].rsplit(":", 1)[1])
+            bare, auth, caddy_pid = stop.enter_context(
+                _bare_caddy(self.workdir / "bare-caddy", sim_port, sidecar_port)
+            )
+            token, auth_token = await _keys(stack)
+            gateway_pids = {name: pids[name] for name in ("caddy", "authz_sidecar", "stream_proxy")}
+            self.arms = [
+                Arm("direct", self.sim_url, {}, {"simulator": pids["simulator"]}),
+                Arm("bare Caddy", f"http://127.0.0.1:{bare}", {}, {"caddy (bare)": caddy_pid}),
+                Arm(
+                    "Caddy + forward_auth",
+                    f"http://127.0.0.1:{auth}",
+                    {"Authorization": f"Bearer {auth_token}"},
+                    {"caddy (bare)": caddy_pid, "authz_sidecar": pids["authz_sidecar"]},
+                ),
+                Arm(
+                    "gateway",
+                    stack.urls["gateway_url"],
+                    {"Authorization": f"Bearer {token}"},
+                    {**gateway_pids, **self.store_pids},
+                ),
+            ]
+            if self.peer == "litellm":
+                import peer_litellm  # noqa: PLC0415 (optional arm, own virtualenv)
+
+                peer = stop.enter_context(
+                    peer_litellm.running(
+                        localstack.ROOT / ".dev",
+                        self.sim_url,
+                        port=localstack.free_port(),
+                        workdir=self.workdir / "litellm",
+                    )
+                )
+                self.arms.append(
+                    Arm(
+                        "LiteLLM",
+                        peer.url,
+                        {"Authorization": f"Bearer {peer.master_key}"},
+                        {"litellm": peer.pid},
+                        model=peer.model_name,
+                    )
+                )
+            yield self
+
+    async def simulator(self, **settings: Any) -> dict[str, Any]:
+        """Pin the simulator's settings; returns them."""
+        import aiohttp  # noqa: PLC0415
+
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(f"{self.sim_url}/_sim/settings", json=settings) as resp,
+        ):
+            resp.raise_for_status()
+            current: dict[str, Any] = await resp.json()
+            return current
+
+
+# --- results ---------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Row:
+    """One measured figure beside its target."""
+
+    figure: str
+    value: str
+    target: str
+    met: bool | None
+
+
+@attrs.frozen
+class Outcome:
+    """A scenario's rows (figures with targets) and the extra Markdown (tables, charts)."""
+
+    rows: list[Row]
+    markdown: str
+    meta: dict[str, str]
+
+
+def percentile(samples: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100) by nearest rank."""
+    if not samples:
+        return float("nan")
+    ordered = sorted(samples)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))
+    return ordered[index]
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3f} ms"
+
+
+def _table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(line) + " |" for line in lines]
+    return "\n".join(out)
+
+
+def _met(value: float, limit: float) -> bool:
+    return value <= limit
+
+
+def _ok_share(sample: Sample) -> str:
+    total = sum(sample.statuses.values()) + sample.errors
+    bad = total - sample.statuses.get("200", 0)
+    return f"{bad} of {total}"
+
+
+def _arm_table(results: Mapping[int, Mapping[str, Sample]], *, stream: bool) -> str:
+    """Every arm at every concurrency: the raw figures."""
+    header = ["concurrency", "arm", "requests/s", "latency p50", "latency p99"]
+    if stream:
+        header += ["first byte p50", "first byte p99", "inter-chunk p99", "coalesced reads"]
+    header += ["not 200", "load generator CPU"]
+    lines = []
+    for concurrency, samples in results.items():
+        for name, s in samples.items():
+            line = [
+                str(concurrency),
+                name,
+                f"{s.rate:,.0f}",
+                _ms(percentile(s.latency, 50)),
+                _ms(percentile(s.latency, 99)),
+            ]
+            if stream:
+                share = s.coalesced_reads / s.reads * 100 if s.reads else 0.0
+                line += [
+                    _ms(percentile(s.ttfb, 50)),
+                    _ms(percentile(s.ttfb, 99)),
+                    _ms(percentile(s.gaps, 99)),
+                    f"{share:.1f} %",
+                ]
+            line += [_ok_share(s), f"{s.loadgen_cpu / s.elapsed * 100:.0f} % of a core" if s.elapsed else "—"]
+            lines.append(line)
+    return _table(header, lines)
+
+
+def _process_table(samples: Mapping[str, Sample], concurrency: int) -> str:
+    """CPU and memory of every process an arm adds, at one concurrency."""
+    lines = []
+    for name, s in samples.items():
+        for process, cpu in s.cpu.items():
+            per_request = cpu / s.requests * 1e3 if s.requests else 0.0
+            share = cpu / s.elapsed * 100 if s.elapsed else 0.0
+            lines.append(
+                [name, process, f"{per_request:.3f} ms", f"{share:.0f} %", f"{s.rss[process]:.0f} MB"]
+            )
+    header = [
+        "arm",
+        "process",
+        f"CPU per request ({concurrency} concurrent)",
+        "CPU (% of one core)",
+        "RSS peak",
+    ]
+    return _table(header, lines)
+
+
+def _ratio_table(
+    results: Mapping[int, Mapping[str, Sample]],
+    figures: Sequence[tuple[str, str, str]],
+    targets: dict[str, str],
+) -> str:
+    """gateway ÷ bare Caddy and gateway ÷ LiteLLM for every figure."""
+    lines = []
+    for concurrency, samples in results.items():
+        gateway, bare, peer = samples["gateway"], samples["bare Caddy"], samples.get("LiteLLM")
+        for label, attribute, kind in figures:
+
+            def value(s: Sample, attribute: str = attribute, kind: str = kind) -> float:
+                if kind == "rate":
+                    return s.rate
+                return percentile(getattr(s, attribute), float(kind))
+
+            mine = value(gateway)
+            key = f"{label} @ {concurrency}"
+            versus_bare = f"{mine / value(bare):.2f}" if value(bare) else "—"
+            versus_peer = f"{mine / value(peer):.2f}" if peer is not None and value(peer) else "not run"
+            lines.append(
+                [
+                    key,
+                    versus_bare,
+                    targets.get(f"bare:{key}", "—"),
+                    versus_peer,
+                    targets.get(f"peer:{key}", "—"),
+                ]
+            )
+    return _table(["figure", "gateway ÷ bare Caddy", "target", "gateway ÷ LiteLLM", "target"], lines)
+
+
+def _chart(path: Path, results: Mapping[int, Mapping[str, Sample]], *, attribute: str, title: str) -> None:
+    """Latency percentiles per arm (grouped by concurrency) and throughput per concurrency."""
+    import matplotlib  # noqa: PLC0415 (only the bench draws)
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    levels = list(results)
+    arms = list(next(iter(results.values())))
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / len(arms)
+    for i, arm in enumerate(arms):
+        xs = [n + i * width for n in range(len(levels))]
+        p50 = [percentile(getattr(results[c][arm], attribute), 50) * 1e3 for c in levels]
+        p99 = [percentile(getattr(results[c][arm], attribute), 99) * 1e3 for c in levels]
+        left.bar(xs, p99, width, alpha=0.35, color=f"C{i}")
+        left.bar(xs, p50, width, label=arm, color=f"C{i}")
+        right.plot([str(c) for c in levels], [results[c][arm].rate for c in levels], marker="o", label=arm)
+    left.set_xticks([n + 0.4 - width / 2 for n in range(len(levels))], [str(c) for c in levels])
+    left.set_yscale("log")
+    left.set_xlabel("concurrent clients")
+    left.set_ylabel("ms (solid p50, light p99)")
+    left.set_title(f"{title}: latency per arm")
+    left.legend(fontsize=8)
+    right.set_xlabel("concurrent clients")
+    right.set_ylabel("requests per second")
+    right.set_title(f"{title}: throughput")
+    right.legend(fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+
+
+# --- scenarios --------------------------------------------------------------------------------------
+
+OVERHEAD_SIMULATOR = {
+    "tokens_per_second": 0,
+    "time_to_first_token": 0,
+    "completion_tokens": 12,
+    "max_records": 50,
+}
+STREAM_SIMULATOR = {
+    "tokens_per_second": 50,
+    "time_to_first_token": 0,
+    "completion_tokens": 20,
+    "max_records": 50,
+}
+
+
+def _settings_text(settings: Mapping[str, Any]) -> str:
+    return ", ".join(
+        f"{k} {settings[k]}" for k in ("tokens_per_second", "time_to_first_token", "completion_tokens")
+    )
+
+
+async def scenario_chat(
+    bench: Bench, generator: LoadGenerator, *, rounds: int, seconds: float, charts: Path
+) -> Outcome:
+    """Non-streaming chat at 1 / 16 / 64 concurrent, every arm, interleaved rounds."""
+    settings = await bench.simulator(**OVERHEAD_SIMULATOR)
+    results: dict[int, dict[str, Sample]] = {}
+    for concurrency in (1, 16, 64):
+        results[concurrency] = await measure(
+            generator, bench.arms, concurrency=concurrency, seconds=seconds, rounds=rounds, stream=False
+        )
+    rows: list[Row] = []
+    one, top = results[1], results[64]
+
+    def added(samples: Mapping[str, Sample], arm: str, base: str, q: float) -> float:
+        return percentile(samples[arm].latency, q) - percentile(samples[base].latency, q)
+
+    for q, limit in ((50, 1.5), (99, 4.0)):
+        value = added(one, "gateway", "bare Caddy", q)
+        rows.append(
+            Row(
+                f"whole gateway added over bare Caddy, p{q:g}, 1 concurrent",
+                _ms(value),
+                f"≤ {limit} ms",
+                _met(value * 1e3, limit),
+            )
+        )
+    for q, limit in ((50, 0.6), (99, 1.5)):
+        value = added(one, "Caddy + forward_auth", "bare Caddy", q)
+        rows.append(
+            Row(
+                f"forward_auth round trip incl. sidecar decision, p{q:g}, 1 concurrent",
+                _ms(value),
+                f"≤ {limit} ms",
+                _met(value * 1e3, limit),
+            )
+        )
+    for q, limit in ((50, 0.6), (99, 1.5)):
+        value = added(one, "gateway", "Caddy + forward_auth", q)
+        rows.append(
+            Row(
+                f"stream_proxy hop (gateway − Caddy + forward_auth), p{q:g}, 1 concurrent",
+                _ms(value),
+                f"≤ {limit} ms",
+                _met(value * 1e3, limit),
+            )
+        )
+    share = top["gateway"].rate / top["bare Caddy"].rate if top["bare Caddy"].rate else 0.0
+    rows.append(
+        Row(
+            "throughput at 64 concurrent, gateway ÷ bare Caddy",
+            f"{share:.2f} ({top['gateway'].rate:,.0f} ÷ {top['bare Caddy'].rate:,.0f} req/s)",
+            "≥ 0.50",
+            share >= 0.5,
+        )
+    )
+    if "LiteLLM" in top:
+        factor = top["gateway"].rate / top["LiteLLM"].rate if top["LiteLLM"].rate else float("inf")
+        rows.append(
+            Row(
+                "throughput at 64 concurrent, gateway ÷ LiteLLM",
+                f"{factor:.1f} ({top['gateway'].rate:,.0f} ÷ {top['LiteLLM'].rate:,.0f} req/s)",
+                "≥ 5",
+                factor >= 5,
+            )
+        )
+    else:
+        rows.append(
+            Row("throughput at 64 concurrent, gateway ÷ LiteLLM", "not run (add --peer litellm)", "≥ 5", None)
+        )
+    harder = top["bare Caddy"].rate > top["gateway"].rate
+    rows.append(
+        Row(
+            "the load generator drives bare Caddy harder than the gateway (64 concurrent)",
+            f"{top['bare Caddy'].rate:,.0f} vs {top['gateway'].rate:,.0f} req/s",
+            "bare > gateway",
+            harder,
+        )
+    )
+    rows += _error_rows(results)
+    _chart(charts / "chat.png", results, attribute="latency", title="non-streaming chat")
+    targets = {"bare:requests/s @ 64": "≥ 0.50", "peer:requests/s @ 64": "≥ 5"}
+    figures = [("latency p50", "latency", "50"), ("latency p99", "latency", "99"), ("requests/s", "", "rate")]
+    markdown = "\n\n".join(
+        [
+            "![non-streaming chat: latency and throughput per arm](bench/chat.png)",
+            "#### every arm\n\n" + _arm_table(results, stream=False),
+            "#### ratios\n\n" + _ratio_table(results, figures, targets),
+            "#### processes (64 concurrent)\n\n" + _process_table(top, 64),
+        ]
+    )
+    return Outcome(rows, markdown, {"simulator": _settings_text(settings), **_shape(rounds, seconds)})
+
+
+async def scenario_stream(
+    bench: Bench, generator: LoadGenerator, *, rounds: int, seconds: float, charts: Path
+) -> Outcome:
+    """Streaming chat at 1 / 64 / 256 concurrent at a realistic token rate."""
+    settings = await bench.simulator(**STREAM_SIMULATOR)
+    arms = [arm for arm in bench.arms if arm.name != "Caddy + forward_auth"]
+    results: dict[int, dict[str, Sample]] = {}
+    for concurrency in (1, 64, 256):
+        results[concurrency] = await measure(
+            generator, arms, concurrency=concurrency, seconds=seconds, rounds=rounds, stream=True
+        )
+    rows: list[Row] = []
+    for concurrency in (1, 64):
+        samples = results[concurrency]
+        for q, limit in ((50, 2.0), (99, 5.0)):
+            value = percentile(samples["gateway"].ttfb, q) - percentile(samples["bare Caddy"].ttfb, q)
+            rows.append(
+                Row(
+                    f"added time to first byte over bare Caddy, p{q:g}, {concurrency} concurrent",
+                    _ms(value),
+                    f"≤ {limit} ms",
+                    _met(value * 1e3, limit),
+                )
+            )
+        value = percentile(samples["gateway"].gaps, 99) - percentile(samples["bare Caddy"].gaps, 99)
+        rows.append(
+            Row(
+                f"added inter-chunk delay p99 over bare Caddy, {concurrency} concurrent",
+                _ms(value),
+                "≤ 0.5 ms",
+                _met(value * 1e3, 0.5),
+            )
+        )
+    big = results[256]
+    value = percentile(big["gateway"].ttfb, 50) - percentile(big["bare Caddy"].ttfb, 50)
+    rows.append(Row("added time to first byte over bare Caddy, p50, 256 concurrent", _ms(value), "—", None))
+    rows += _error_rows(results)
+    _chart(charts / "stream.png", results, attribute="ttfb", title="streaming chat (first byte)")
+    figures = [
+        ("first byte p50", "ttfb", "50"),
+        ("first byte p99", "ttfb", "99"),
+        ("inter-chunk p99", "gaps", "99"),
+        ("requests/s", "", "rate"),
+    ]
+    markdown = "\n\n".join(
+        [
+            "![streaming chat: time to first byte and throughput per arm](bench/stream.png)",
+            "#### every arm\n\n" + _arm_table(results, stream=True),
+            "#### ratios\n\n" + _ratio_table(results, figures, {}),
+            "#### processes (256 concurrent)\n\n" + _process_table(big, 256),
+        ]
+    )
+    return Outcome(rows, markdown, {"simulator": _settings_text(settings), **_shape(rounds, seconds)})
+
+
+def _error_rows(results: Mapping[int, Mapping[str, Sample]]) -> list[Row]:
+    rows = []
+    for concurrency, samples in results.items():
+        bad = {name: _ok_share(s) for name, s in samples.items() if s.statuses.keys() - {"200"} or s.errors}
+        rows.append(
+            Row(
+                f"responses other than 200, {concurrency} concurrent",
+                "; ".join(f"{n}: {v}" for n, v in bad.items()) or "none",
+                "none",
+                not bad,
+            )
+        )
+    return rows
+
+
+def _shape(rounds: int, seconds: float) -> dict[str, str]:
+    return {"rounds": f"{rounds} interleaved × {seconds:g} s per arm", "load": "2 loadgen processes"}
