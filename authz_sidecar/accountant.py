@@ -41,7 +41,7 @@ from prometheus_client import (
 )
 
 from authz_sidecar import ledger
-from shared import admin, logs, usage_wire
+from shared import admin, logs, store, usage_wire
 from shared.config import AccountantConfig, AccountantOptions, load_config
 from shared.db import DB_ERRORS, create_pool
 from shared.exceptions import ConfigError
@@ -247,7 +247,7 @@ class Accountant:
 
     async def sweep(self) -> int:
         """Charge reservations whose lease expired with no usage event (their stream_proxy died)."""
-        now_ms = int((await self.redis.time()).timestamp() * 1000)
+        now_ms = await self.scripts.now_ms()
         cutoff = now_ms - int(self.options.sweep_grace * 1000)
         charged: list[UsageEvent] = []
         for tenant_id in await self.scripts.reserving_tenants():
@@ -384,9 +384,8 @@ async def _metrics_listener(registry: CollectorRegistry, options: AccountantOpti
 
 async def _standalone(config: AccountantConfig) -> None:
     pool = await create_pool(config.postgres)
-    client: coredis.Redis[bytes] = coredis.Redis.from_url(config.redis.url)
     try:
-        async with client:
+        async with store.connect(config.redis.url) as client:
             registry = CollectorRegistry()
             accountant = Accountant(
                 redis=client,

@@ -22,6 +22,7 @@ from authz_sidecar.invalidations import InvalidationListener
 from authz_sidecar.keys import Authenticator, Clock, KeyCache
 from authz_sidecar.limiter import FailedAuthLimiter
 from authz_sidecar.metrics import SidecarMetrics
+from shared import store
 from shared.config import SidecarConfig
 from shared.db import create_pool
 from shared.limits import LimitScripts
@@ -65,8 +66,7 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _redis(app: web.Application) -> AsyncIterator[None]:
-    client: coredis.Redis[bytes] = coredis.Redis.from_url(app[CONFIG].redis.url)
-    async with client:
+    async with store.connect(app[CONFIG].redis.url) as client:
         app[REDIS] = client
         yield
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -54,7 +55,19 @@ def forwarded_request(request: web.Request) -> tuple[str, str]:
     uri = request.headers.get("X-Forwarded-Uri")
     if not method or not uri or not uri.startswith("/"):
         raise Denied(400, "missing forwarded request (call /authz through the gateway)", reason="no_forward")
-    return method.upper(), uri
+    return method, uri
+
+
+def body_encoding(request: web.Request) -> None:
+    """Refuse compressed request bodies (Caddy passes the client's Content-Encoding as
+    X-Gw-Body-Encoding): neither official client compresses them, native Ollama never decodes
+    them, and an unbounded decompression is not worth its risk (docs/DECISIONS.md)."""
+    encoding = request.headers.get("X-Gw-Body-Encoding", "").strip().lower()
+    if encoding not in ("", "identity"):
+        shown = re.sub(r"[^a-z0-9, _-]", "?", encoding[:40])
+        raise Denied(
+            415, f"compressed request bodies are not accepted (Content-Encoding: {shown})", reason="encoding"
+        )
 
 
 def method_override(request: web.Request) -> str | None:
@@ -166,6 +179,8 @@ class Admission:
 
     async def _context(self, request: web.Request, address: str | None) -> KeyContext:
         try:
+            if len(request.headers.getall("Authorization", ())) > 1:
+                raise KeyFormatError("send exactly one Authorization header")
             parsed = keys.parse_bearer(request.headers.get("Authorization"))
         except KeyFormatError as exc:
             self.limiter.failed(address)
@@ -257,6 +272,7 @@ class Admission:
                 raise Denied(
                     decision.status, decision.message, reason=f"policy_{decision.status}", headers=allow
                 )
+            body_encoding(request)
             context = await self._context(request, address)
             response = await self._grant(
                 request, method=method, uri=uri, route=decision.route, context=context, address=address

@@ -235,6 +235,8 @@ http://127.0.0.1:{$AUTH_PORT} {
 			uri /authz
 			header_up X-Request-Id {http.request.uuid}
 			copy_headers X-Gw-Request-Id X-Gw-Grant
+			header_up -Content-Encoding
+			header_up X-Gw-Body-Encoding {http.request.header.Content-Encoding}
 		}
 		reverse_proxy 127.0.0.1:{$SIM_PORT}
 	}

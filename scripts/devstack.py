@@ -94,7 +94,7 @@ def _panel(state: dict[str, Any]) -> Panel:
     return Panel("\n".join(lines), title="neuronetz-gateway: local stack", border_style="green")
 
 
-def up(detach: bool) -> int:
+def up(detach: bool, *, sidecars: int = 1, proxies: int = 1, redis_cluster: bool = False) -> int:
     """Start the stack; with --detach return once it answers, else run until Ctrl-C."""
     state = _read_state()
     if state and any(_alive(pid) for pid in state.get("pids", {}).values()):
@@ -102,7 +102,14 @@ def up(detach: bool) -> int:
         return 1
     # A visible pace for people trying the stack: tokens arrive one by one (tests run it flat out).
     environ = {"GATEWAY_SIM_TOKENS_PER_SECOND": "20", **os.environ}
-    stack = localstack.LocalStack(STACK_DIR, environ=environ, detach=detach)
+    stack = localstack.LocalStack(
+        STACK_DIR,
+        environ=environ,
+        detach=detach,
+        sidecars=sidecars,
+        proxies=proxies,
+        redis_cluster=redis_cluster,
+    )
     with console.status("starting Postgres, Valkey, simulator, sidecar, proxy and Caddy…"):
         try:
             stack.start()
@@ -118,6 +125,11 @@ def up(detach: bool) -> int:
         "pids": {
             **stack.pids(),
             **({"valkey": stack.valkey.proc.pid} if stack.valkey and stack.valkey.proc else {}),
+            **(
+                {f"valkey-node-{i}": pid for i, pid in enumerate(stack.cluster.pids, 1)}
+                if stack.cluster
+                else {}
+            ),
         },
         "pgdata": str(STACK_DIR / "pgdata") if stack.postgres else None,
         "logs": str(STACK_DIR),
@@ -155,8 +167,11 @@ def down() -> int:
         console.print("nothing to stop: no .dev/stack.json")
         return 0
     pids: dict[str, int] = state.get("pids", {})
-    for name in ("caddy", "stream_proxy", "authz_sidecar", "simulator", "valkey"):
-        pid = pids.get(name)
+    order = ("caddy", "stream_proxy", "authz_sidecar", "simulator", "valkey")
+    for name in sorted(
+        pids, key=lambda n: next((i for i, o in enumerate(order) if n.startswith(o)), len(order))
+    ):
+        pid = pids[name]
         if pid and _alive(pid):
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 10
@@ -189,7 +204,14 @@ def status() -> int:
     for name, field in rows:
         url = state[field]
         shown = url.split("@")[-1] if field == "database_url" else url
-        up_now = _port_open(url if field != "database_url" else "//" + url.split("@")[-1].split("/")[0])
+        target = url
+        if field == "database_url":
+            target = "//" + url.split("@")[-1].split("/")[0]
+        elif "+cluster://" in url:  # every node must answer
+            target = ""
+            up_now = all(_port_open("//" + node) for node in url.split("://", 1)[1].split(","))
+        if target:
+            up_now = _port_open(target)
         healthy &= up_now
         table.add_row(name, shown, "[green]up[/]" if up_now else "[red]down[/]")
     console.print(table)
@@ -203,11 +225,18 @@ def main(argv: Sequence[str]) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     up_cmd = sub.add_parser("up", help="start the stack")
     up_cmd.add_argument("--detach", action="store_true", help="return once everything answers")
+    up_cmd.add_argument("--sidecars", type=int, default=1, metavar="N", help="authz_sidecar replicas")
+    up_cmd.add_argument("--proxies", type=int, default=1, metavar="M", help="stream_proxy replicas")
+    up_cmd.add_argument(
+        "--redis-cluster", action="store_true", help="a 3-primary Valkey cluster instead of one Valkey"
+    )
     sub.add_parser("down", help="stop a detached stack")
     sub.add_parser("status", help="show the stack")
     args = parser.parse_args(argv)
     if args.command == "up":
-        return up(args.detach)
+        if args.sidecars < 1 or args.proxies < 1:
+            parser.error("--sidecars and --proxies take a number of at least 1")
+        return up(args.detach, sidecars=args.sidecars, proxies=args.proxies, redis_cluster=args.redis_cluster)
     if args.command == "down":
         return down()
     return status()

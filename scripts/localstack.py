@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import attrs
 
@@ -145,6 +146,72 @@ class Postgres:
             cmd += ["-T", template]
         subprocess.run([*cmd, name], check=True, capture_output=True)
         return self.database_url(name)
+
+    # --- fault injection (scripts/chaos.py) ------------------------------------------------------
+
+    def kill(self) -> None:
+        """SIGKILL the postmaster, as a crash would, and wait until it is dead; its children exit
+        once they notice."""
+        pid = self.pid
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while not _gone(pid) and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+    def restart(self, timeout: float = 30.0) -> Postgres:
+        """Start again after kill(): same data directory, port and options (from postmaster.opts),
+        with crash recovery; first waits for the old server's processes to go."""
+        pgdata = (self.workdir / "pgdata").resolve()
+        deadline = time.monotonic() + timeout
+        while (left := _live_in(pgdata)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        # A zombie postmaster still answers kill(pid, 0), so Postgres would take its lock files
+        # (data directory and socket) for a live server's.
+        for lock in [pgdata / "postmaster.pid", *pgdata.glob(".s.PGSQL.*.lock")]:
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                if _gone(int(lock.read_text().splitlines()[0])):
+                    lock.unlink()
+        try:
+            _pg("pg_ctl", "-D", str(pgdata), "-w", "-t", "30", "-l", str(pgdata / "server.log"), "restart")
+        except subprocess.CalledProcessError as exc:
+            tail = (pgdata / "server.log").read_text(errors="replace")[-1500:]
+            raise RuntimeError(f"postgres did not restart: {exc.stderr!r}\n{tail}") from None
+        self._started = True
+        return self
+
+
+def _gone(pid: int) -> bool:
+    """Whether a process has exited (or is a zombie nobody reaped)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state in ("Z", "X")
+
+
+def _live_in(directory: Path) -> list[int]:
+    """Live processes whose working directory is `directory` (a Postgres server's all run in its
+    data directory)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if Path(os.readlink(entry / "cwd")) == directory and not _gone(int(entry.name)):
+                    found.append(int(entry.name))
+    return found
+
+
+def _started_with(pid: int) -> tuple[list[str], dict[str, str]]:
+    """The arguments and environment a running process was started with."""
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    pairs = (item.split(b"=", 1) for item in environ if b"=" in item)
+    return [os.fsdecode(a) for a in argv], {os.fsdecode(k): os.fsdecode(v) for k, v in pairs}
 
 
 def caddy_binary() -> str:
@@ -276,9 +343,17 @@ class LocalStack:
     detach: bool = False
     postgres: Postgres | None = None
     valkey: Valkey | None = None
+    sidecars: int = 1  # authz_sidecar replicas behind Caddy
+    proxies: int = 1  # stream_proxy replicas behind Caddy
+    redis_cluster: bool = False  # a 3-primary Valkey cluster instead of one Valkey
+    cluster: Any = None  # valkey_cluster.ValkeyCluster when started here
+    sidecar_ports: list[int] = attrs.field(factory=list)
+    proxy_ports: list[int] = attrs.field(factory=list)
     services: list[Service] = attrs.field(factory=list)
     env: dict[str, str] = attrs.field(factory=dict)
     urls: dict[str, str] = attrs.field(factory=dict)
+    # argv and environment of killed services, for restart() (scripts/chaos.py)
+    killed: dict[str, tuple[list[str], dict[str, str]]] = attrs.field(factory=dict)
 
     def _spawn(self, name: str, argv: list[str], port: int, extra_env: Mapping[str, str]) -> Service:
         log_path = self.workdir / f"{name}.log"
@@ -312,6 +387,12 @@ class LocalStack:
                 database_url = self.postgres.createdb("gateway")
             dbmate(database_url, "up")
             redis_url = self.environ.get("GATEWAY_REDIS_URL")
+            if not redis_url and self.redis_cluster:
+                import valkey_cluster  # noqa: PLC0415 (only the cluster stack needs it)
+
+                self.cluster = valkey_cluster.ValkeyCluster(self.workdir / "valkey-cluster")
+                self.cluster.start()
+                redis_url = self.cluster.url
             if not redis_url:
                 self.valkey = Valkey(self.workdir / "valkey", new_session=self.detach).start()
                 redis_url = self.valkey.url
@@ -325,7 +406,10 @@ class LocalStack:
                     sim_args += ["--tokens-per-second", tps]
                 self._spawn("simulator", sim_args, port, {})
                 ollama_url = f"http://127.0.0.1:{port}"
-            sidecar_port, proxy_port, gateway_port, admin_port = (free_port() for _ in range(4))
+            self.sidecar_ports = [free_port() for _ in range(self.sidecars)]
+            self.proxy_ports = [free_port() for _ in range(self.proxies)]
+            sidecar_port, proxy_port = self.sidecar_ports[0], self.proxy_ports[0]
+            gateway_port, admin_port = free_port(), free_port()
             self.env = {
                 "GATEWAY_DATABASE_URL": database_url,
                 "GATEWAY_REDIS_URL": redis_url,
@@ -340,8 +424,15 @@ class LocalStack:
                 "GATEWAY_SIDECAR_DRAIN_SECONDS": self.environ.get("GATEWAY_SIDECAR_DRAIN_SECONDS", "0"),
                 "GATEWAY_PROXY_DRAIN_SECONDS": self.environ.get("GATEWAY_PROXY_DRAIN_SECONDS", "0"),
             }
-            self._spawn("authz_sidecar", [sys.executable, "-m", "authz_sidecar"], sidecar_port, self.env)
-            self._spawn("stream_proxy", [sys.executable, "-m", "stream_proxy"], proxy_port, self.env)
+            # Replicas after the first are named authz_sidecar-2, stream_proxy-2, ...
+            for index, port in enumerate(self.sidecar_ports, start=1):
+                name = "authz_sidecar" if index == 1 else f"authz_sidecar-{index}"
+                argv = [sys.executable, "-m", "authz_sidecar"]
+                self._spawn(name, argv, port, {**self.env, "GATEWAY_SIDECAR_PORT": str(port)})
+            for index, port in enumerate(self.proxy_ports, start=1):
+                name = "stream_proxy" if index == 1 else f"stream_proxy-{index}"
+                argv = [sys.executable, "-m", "stream_proxy"]
+                self._spawn(name, argv, port, {**self.env, "GATEWAY_PROXY_PORT": str(port)})
             caddy_home = self.workdir / "caddy"
             caddy_home.mkdir(exist_ok=True)
             caddy_env = {
@@ -349,10 +440,16 @@ class LocalStack:
                 "XDG_CONFIG_HOME": str(caddy_home / "config"),
                 "CADDY_ADMIN_PORT": str(admin_port),
                 "GATEWAY_PORT": str(gateway_port),
-                "SIDECAR_PORT": str(sidecar_port),
-                "PROXY_PORT": str(proxy_port),
+                "SIDECAR_UPSTREAMS": " ".join(f"127.0.0.1:{p}" for p in self.sidecar_ports),
+                "PROXY_UPSTREAMS": " ".join(f"127.0.0.1:{p}" for p in self.proxy_ports),
             }
-            caddyfile = str(ROOT / "caddy" / "Caddyfile.dev")
+            # Caddyfile.dev, plus an answer for any other Host on the gateway's port (the Docker dev
+            # stack serves every host, so this site cannot live in the shared file).
+            caddyfile = str(caddy_home / "Caddyfile")
+            Path(caddyfile).write_text(
+                f"import {ROOT / 'caddy' / 'Caddyfile.dev'}\n\nhttp://:{gateway_port} {{\n"
+                '\trespond `{"error":"unknown host: this gateway serves only its own address"}` 421\n}\n'
+            )
             self._spawn(
                 "caddy",
                 [caddy_binary(), "run", "--config", caddyfile, "--adapter", "caddyfile"],
@@ -383,5 +480,56 @@ class LocalStack:
         self.services.clear()
         if self.valkey is not None:
             self.valkey.stop()
+        if self.cluster is not None:
+            self.cluster.stop()
         if self.postgres is not None:
             self.postgres.stop()
+
+    # --- fault injection (scripts/chaos.py) ------------------------------------------------------
+
+    def spawn(self, name: str, argv: list[str], port: int, extra_env: Mapping[str, str]) -> Service:
+        """Start one more child that belongs to the stack (stopped with it), e.g. an accountant."""
+        return self._spawn(name, argv, port, extra_env)
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one component: a service by name, `postgres` (the postmaster) or `valkey`."""
+        if name == "postgres" and self.postgres is not None:
+            self.postgres.kill()
+        elif name == "valkey" and self.valkey is not None and self.valkey.proc is not None:
+            self.valkey.proc.kill()
+            self.valkey.proc.wait()
+        else:
+            service = next((s for s in self.services if s.name == name), None)
+            if service is None:
+                raise KeyError(f"no running component {name!r}")
+            self.killed[name] = _started_with(service.proc.pid)
+            service.proc.kill()
+            service.proc.wait()
+
+    def restart(self, name: str, extra_args: Sequence[str] = ()) -> None:
+        """Start a killed component again on its port with the same arguments (plus `extra_args`)
+        and environment; Postgres on its data directory, Valkey empty."""
+        if name == "postgres" and self.postgres is not None:
+            self.postgres.restart()
+            return
+        if name == "valkey" and self.valkey is not None:
+            self.valkey.start()
+            return
+        argv, env = self.killed.pop(name)
+        index, old = next((i, s) for i, s in enumerate(self.services) if s.name == name)
+        with old.log.open("ab") as log:
+            proc = subprocess.Popen(
+                [*argv, *extra_args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                cwd=str(ROOT),
+                start_new_session=self.detach,
+            )
+        self.services[index] = Service(name, proc, old.port, old.log)
+        try:
+            wait_for_port(old.port, timeout=30, proc=proc)
+        except (RuntimeError, TimeoutError) as exc:
+            tail = old.log.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"{name} did not restart: {exc}\n{tail}") from None

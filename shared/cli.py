@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
-from shared import admin, counters, invalidation
+from shared import admin, counters, invalidation, store
 from shared.config import AdminConfig, load_config
 from shared.db import asyncpg_dsn
 from shared.exceptions import AdminError, ConfigError, GatewayError, KeyFormatError, NotFoundError
@@ -337,9 +337,8 @@ async def _rebuild_counters(
         tenant_ids = [t.id for t, _ in await admin.list_tenants(conn) if t.name == args.tenant]
         if not tenant_ids:
             raise NotFoundError(f"no tenant named {args.tenant!r}")
-    client: coredis.Redis[bytes] = coredis.Redis.from_url(cfg.redis.url)
     try:
-        async with client:
+        async with store.connect(cfg.redis.url) as client:
             result = await counters.rebuild(
                 conn,
                 client,
@@ -490,10 +489,13 @@ async def _publish(config: AdminConfig, notices: Sequence[invalidation.Invalidat
         return None
     channel = RedisKeys(config.redis.prefix).invalidations
     try:
-        client: coredis.Redis[bytes] = coredis.Redis.from_url(config.redis.url)
-        async with client:
+        async with store.connect(config.redis.url) as client:
             for notice in notices:
-                await client.publish(channel, invalidation.encode(notice))
+                # A cluster client may hand a failure back instead of raising it.
+                if isinstance(
+                    result := await client.publish(channel, invalidation.encode(notice)), Exception
+                ):
+                    raise result
     except Exception as exc:  # noqa: BLE001 - any Redis failure only delays propagation
         return (
             f"could not notify sidecars over Redis ({type(exc).__name__}); "

@@ -290,14 +290,11 @@ class LimitScripts:
         Redis Cluster routing is per tenant slot); returns how many were applied now."""
         if not items:
             return 0
-        async with self.redis.pipeline(transaction=False) as pipe:
-            replies = []
-            for scope, request_id, actual in items:
-                keys, args = self._settle_call(scope, request_id, actual)
-                replies.append(self._settle(keys=keys, args=args, client=pipe))
+        async with self.redis.pipeline(transaction=False, raise_on_error=False) as pipe:
+            outcomes = [self.settle_in(pipe, scope, rid, tokens) for scope, rid, tokens in items]
         applied = 0
-        for reply in replies:
-            applied += int(await reply)
+        for outcome in outcomes:
+            applied += await outcome()
         return applied
 
     async def lease(
@@ -339,3 +336,7 @@ class LimitScripts:
             args=["" if now_ms is None else now_ms, tenant_id, "forget", TENANT_KEEP_MS],
         )
         return bool(int(reply))
+
+    async def now_ms(self) -> int:
+        """Redis TIME in milliseconds (one clock for every replica; works on a cluster too)."""
+        return int(await self._tenants(keys=[self.keys.reserving_tenants], args=["", 0, "now"]))

@@ -148,7 +148,7 @@ def decide(method: str, raw_uri: str, override: str | None = None) -> Decision:
         return Decision(404, message="not found")
     if override is not None:
         return Decision(400, message="method override headers are not accepted")
-    route = methods.get(method.upper())
+    route = methods.get(method)  # case-sensitive, as HTTP methods are
     if route is None:
         return Decision(405, message="method not allowed", allow=tuple(methods))
     return Decision(200, route=route)

@@ -22,12 +22,24 @@ from shared.config import LoggingOptions, load_config
 from shared.exceptions import ConfigError
 
 ConfigT = TypeVar("ConfigT", bound="_Service")
+# Above what Caddy lets through (max_header_size 64KB): every header set Caddy accepts reaches our
+# handlers, which answer in the caller's dialect; aiohttp's own 400 (plain text, echoing part of the
+# offending header) is never what a client sees.
+HEADER_LIMITS = {"max_line_size": 128 * 1024, "max_field_size": 128 * 1024, "max_headers": 64 * 1024}
 
 
 async def _serve(
     app: web.Application, host: str, port: int, draining: asyncio.Event, drain_seconds: float
 ) -> None:
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=10)
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=10,
+        max_line_size=HEADER_LIMITS["max_line_size"],
+        max_field_size=HEADER_LIMITS["max_field_size"],
+        max_headers=HEADER_LIMITS["max_headers"],
+    )
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port, reuse_address=True)

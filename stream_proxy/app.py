@@ -13,6 +13,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from yarl import URL
 
+from shared import store
 from shared.config import ProxyConfig
 from shared.dialect import error_response
 from shared.limits import LimitScripts
@@ -90,8 +91,7 @@ async def _session(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _redis(app: web.Application) -> AsyncIterator[None]:
-    client: coredis.Redis[bytes] = coredis.Redis.from_url(app[CONFIG].redis.url)
-    async with client:
+    async with store.connect(app[CONFIG].redis.url) as client:
         app[REDIS] = client
         yield
 

@@ -212,10 +212,13 @@ class Proxy:
         if request.content_length is not None and request.content_length > cap:
             raise Refused(413, f"request body larger than {cap} bytes")
         raw = bytearray()
-        async for chunk in request.content.iter_any():
-            raw += chunk
-            if len(raw) > cap:
-                raise Refused(413, f"request body larger than {cap} bytes")
+        try:
+            async for chunk in request.content.iter_any():
+                raw += chunk
+                if len(raw) > cap:
+                    raise Refused(413, f"request body larger than {cap} bytes")
+        except (web.RequestPayloadError, aiohttp.http_exceptions.HttpProcessingError, ConnectionResetError):
+            raise Refused(400, "request body could not be read (malformed or wrongly encoded)") from None
         doc = body.Body(document=body.parse(bytes(raw)), raw=bytes(raw))
         body_policy.check_body(grant, route, doc)
         return doc

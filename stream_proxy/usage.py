@@ -61,14 +61,20 @@ class UsageReporter:
             self._spool.append(event)  # keep order: older events go first
             self.spooled += 1
             return False
+        follow = written = None
         try:
-            # Errors stay with their command: a failed follow-up never hides a written event.
-            async with self.redis.pipeline(transaction=False, raise_on_error=False) as pipe:
-                written = pipe.xadd(self.stream, usage_wire.encode(event))
-                follow = then(pipe) if then is not None else None
+            # Errors stay with their command: a failed follow-up never hides a written event. On a
+            # cluster the pipeline may raise for one node after another node took the event, so
+            # the event's own reply decides (it raises RuntimeError when the command never ran).
+            with contextlib.suppress(*STORE_ERRORS):
+                async with self.redis.pipeline(transaction=False, raise_on_error=False) as pipe:
+                    written = pipe.xadd(self.stream, usage_wire.encode(event))
+                    follow = then(pipe) if then is not None else None
+            if written is None:
+                raise RuntimeError("the event was never queued")
             await written
             self.written += 1
-        except STORE_ERRORS:
+        except (*STORE_ERRORS, RuntimeError):
             self._spool.append(event)
             self.spooled += 1
             log.warning("usage event spooled: Redis unavailable", extra={"request_id": event.request_id})

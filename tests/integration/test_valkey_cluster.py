@@ -93,9 +93,7 @@ async def scripts_on(
         yield client, LimitScripts(cast("coredis.Redis[bytes]", client), RedisKeys(PREFIX))
 
 
-async def reserve(
-    client: coredis.RedisCluster[bytes], scripts: LimitScripts, who: Scope, request_id: str
-) -> Reserved | NeedsHydration:
+async def reserve(scripts: LimitScripts, who: Scope, request_id: str) -> Reserved | NeedsHydration:
     """Reserve 100 prompt + 50 completion tokens; returns NeedsHydration untouched."""
     outcome = await scripts.reserve(
         who,
@@ -114,11 +112,11 @@ async def hydrated_reserve(
     client: coredis.RedisCluster[bytes], scripts: LimitScripts, who: Scope, request_id: str
 ) -> Reserved:
     """Reserve; when budget counters are missing, set them to 0 (as BudgetHydrator would) and retry."""
-    outcome = await reserve(client, scripts, who, request_id)
+    outcome = await reserve(scripts, who, request_id)
     if isinstance(outcome, NeedsHydration):
         for whom, period in outcome.missing:
             await client.set(scripts.budget_key(who, whom, period), "0", condition=coredis.PureToken.NX)
-        outcome = await reserve(client, scripts, who, request_id)
+        outcome = await reserve(scripts, who, request_id)
     assert isinstance(outcome, Reserved), outcome
     return outcome
 
@@ -266,8 +264,8 @@ async def test_one_client_rides_out_a_killed_and_restarted_primary(tmp_path: Pat
 
             valkey.kill_node(1)
             with pytest.raises(coredis.exceptions.RedisError):
-                await reserve(client, scripts, scope(victim), "during")
-            assert isinstance(await reserve(client, scripts, scope(survivor), "during"), Reserved)
+                await reserve(scripts, scope(victim), "during")
+            assert isinstance(await reserve(scripts, scope(survivor), "during"), Reserved)
 
             deadline = time.monotonic() + 10
             while "cluster_state:ok" in command(valkey.ports[0], "CLUSTER", "INFO").decode():
@@ -275,10 +273,10 @@ async def test_one_client_rides_out_a_killed_and_restarted_primary(tmp_path: Pat
                 await asyncio.sleep(0.05)
             await asyncio.to_thread(valkey.restart_node, 1)
 
-            outcome = await reserve(client, scripts, scope(victim), "after")
+            outcome = await reserve(scripts, scope(victim), "after")
             assert isinstance(outcome, NeedsHydration)  # the restarted primary kept no data
             assert isinstance(await hydrated_reserve(client, scripts, scope(victim), "after2"), Reserved)
-            assert isinstance(await reserve(client, scripts, scope(survivor), "after"), Reserved)
+            assert isinstance(await reserve(scripts, scope(survivor), "after"), Reserved)
             assert await scripts.settle(scope(survivor), "before", 10) is True
     finally:
         valkey.stop()

@@ -47,8 +47,8 @@ CADDY_ENV = {
     CADDYFILE_DEV.name: {
         "CADDY_ADMIN_PORT": "20190",
         "GATEWAY_PORT": "20180",
-        "SIDECAR_PORT": "20181",
-        "PROXY_PORT": "20182",
+        "SIDECAR_UPSTREAMS": "127.0.0.1:20181",
+        "PROXY_UPSTREAMS": "127.0.0.1:20182",
     },
 }
 # Every placeholder either file reads: cleared first, so the developer's shell cannot leak in.

@@ -176,11 +176,14 @@ def test_other_methods_on_a_served_path_are_405_with_allow(path: str) -> None:
         assert len(decision.allow) == len(SERVED[path])
 
 
-def test_method_is_matched_case_insensitively_only_for_the_listed_verb() -> None:
-    """The forwarded method is compared in upper case; a lower-case `post` on /api/chat is the same
-    verb, a lower-case `get` is still 405."""
-    assert decide("post", "/api/chat").route == "chat"
-    assert decide("get", "/api/chat").status == 405
+def test_methods_are_case_sensitive_as_in_http_and_ollama() -> None:
+    """Methods are case-sensitive (RFC 9110 §9.1; Ollama's router and stream_proxy's parser agree):
+    a lower-case `post` on /api/chat is an unknown method, 405 like any other, never a grant that
+    stream_proxy would then refuse."""
+    assert decide("POST", "/api/chat").route == "chat"
+    for method in ("post", "Post", "pOST", "get"):
+        decision = decide(method, "/api/chat")
+        assert (decision.status, decision.route) == (405, None), method
 
 
 @pytest.mark.parametrize("path", list(SERVED))
