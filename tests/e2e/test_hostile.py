@@ -673,7 +673,9 @@ def header_attempts(h: Hostile, marker: str) -> list[Attempt]:
     too_large = {431}  # Caddy's max_header_size (64 KB) refuses these before any service sees them
     padded = [auth, chat, length, ("X-Padding", "p" * 20_000)]
 
-    def send(method: str, path: str, headers: Sequence[tuple[str, str | bytes]], payload: bytes = b"") -> bytes:
+    Headers = Sequence[tuple[str, str | bytes]]
+
+    def send(method: str, path: str, headers: Headers, payload: bytes = b"") -> bytes:
         return raw_request(h.stack, method, path, headers=headers, body=payload)
 
     return [
