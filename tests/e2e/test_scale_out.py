@@ -1,0 +1,271 @@
+"""Scale-out: two authz_sidecars and two stream_proxies behind one Caddy, on a 3-primary Valkey
+cluster and one Postgres. Limits, budgets and the ledger stay exactly as correct as with one process;
+a killed sidecar and stream_proxy are routed around; a restarted cluster primary makes the gateway
+fail closed for its tenants during the gap and recover without a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import orjson
+import pytest
+
+import localstack
+from shared import admin
+from shared.db import asyncpg_dsn
+from tests.e2e.conftest import TEST_ARGON2
+from valkey_cluster import command
+
+pytestmark = pytest.mark.e2e
+
+MODEL = "llama3.2"
+
+
+@pytest.fixture(scope="module")
+async def scaled(
+    work_dir: Path, postgres_admin_url: str, template_database: str
+) -> AsyncIterator[localstack.LocalStack]:
+    """2 sidecars + 2 stream_proxies + 3-primary cluster, on a database of their own."""
+    name = f"scale_{os.getpid()}"
+    conn = await asyncpg.connect(asyncpg_dsn(postgres_admin_url))
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
+    finally:
+        await conn.close()
+    base, _, query = postgres_admin_url.partition("?")
+    environ = {
+        **os.environ,
+        "GATEWAY_DATABASE_URL": f"{base.rsplit('/', 1)[0]}/{name}" + (f"?{query}" if query else ""),
+        "GATEWAY_REDIS_PREFIX": "scale:",
+        "GATEWAY_GRANT_SECRET": secrets.token_urlsafe(32),
+        "GATEWAY_KEY_PEPPER": secrets.token_urlsafe(32),
+        "GATEWAY_LOG_LEVEL": "INFO",
+        "GATEWAY_LEASE_TTL": "2",
+    }
+    environ.pop("GATEWAY_REDIS_URL", None)
+    environ.pop("GATEWAY_OLLAMA_URL", None)
+    stack = localstack.LocalStack(
+        work_dir / "scale-out", environ=environ, sidecars=2, proxies=2, redis_cluster=True
+    )
+    stack.start()
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+async def new_key(stack: localstack.LocalStack, **limits: int) -> tuple[str, int]:
+    """A tenant with one key carrying `limits`; returns (token, tenant id)."""
+    conn = await asyncpg.connect(asyncpg_dsn(stack.env["GATEWAY_DATABASE_URL"]))
+    try:
+        tenant = f"t-{uuid.uuid4().hex[:10]}"
+        created_tenant = await admin.create_tenant(conn, name=tenant)
+        created = await admin.create_key(
+            conn, tenant=tenant, name="k", pepper=stack.env["GATEWAY_KEY_PEPPER"], params=TEST_ARGON2
+        )
+        if limits:
+            parsed = {n: admin.parse_limit(n, str(v)) for n, v in limits.items()}
+            await admin.set_limits(conn, prefix=created.key.prefix, limits=parsed)
+        return created.token, created_tenant.id
+    finally:
+        await conn.close()
+
+
+def chat(content: str, *, stream: bool = False, num_predict: int | None = None) -> bytes:
+    body: dict[str, Any] = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": content}],
+        "stream": stream,
+    }
+    if num_predict is not None:
+        body["options"] = {"num_predict": num_predict}
+    return orjson.dumps(body)
+
+
+async def send(http: aiohttp.ClientSession, stack: localstack.LocalStack, token: str, body: bytes) -> int:
+    """One /api/chat through Caddy, read to the end; its status (0: no answer)."""
+    try:
+        async with http.post(
+            f"{stack.urls['gateway_url']}/api/chat",
+            data=body,
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        ) as resp:
+            await resp.read()
+            return resp.status
+    except (aiohttp.ClientError, OSError):
+        return 0
+
+
+async def simulator(http: aiohttp.ClientSession, stack: localstack.LocalStack, **settings: Any) -> None:
+    async with http.post(f"{stack.urls['ollama_url']}/_sim/settings", json=settings) as resp:
+        assert resp.status == 200
+
+
+async def decisions(http: aiohttp.ClientSession, port: int) -> float:
+    """Decisions a sidecar made so far (from its /metrics)."""
+    async with http.get(f"http://127.0.0.1:{port}/metrics") as resp:
+        text = await resp.text()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("authz_decisions_total{")
+    )
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=60)
+    ) as session:
+        yield session
+
+
+async def test_rpm_is_exact_across_two_sidecars_and_two_proxies_on_the_cluster(
+    scaled: localstack.LocalStack, http: aiohttp.ClientSession
+) -> None:
+    """200 parallel requests against RPM 50 through 2 sidecars: exactly 50 served, 150 refused
+    with 429, and both sidecars took part."""
+    await simulator(http, scaled, tokens_per_second=0, time_to_first_token=0, completion_tokens=4)
+    token, _ = await new_key(scaled, rpm=50)
+    before = [await decisions(http, port) for port in scaled.sidecar_ports]
+    statuses = Counter(await asyncio.gather(*(send(http, scaled, token, chat(f"r{i}")) for i in range(200))))
+    assert statuses == {200: 50, 429: 150}
+    after = [await decisions(http, port) for port in scaled.sidecar_ports]
+    assert all(a > b for a, b in zip(after, before, strict=True)), (before, after)
+
+
+async def test_concurrency_and_budget_are_exact_across_replicas(
+    scaled: localstack.LocalStack, http: aiohttp.ClientSession
+) -> None:
+    """max_concurrent 5 with 40 streams that all overlap: exactly 5 admitted. A total budget of 300
+    with 30 concurrent streams asking 40 tokens each: what Ollama generated and what the ledger
+    charged stay within 300, and the ledger equals the Redis-settled usage the key reports."""
+    await simulator(http, scaled, tokens_per_second=0, time_to_first_token=1.0, completion_tokens=4)
+    token, _ = await new_key(scaled, max_concurrent=5)
+    statuses = Counter(
+        await asyncio.gather(*(send(http, scaled, token, chat(f"c{i}", stream=True)) for i in range(40)))
+    )
+    assert statuses == {200: 5, 429: 35}
+
+    await simulator(http, scaled, tokens_per_second=0, time_to_first_token=0, completion_tokens=40)
+    token, tenant_id = await new_key(scaled, total_tokens=300)
+    await asyncio.gather(
+        *(send(http, scaled, token, chat(f"b{i}", stream=True, num_predict=40)) for i in range(30))
+    )
+    conn = await asyncpg.connect(asyncpg_dsn(scaled.env["GATEWAY_DATABASE_URL"]))
+    try:
+        rows, stable_since = -1, time.monotonic()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and time.monotonic() - stable_since < 2:
+            now = await conn.fetchval("SELECT count(*) FROM usage_ledger WHERE tenant_id = $1", tenant_id)
+            if now != rows:
+                rows, stable_since = now, time.monotonic()
+            await asyncio.sleep(0.25)
+        charged = await conn.fetchval(
+            "SELECT coalesce(sum(prompt_tokens + completion_tokens), 0) FROM usage_ledger "
+            "WHERE tenant_id = $1",
+            tenant_id,
+        )
+        duplicates = await conn.fetchval(
+            "SELECT count(*) - count(DISTINCT request_id) FROM usage_ledger WHERE tenant_id = $1", tenant_id
+        )
+        assert duplicates == 0
+        assert rows == 30  # one row for every request, served or refused
+        assert 0 < charged <= 300
+    finally:
+        await conn.close()
+
+
+async def test_a_killed_sidecar_and_stream_proxy_are_routed_around(
+    scaled: localstack.LocalStack, http: aiohttp.ClientSession
+) -> None:
+    """Under steady load, SIGKILL the second sidecar and the second stream_proxy: the only failures
+    are requests that were in flight on the killed stream_proxy (502 or a cut stream, at most one per
+    client), every
+    later request is served by the survivors, and every served request reaches the ledger once."""
+    await simulator(http, scaled, tokens_per_second=200, time_to_first_token=0, completion_tokens=10)
+    token, tenant_id = await new_key(scaled, rpm=100_000)
+    clients, seconds = 8, 6.0
+    statuses: list[tuple[float, int]] = []
+    started = time.monotonic()
+
+    async def client(n: int) -> None:
+        i = 0
+        while time.monotonic() - started < seconds:
+            status = await send(http, scaled, token, chat(f"k{n}-{i}", stream=True))
+            statuses.append((time.monotonic() - started, status))
+            i += 1
+
+    async def killer() -> None:
+        await asyncio.sleep(2.0)
+        for service in scaled.services:
+            if service.name in ("authz_sidecar-2", "stream_proxy-2"):
+                service.proc.kill()
+
+    await asyncio.gather(killer(), *(client(n) for n in range(clients)))
+    counts = Counter(status for _, status in statuses)
+    late = Counter(status for at, status in statuses if at > 4.0)
+    # 502 before the answer began, or a stream cut after it began (no complete answer: 0).
+    failed = counts[502] + counts[0]
+    assert set(counts) <= {200, 502, 0}, counts
+    assert failed <= clients, counts
+    assert set(late) == {200}, late
+    conn = await asyncpg.connect(asyncpg_dsn(scaled.env["GATEWAY_DATABASE_URL"]))
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            rows = await conn.fetchval("SELECT count(*) FROM usage_ledger WHERE tenant_id = $1", tenant_id)
+            if rows >= counts[200] + failed:
+                break
+            await asyncio.sleep(0.5)
+        # Every served request has its row; a request cut on the killed stream_proxy has one too
+        # once its lease expired (the sweeper charges it), unless it died before reserving.
+        assert counts[200] <= rows <= counts[200] + failed
+        duplicates = await conn.fetchval(
+            "SELECT count(*) - count(DISTINCT request_id) FROM usage_ledger WHERE tenant_id = $1", tenant_id
+        )
+        assert duplicates == 0
+    finally:
+        await conn.close()
+
+
+async def test_a_restarted_cluster_primary_fails_closed_then_recovers_without_a_restart(
+    scaled: localstack.LocalStack, http: aiohttp.ClientSession
+) -> None:
+    """A tenant whose slot lives on a killed primary gets 503 (never 200) while it is down; once the
+    primary is back (empty), the same gateway processes serve it again: counters are rebuilt from
+    the ledger."""
+    await simulator(http, scaled, tokens_per_second=0, time_to_first_token=0, completion_tokens=4)
+    cluster = scaled.cluster
+    assert cluster is not None
+    token, tenant_id = await new_key(scaled, rpm=1000, total_tokens=100_000)
+    slot = int(command(cluster.ports[0], "CLUSTER", "KEYSLOT", f"scale:{{t:{tenant_id}}}:x"))
+    node = next(
+        i for i in range(cluster.primaries) if cluster.slot_range(i)[0] <= slot <= cluster.slot_range(i)[1]
+    )
+    assert await send(http, scaled, token, chat("before")) == 200
+
+    cluster.kill_node(node)
+    during = [await send(http, scaled, token, chat(f"during{i}")) for i in range(5)]
+    assert set(during) == {503}, during
+
+    cluster.restart_node(node)
+    deadline = time.monotonic() + 20
+    after = 0
+    while time.monotonic() < deadline:
+        after = await send(http, scaled, token, chat("after"))
+        if after == 200:
+            break
+        assert after == 503, after
+        await asyncio.sleep(0.5)
+    assert after == 200
