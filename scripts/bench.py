@@ -50,7 +50,11 @@ from shared.redis_keys import RedisKeys
 DOC = localstack.ROOT / "docs" / "BENCHMARKS.md"
 Row = bench_http.Row
 percentile = bench_http.percentile
-HTTP_SCENARIOS = {"chat": bench_http.scenario_chat, "stream": bench_http.scenario_stream}
+HTTP_SCENARIOS = {
+    "chat": bench_http.scenario_chat,
+    "stream": bench_http.scenario_stream,
+    "replicas": bench_http.scenario_replicas,
+}
 console = Console(highlight=False)
 
 

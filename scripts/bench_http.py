@@ -738,3 +738,102 @@ def _error_rows(results: Mapping[int, Mapping[str, Sample]]) -> list[Row]:
 
 def _shape(rounds: int, seconds: float) -> dict[str, str]:
     return {"rounds": f"{rounds} interleaved × {seconds:g} s per arm", "load": "2 loadgen processes"}
+
+
+@contextlib.asynccontextmanager
+async def _replica_arm(
+    bench: Bench, name: str, *, sidecars: int, proxies: int, cluster: bool
+) -> AsyncIterator[Arm]:
+    """A whole gateway (its own simulator and Caddy) with replicas, as one arm."""
+    environ = {
+        **os.environ,
+        "GATEWAY_DATABASE_URL": bench.database_url,
+        "GATEWAY_REDIS_PREFIX": f"bench:{uuid.uuid4().hex[:6]}:",
+        "GATEWAY_SIM_TOKENS_PER_SECOND": "0",
+    }
+    environ.pop("GATEWAY_OLLAMA_URL", None)
+    if cluster:
+        environ.pop("GATEWAY_REDIS_URL", None)
+    else:
+        environ["GATEWAY_REDIS_URL"] = bench.redis_url
+    stack = localstack.LocalStack(
+        bench.workdir / name.split(maxsplit=1)[0],
+        environ=environ,
+        sidecars=sidecars,
+        proxies=proxies,
+        redis_cluster=cluster,
+    )
+    stack.start()
+    try:
+        token, _ = await _keys(stack)
+        async with (
+            aiohttp_session() as session,
+            session.post(f"{stack.urls['ollama_url']}/_sim/settings", json=OVERHEAD_SIMULATOR) as resp,
+        ):
+            resp.raise_for_status()
+        pids = {
+            n: p for n, p in stack.pids().items() if n.startswith(("caddy", "authz_sidecar", "stream_proxy"))
+        }
+        if stack.cluster is not None:
+            pids.update({f"valkey-node-{i}": pid for i, pid in enumerate(stack.cluster.pids, 1)})
+        yield Arm(name, stack.urls["gateway_url"], {"Authorization": f"Bearer {token}"}, pids)
+    finally:
+        stack.stop()
+
+
+def aiohttp_session() -> Any:
+    """A plain client session (imported late: only the bench needs it here)."""
+    import aiohttp  # noqa: PLC0415
+
+    return aiohttp.ClientSession()
+
+
+async def scenario_replicas(
+    bench: Bench, generator: LoadGenerator, *, rounds: int, seconds: float, charts: Path
+) -> Outcome:
+    """2 sidecars + 2 stream_proxies on a 3-primary Valkey cluster versus 1 + 1 on one Valkey, both
+    with every limit configured, non-streaming chat at 1 and 64 concurrent (interleaved)."""
+    del charts
+    async with (
+        _replica_arm(bench, "1+1 (one Valkey)", sidecars=1, proxies=1, cluster=False) as single,
+        _replica_arm(bench, "2+2 (3-primary cluster)", sidecars=2, proxies=2, cluster=True) as double,
+    ):
+        results = {
+            concurrency: await measure(
+                generator,
+                [single, double],
+                concurrency=concurrency,
+                seconds=seconds,
+                rounds=rounds,
+                stream=False,
+            )
+            for concurrency in (1, 64)
+        }
+    one, top = results[1], results[64]
+    rows = [
+        Row(f"requests/s at 64 concurrent, {arm.name}", f"{top[arm.name].rate:,.0f}", "—", None)
+        for arm in (single, double)
+    ]
+    gain = top[double.name].rate / top[single.name].rate if top[single.name].rate else 0.0
+    rows.append(
+        Row("throughput 2+2 ÷ 1+1 at 64 concurrent", f"{gain:.2f}", "— (2 cores: little gain expected)", None)
+    )
+    for arm in (single, double):
+        rows.append(
+            Row(
+                f"latency p50 / p99 at 1 concurrent, {arm.name}",
+                " / ".join(_ms(percentile(one[arm.name].latency, q)) for q in (50, 99)),
+                "—",
+                None,
+            )
+        )
+    rows += _error_rows(results)
+    markdown = "\n\n".join(
+        [
+            "#### every arm\n\n" + _arm_table(results, stream=False),
+            "#### processes (64 concurrent)\n\n" + _process_table(top, 64),
+        ]
+    )
+    return Outcome(
+        rows, markdown, {"simulator": _settings_text(OVERHEAD_SIMULATOR), **_shape(rounds, seconds)}
+    )

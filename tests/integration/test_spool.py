@@ -1,0 +1,131 @@
+"""stream_proxy's usage spool against a real Valkey that is killed and restarted: events written
+while Redis is gone wait in order, a full spool makes the process not ready and refuses new
+requests with 503, and everything is written, once and in order, when Redis is back."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+import uuid
+from pathlib import Path
+from typing import cast
+
+import pytest
+
+import localstack
+from shared import store, usage_wire
+from shared.config import ProxyConfig, load_config
+from shared.models import UsageEvent
+from stream_proxy.app import REPORTER, create_app
+from stream_proxy.usage import UsageReporter
+from tests.integration.serving import serving
+
+pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
+
+
+def event(n: int) -> UsageEvent:
+    now = time.time()
+    return UsageEvent(
+        request_id=f"spooled-{n}-{uuid.uuid4().hex[:6]}",
+        tenant_id=1,
+        key_id=1,
+        key_prefix="spooltst",
+        endpoint="/api/chat",
+        model="llama3.2",
+        prompt_tokens=10 + n,
+        completion_tokens=n,
+        reserved_tokens=100,
+        estimated=False,
+        estimate_reason=None,
+        http_status=200,
+        upstream_status=200,
+        started_at=now,
+        first_byte_at=now,
+        finished_at=now,
+        bytes_relayed=10,
+        client_disconnected=False,
+    )
+
+
+async def stream_ids(url: str, stream: str) -> list[str]:
+    """Request ids on the stream, in order."""
+    async with store.connect(url) as client:
+        entries = await client.xrange(stream)
+    return [usage_wire.decode(cast("dict[bytes, bytes]", entry.field_values)).request_id for entry in entries]
+
+
+async def test_events_wait_in_order_while_redis_is_gone_and_are_written_once_when_it_is_back(
+    tmp_path: Path,
+) -> None:
+    """Valkey SIGKILLed: three events are spooled (report says not written, the spool is full at
+    3); restarted on the same port: one drain writes all three, in order, and the spool is empty."""
+    valkey = localstack.Valkey(tmp_path / "valkey").start()
+    stream = f"spool:{uuid.uuid4().hex[:6]}:usage"
+    try:
+        async with store.connect(valkey.url) as client:
+            reporter = UsageReporter(client, stream, spool_max=3)
+            assert await reporter.report(event(0)) is True
+            assert valkey.proc is not None
+            valkey.proc.kill()
+            valkey.proc.wait()
+            events = [event(n) for n in (1, 2, 3)]
+            for each in events:
+                assert await reporter.report(each) is False
+            assert (reporter.depth, reporter.full) == (3, True)
+            assert await reporter.drain() == 0  # still gone: nothing lost, nothing written
+
+            valkey.start()  # same port, empty
+            deadline = time.monotonic() + 10
+            written = 0
+            while written < 3 and time.monotonic() < deadline:
+                written += await reporter.drain()
+                await asyncio.sleep(0.1)
+            assert written == 3
+            assert (reporter.depth, reporter.full) == (0, False)
+        assert await stream_ids(valkey.url, stream) == [e.request_id for e in events]
+    finally:
+        valkey.stop()
+
+
+async def test_a_full_spool_makes_stream_proxy_not_ready_and_refuses_new_requests_until_drained(
+    tmp_path: Path,
+) -> None:
+    """With the spool full, /readyz says spool_full and a new request gets 503 with Retry-After in
+    the caller's dialect (before its grant is even looked at); once Valkey is back the background
+    retry drains the spool and /readyz no longer reports it full."""
+    valkey = localstack.Valkey(tmp_path / "valkey").start()
+    env = {
+        "GATEWAY_REDIS_URL": valkey.url,
+        "GATEWAY_REDIS_PREFIX": f"spool:{uuid.uuid4().hex[:6]}:",
+        "GATEWAY_GRANT_SECRET": secrets.token_urlsafe(32),
+        "GATEWAY_OLLAMA_URL": f"http://127.0.0.1:{localstack.free_port()}",
+    }
+    app = create_app(load_config(ProxyConfig, env))
+    try:
+        async with serving(app) as (server, http):
+            reporter = app[REPORTER]
+            reporter.spool_max = 2
+            assert valkey.proc is not None
+            valkey.proc.kill()
+            valkey.proc.wait()
+            for n in (1, 2):
+                assert await reporter.report(event(n)) is False
+            async with http.get(server.make_url("/readyz")) as resp:
+                assert resp.status == 503
+                assert (await resp.json())["spool_full"] is True
+            for path, body_has in (("/api/chat", '"error":"'), ("/v1/chat/completions", '"message":"')):
+                async with http.post(server.make_url(path), data=b"{}") as resp:
+                    assert resp.status == 503
+                    assert resp.headers["Retry-After"] == "1"
+                    assert body_has in await resp.text()
+
+            valkey.start()
+            deadline = time.monotonic() + 10
+            while reporter.depth and time.monotonic() < deadline:  # noqa: ASYNC110 (polling a counter)
+                await asyncio.sleep(0.1)
+            assert reporter.depth == 0
+            async with http.get(server.make_url("/readyz")) as resp:
+                assert (await resp.json())["spool_full"] is False
+    finally:
+        valkey.stop()
