@@ -179,7 +179,11 @@ class PostgresConfig:
 class RedisConfig:
     """Limits, leases, caches, invalidations and the usage stream."""
 
-    url: str = env("REDIS_URL", secret=True, help="redis:// or unix:// URL of Redis / Valkey")
+    url: str = env(
+        "REDIS_URL",
+        secret=True,
+        help="redis://, rediss:// or unix:// URL of Redis / Valkey, or redis+cluster://h1:p1,h2:p2",
+    )
     prefix: str = env("REDIS_PREFIX", "nz:", help="prefix of every Redis key name")
 
 
