@@ -181,12 +181,27 @@ class Accountant:
         return len(good)
 
     async def _one_by_one(self, batch: list[tuple[bytes, UsageEvent]]) -> list[tuple[bytes, UsageEvent]]:
-        """A batch failed as a whole: apply events singly; dead-letter those Postgres refuses."""
+        """A batch failed as a whole: apply events singly; dead-letter those Postgres refuses.
+
+        Postgres being unavailable is no refusal (starting up or in recovery: 57P03, shutting down,
+        too many connections, a lost connection, a read-only standby): that error is raised, so the
+        events stay pending and are applied once Postgres is back (scripts/chaos found them lost).
+        """
+        unavailable = (
+            asyncpg.PostgresConnectionError,
+            asyncpg.exceptions.OperatorInterventionError,
+            asyncpg.exceptions.InsufficientResourcesError,
+            asyncpg.exceptions.PostgresSystemError,
+            asyncpg.exceptions.TransactionRollbackError,
+            asyncpg.exceptions.ReadOnlySQLTransactionError,
+        )
         kept: list[tuple[bytes, UsageEvent]] = []
         for identifier, event in batch:
             try:
                 async with self.pool.acquire() as conn:
                     await ledger.apply_usage(conn, [event])
+            except unavailable:
+                raise
             except asyncpg.PostgresError as exc:
                 await self._dead_letter(
                     identifier, usage_wire.encode(event), f"refused by Postgres: {type(exc).__name__}"

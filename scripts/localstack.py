@@ -160,9 +160,11 @@ class Postgres:
             while not _gone(pid) and time.monotonic() < deadline:
                 time.sleep(0.01)
 
-    def restart(self, timeout: float = 30.0) -> Postgres:
+    def restart(self, timeout: float = 30.0, recovering: float = 0.0) -> Postgres:
         """Start again after kill(): same data directory, port and options (from postmaster.opts),
-        with crash recovery; first waits for the old server's processes to go."""
+        with crash recovery; first waits for the old server's processes to go. `recovering` > 0
+        keeps the server in recovery that long first (as a long crash recovery does: every new
+        connection is refused with SQLSTATE 57P03), then ends recovery (pg_ctl promote)."""
         pgdata = (self.workdir / "pgdata").resolve()
         deadline = time.monotonic() + timeout
         while (left := _live_in(pgdata)) and time.monotonic() < deadline:
@@ -176,8 +178,21 @@ class Postgres:
             with contextlib.suppress(OSError, ValueError, IndexError):
                 if _gone(int(lock.read_text().splitlines()[0])):
                     lock.unlink()
+        settings = pgdata / "postgresql.auto.conf"
+        if recovering > 0:
+            # In standby mode with hot_standby off the server stays in recovery, refusing clients.
+            (pgdata / "standby.signal").touch()
+            with settings.open("a") as auto:
+                auto.write("hot_standby = off  # scripts/chaos.py: held in recovery\n")
+            if ids := _run_as():
+                os.chown(pgdata / "standby.signal", *ids)
         try:
             _pg("pg_ctl", "-D", str(pgdata), "-w", "-t", "30", "-l", str(pgdata / "server.log"), "restart")
+            if recovering > 0:
+                lines = settings.read_text().splitlines(keepends=True)
+                settings.write_text("".join(line for line in lines if "held in recovery" not in line))
+                time.sleep(recovering)
+                _pg("pg_ctl", "-D", str(pgdata), "-w", "-t", "30", "promote")
         except subprocess.CalledProcessError as exc:
             tail = (pgdata / "server.log").read_text(errors="replace")[-1500:]
             raise RuntimeError(f"postgres did not restart: {exc.stderr!r}\n{tail}") from None

@@ -302,7 +302,12 @@ class Proxy:
         metered = route in policy.METERED and doc is not None
         reason: EstimateReason | None = None
         prompt, completion = count.prompt_tokens, count.completion_tokens
-        if metered and result is not None and (prompt is None or completion is None):
+        if (
+            metered
+            and result is not None
+            and not result.upstream_unreached
+            and (prompt is None or completion is None)
+        ):
             options = self.config.options
             estimate = size.estimate(options.template_tokens_per_message, options.image_tokens) if size else 0
             if result.client_disconnected:

@@ -48,6 +48,7 @@ class RelayResult:
     bytes_relayed: int = 0
     client_disconnected: bool = False
     upstream_failed: bool = False
+    upstream_unreached: bool = False  # no connection to Ollama at all: it never saw the request
     cut_at_limit: bool = False
     first_byte_at: float | None = None
     count: meter.Count = attrs.Factory(meter.Count)
@@ -94,6 +95,10 @@ class Relay:
         except TimeoutError:
             self.result.upstream_failed = True
             raise Refused(504, "upstream model server timed out", headers={"Retry-After": "5"}) from None
+        except aiohttp.ClientConnectorError:
+            # No connection, so Ollama never saw the request: nothing to charge.
+            self.result.upstream_failed = self.result.upstream_unreached = True
+            raise Refused(502, "upstream model server unreachable", headers={"Retry-After": "5"}) from None
         except (aiohttp.ClientError, OSError):
             self.result.upstream_failed = True
             raise Refused(502, "upstream model server unreachable", headers={"Retry-After": "5"}) from None

@@ -605,7 +605,7 @@ async def test_ollama_unreachable_is_502_in_the_callers_dialect(
     stack: Stack, http: aiohttp.ClientSession, make_key: KeyFactory, usage: UsageLog
 ) -> None:
     """With Ollama unreachable, stream_proxy answers 502 in the caller's dialect, and writes a usage
-    event with http status 502 and no upstream status."""
+    event with http status 502, no upstream status and no tokens (Ollama never saw the request)."""
     token = await make_key()
     closed = f"http://127.0.0.1:{localstack.free_port()}"
     async with _own_proxy(stack, closed) as url:
@@ -618,6 +618,8 @@ async def test_ollama_unreachable_is_502_in_the_callers_dialect(
             _assert_dialect(path, headers, data)
             event = next(e for e in await usage.of(_prefix(token), done) if e.request_id == grant.request_id)
             assert (event.http_status, event.upstream_status, event.endpoint) == (502, None, path)
+            # Ollama never saw it: nothing charged, nothing estimated.
+            assert (event.total_tokens, event.estimated) == (0, False)
 
 
 async def test_ollama_too_slow_is_504_in_the_callers_dialect(
