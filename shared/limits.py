@@ -21,7 +21,13 @@ from shared.redis_keys import RedisKeys
 
 NO_LIMIT = -1
 DECISION_TTL_MS = 120_000
-MARKER_TTL_MS = 24 * 3600 * 1000
+# How long a settled request id is remembered: duplicate usage events (a spooled event written twice,
+# a claim after a crashed accountant) arrive within minutes; one arriving later (Postgres down for
+# over an hour) would count its tokens a second time in Redis, an overcount that errs closed and that
+# `rebuild-counters` corrects. Every request leaves one such key, so this bounds Valkey's memory.
+MARKER_TTL_MS = 3600 * 1000
+# A grant is spent once; it cannot be presented after it expires (at most 60 s plus slack).
+GRANT_MARKER_TTL_MS = 120_000
 SETTLE_GRACE_MS = 600_000
 BUDGET_FIELDS = {"day": "daily_tokens", "month": "monthly_tokens", "total": "total_tokens"}
 
@@ -228,7 +234,7 @@ class LimitScripts:
             _limit(scope.key_limits.tpm),
             _limit(scope.tenant_limits.tpm),
             *(limit for _, _, limit in _budget_specs(scope)),
-            MARKER_TTL_MS,
+            GRANT_MARKER_TTL_MS,
             lease_ttl_ms,
             scope.key_id,
             scope.periods.names()["day"],

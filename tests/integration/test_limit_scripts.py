@@ -18,7 +18,10 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from shared import grant
 from shared.limits import (
+    GRANT_MARKER_TTL_MS,
+    MARKER_TTL_MS,
     Admitted,
     LimitScripts,
     NeedsHydration,
@@ -421,6 +424,21 @@ async def test_a_settle_queued_on_a_pipeline_applies_once_even_after_redis_lost_
             again = lab.scripts.settle_in(pipe, who, "r2", 99)
         assert await again() is False
         assert await lab.budget(who, "key", "total") == 55
+
+
+async def test_per_request_markers_expire_but_outlive_what_they_guard(lab_args: tuple[str, str]) -> None:
+    """Every request leaves a grant-spent and a settled marker, so both expire (Valkey's memory stays
+    bounded): the grant marker outlives any grant's validity (MAX_TTL + clock slack), the settled
+    marker lives an hour."""
+    async with lab_on(*lab_args) as lab:
+        who = scope(Limits(total_tokens=1000))
+        await lab.admitted(who, "m1", T0)
+        assert isinstance(await lab.reserve(who, "m1", T0, prompt=10, completion=10), Reserved)
+        assert await lab.scripts.settle(who, "m1", 5) is True
+        grant_ttl = await lab.redis.pttl(lab.keys.grant_spent(TENANT_ID, "m1"))
+        settled_ttl = await lab.redis.pttl(lab.keys.settled(TENANT_ID, "m1"))
+        assert (grant.MAX_TTL + grant.CLOCK_SLACK) * 1000 < grant_ttl <= GRANT_MARKER_TTL_MS
+        assert MARKER_TTL_MS - 60_000 < settled_ttl <= MARKER_TTL_MS == 3_600_000
 
 
 async def test_a_grant_is_spent_by_its_first_reservation(lab_args: tuple[str, str]) -> None:
