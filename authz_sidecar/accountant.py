@@ -245,18 +245,22 @@ class Accountant:
         return total
 
     async def trim(self) -> int:
-        """Trim acknowledged entries: never at or above the oldest pending one."""
-        pending: Any = await self.redis.xpending(self.keys.usage_stream, GROUP)
+        """Trim acknowledged entries of the usage and the denial-audit stream: never at or above the
+        oldest pending one (both streams would otherwise grow forever)."""
+        return sum([await self._trim(stream) for stream in (self.keys.usage_stream, self.keys.audit_stream)])
+
+    async def _trim(self, stream: str) -> int:
+        pending: Any = await self.redis.xpending(stream, GROUP)
         floor = getattr(pending, "minimum_identifier", None) if pending and pending.pending else None
         if floor is None:
-            groups = await self.redis.xinfo_groups(self.keys.usage_stream)
+            groups = await self.redis.xinfo_groups(stream)
             ours = next((g for g in groups if g.get(b"name") in (GROUP.encode(), GROUP)), None)
             floor = ours.get(b"last-delivered-id") if ours else None
         if not floor or floor in (b"0-0", "0-0"):
             return 0
         # MINID takes a stream id; coredis types the threshold as int only.
         minid: Any = floor
-        return int(await self.redis.xtrim(self.keys.usage_stream, coredis.PureToken.MINID, minid))
+        return int(await self.redis.xtrim(stream, coredis.PureToken.MINID, minid))
 
     # --- expired reservations ------------------------------------------------------------------------
 

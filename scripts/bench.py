@@ -359,8 +359,9 @@ async def scenario_proxy(services: Services, *, decisions: int) -> list[Row]:
     """The stream_proxy hop alone, against the simulator directly, in interleaved rounds."""
     workdir = services.workdir / "proxy"
     secret = secrets.token_urlsafe(32)
-    sim_port, proxy_port = localstack.free_port(), localstack.free_port()
+    sim_port, proxy_port, floor_port = (localstack.free_port() for _ in range(3))
     sim_url, proxy_url = f"http://127.0.0.1:{sim_port}", f"http://127.0.0.1:{proxy_port}"
+    floor_url = f"http://127.0.0.1:{floor_port}"
     env = {
         "GATEWAY_REDIS_URL": services.redis_url,
         "GATEWAY_REDIS_PREFIX": f"bench:{uuid.uuid4().hex[:6]}:",
@@ -384,6 +385,13 @@ async def scenario_proxy(services: Services, *, decisions: int) -> list[Row]:
         _process(
             "stream_proxy", [sys.executable, "-m", "stream_proxy"], proxy_port, env, workdir
         ) as proxy_pid,
+        _process(
+            "floor_relay",
+            [sys.executable, str(localstack.ROOT / "scripts" / "floor_relay.py"), str(floor_port), sim_url],
+            floor_port,
+            {},
+            workdir,
+        ),
     ):
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(
@@ -394,13 +402,16 @@ async def scenario_proxy(services: Services, *, decisions: int) -> list[Row]:
                 async with session.post(f"{sim_url}/_sim/settings", json=values) as resp:
                     resp.raise_for_status()
 
-            async def arm(direct: bool, concurrency: int, count: int) -> tuple[list[float], list[float]]:
+            async def arm(
+                direct: bool, concurrency: int, count: int, *, floor: bool = False
+            ) -> tuple[list[float], list[float]]:
                 ttfb: list[float] = []
                 gaps: list[float] = []
 
                 async def one() -> None:
-                    url = f"{sim_url if direct else proxy_url}/api/chat"
-                    headers = {"Content-Type": "application/json"} if direct else _grant_headers(secret, 1, 1)
+                    url = f"{floor_url if floor else sim_url if direct else proxy_url}/api/chat"
+                    plain = direct or floor
+                    headers = {"Content-Type": "application/json"} if plain else _grant_headers(secret, 1, 1)
                     first, between = await _stream_once(session, url, body, headers)
                     ttfb.append(first)
                     gaps.extend(between)
@@ -413,11 +424,24 @@ async def scenario_proxy(services: Services, *, decisions: int) -> list[Row]:
             for concurrency in (1, 64):
                 direct_ttfb: list[float] = []
                 proxy_ttfb: list[float] = []
+                floor_ttfb: list[float] = []
                 per_round = 64 if concurrency == 64 else 100
                 await arm(False, concurrency, per_round)  # warm-up
+                await arm(False, concurrency, per_round, floor=True)
                 for _ in range(rounds):
                     direct_ttfb += (await arm(True, concurrency, per_round))[0]
+                    floor_ttfb += (await arm(False, concurrency, per_round, floor=True))[0]
                     proxy_ttfb += (await arm(False, concurrency, per_round))[0]
+                for q in (50, 99):
+                    floor = (percentile(floor_ttfb, q) - percentile(direct_ttfb, q)) * 1e3
+                    rows.append(
+                        Row(
+                            f"floor: a do-nothing aiohttp relay adds, p{q}, {concurrency} concurrent",
+                            f"{floor:.3f} ms",
+                            "—",
+                            None,
+                        )
+                    )
                 for q, target in ((50, 0.6), (99, 1.5)):
                     added = (percentile(proxy_ttfb, q) - percentile(direct_ttfb, q)) * 1e3
                     rows.append(

@@ -16,15 +16,20 @@ import pytest
 
 import localstack
 from shared.db import asyncpg_dsn
+from tests import secret_scan
 
 TEMPLATE_DB = "gw_template"
 _counter = itertools.count()
 
 
+def _work_dir_path() -> Path:
+    return localstack.ROOT / ".dev" / f"test-{os.getpid()}"
+
+
 @pytest.fixture(scope="session")
 def work_dir() -> Path:
     """A scratch directory for this session's servers, under .dev/ (ignored by git)."""
-    path = localstack.ROOT / ".dev" / f"test-{os.getpid()}"
+    path = _work_dir_path()
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -103,3 +108,57 @@ def redis_url(work_dir: Path) -> Iterator[str]:
 def redis_prefix() -> str:
     """A key prefix of the test's own, so tests share the server but not its keys."""
     return f"test:{uuid.uuid4().hex[:12]}:"
+
+
+# --- the secret canary scan (tests/secret_scan.py) ---------------------------------------------------
+# The e2e stack plants a canary grant secret, pepper and key (tests/e2e/conftest.py, `stack`); once
+# every test has run, every log line and audit row the session produced is searched for them, for any
+# full key and for any Argon2 hash. The scan is the finalizer of the first session fixture, so it runs
+# after every other fixture has stopped its servers; a finding is an error at teardown of the last
+# test, and pytest exits non-zero.
+
+_CANARY = pytest.StashKey[secret_scan.Canary]()
+_SCAN_REPORT = pytest.StashKey[secret_scan.Report]()
+
+
+@pytest.fixture(scope="session")
+def secret_canary(request: pytest.FixtureRequest) -> secret_scan.Canary:
+    """Canary secrets for the e2e stack; the end-of-session scan looks for them."""
+    canary = secret_scan.Canary.fresh()
+    request.config.stash[_CANARY] = canary
+    return canary
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _secret_scan_at_exit(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[None]:
+    """Scan logs and audit rows when the session ends (only if the session started any server)."""
+    in_process_log = tmp_path_factory.getbasetemp() / "in-process.log"
+    with secret_scan.log_file_handler(in_process_log):
+        yield
+    if not _work_dir_path().is_dir():
+        return  # unit tests only: no service ran, nothing to scan
+    canary = request.config.stash.get(_CANARY, None)
+    report = secret_scan.scan_session(
+        work_dir=_work_dir_path(),
+        log_roots=[tmp_path_factory.getbasetemp()],
+        canary=canary,
+        external_database_url=os.environ.get("GATEWAY_DATABASE_URL"),
+    )
+    request.config.stash[_SCAN_REPORT] = report
+    stack_tests = sum("stack" in getattr(item, "fixturenames", ()) for item in request.session.items)
+    # Tests that start gateway processes of their own (e2e: chaos, scale-out, devstack, killed proxy).
+    service_tests = sum(
+        str(getattr(item, "path", "")).find("/tests/e2e/") >= 0 for item in request.session.items
+    )
+    reasons = secret_scan.problems(report, canary, least=secret_scan.min_lines(stack_tests, service_tests))
+    if reasons:
+        pytest.fail(secret_scan.render(report, reasons, canary), pytrace=False)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    """The scan's numbers, also when it passed."""
+    report = config.stash.get(_SCAN_REPORT, None)
+    if report is not None:
+        terminalreporter.write_line(report.summary())

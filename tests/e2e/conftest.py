@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import datetime as dt
 import os
 import secrets
 import uuid
@@ -17,12 +18,14 @@ import asyncpg
 import attrs
 import ollama
 import openai
+import orjson
 import pytest
 
 import localstack
 from shared import admin, keys
 from shared.db import asyncpg_dsn
 from shared.hashing import Argon2Params
+from tests import secret_scan
 
 KeyFactory = Callable[..., Awaitable[str]]
 # Cheap hashing for the many keys tests create; production parameters are pinned in unit tests.
@@ -45,9 +48,14 @@ class Stack:
 
 @pytest.fixture(scope="session")
 async def stack(
-    work_dir: Path, postgres_admin_url: str, template_database: str, redis_url: str
+    work_dir: Path,
+    postgres_admin_url: str,
+    template_database: str,
+    redis_url: str,
+    secret_canary: secret_scan.Canary,
 ) -> AsyncIterator[Stack]:
-    """Start the whole gateway once for the e2e tests."""
+    """Start the whole gateway once for the e2e tests (with the canary secrets, and the canary key
+    used once, for the end-of-session secret scan)."""
     name = f"e2e_{os.getpid()}"
     conn = await asyncpg.connect(asyncpg_dsn(postgres_admin_url))
     try:
@@ -62,13 +70,112 @@ async def stack(
         "GATEWAY_REDIS_URL": redis_url,
         "GATEWAY_REDIS_PREFIX": f"e2e:{uuid.uuid4().hex[:8]}:",
         "GATEWAY_LOG_LEVEL": "INFO",
+        # Canary secrets: the scan at the end of the session fails if any log line or audit row holds them.
+        "GATEWAY_GRANT_SECRET": secret_canary.grant_secret,
+        "GATEWAY_KEY_PEPPER": secret_canary.pepper,
     }
     environ.pop("GATEWAY_OLLAMA_URL", None)
     local = localstack.LocalStack(work_dir / "e2e", environ=environ).start()
     try:
+        await use_canary_key(local.urls, secret_canary)
         yield Stack(**local.urls, env=dict(local.env), logs=local.workdir)
     finally:
         local.stop()
+
+
+# --- the canary key (tests/secret_scan.py) -----------------------------------------------------------
+# Created on the e2e stack and sent through Caddy right and wrong, in the places clients put keys,
+# so its text has every chance to reach a log or an audit row. From 127.0.0.2: the failed
+# authentications count against an address no test uses. Rights: prompt logging on (so its prompts
+# are stored and searched too) and 6 requests a minute (so it is also refused over its limit).
+
+CANARY_TENANT = "secret-canary"
+CANARY_SOURCE = "127.0.0.2"
+
+
+def _one_char_off(token: str) -> str:
+    """The key with the last character of its random part changed: well-formed but failing the checksum."""
+    at = len(keys.KEY_SCHEME) + keys.PREFIX_LEN + keys.RANDOM_LEN - 1
+    swapped = keys.ALPHABET[(keys.ALPHABET.index(token[at]) + 1) % len(keys.ALPHABET)]
+    return token[:at] + swapped + token[at + 1 :]
+
+
+def _same_prefix_other_secret(token: str) -> str:
+    """A key with the canary's prefix, one random character changed and a valid checksum: it reaches
+    the Argon2 verification and fails it."""
+    body = _one_char_off(token)[
+        len(keys.KEY_SCHEME) : len(keys.KEY_SCHEME) + keys.PREFIX_LEN + keys.RANDOM_LEN
+    ]
+    return keys.KEY_SCHEME + body + keys.checksum(body)
+
+
+async def use_canary_key(urls: dict[str, str], canary: secret_scan.Canary) -> None:
+    """Create the canary key and send it: valid (native and OpenAI, streaming or not, blocked
+    endpoint, over its rate limit) and wrong or misplaced (one character off, other secret, cut
+    short, no scheme, Basic, twice, in `api-key` / `X-Api-Key` headers, in the query string)."""
+    conn = await asyncpg.connect(asyncpg_dsn(urls["database_url"]))
+    try:
+        await admin.create_tenant(conn, name=CANARY_TENANT)
+        created = await admin.create_key(
+            conn, tenant=CANARY_TENANT, name="canary", pepper=canary.pepper, params=TEST_ARGON2
+        )
+        await admin.set_limits(conn, prefix=created.key.prefix, limits={"rpm": admin.parse_limit("rpm", "6")})
+        await admin.set_prompt_logging(conn, prefix=created.key.prefix, on=True, ttl=dt.timedelta(days=1))
+    finally:
+        await conn.close()
+    key = created.token
+    canary.key = key
+    gateway = urls["gateway_url"]
+    chat = {"model": "llama3.2", "messages": [{"role": "user", "content": "canary says hello"}]}
+    bearer = {"Authorization": f"Bearer {key}"}
+    off, other = _one_char_off(key), _same_prefix_other_secret(key)
+    basic = base64.b64encode(f"{key}:".encode()).decode()
+    v1, native = "/v1/chat/completions", "/api/chat"
+    # (case, method, path, body, headers, True if it must be answered 2xx, else 4xx)
+    cases: list[tuple[str, str, str, dict[str, Any], dict[str, str], bool]] = [
+        ("native", "POST", native, {**chat, "stream": False}, bearer, True),
+        ("native stream", "POST", native, chat, bearer, True),
+        ("openai stream", "POST", v1, {**chat, "stream": True}, bearer, True),
+        ("openai, key in query too", "POST", f"{v1}?key={key}&api_key={key}", chat, bearer, True),
+        ("tags, key in query too", "GET", f"/api/tags?key={key}", {}, bearer, True),
+        ("blocked endpoint", "POST", "/api/pull", {"model": "llama3.2"}, bearer, False),
+        ("one char off", "POST", native, chat, {"Authorization": f"Bearer {off}"}, False),
+        ("other secret", "POST", native, chat, {"Authorization": f"Bearer {other}"}, False),
+        ("cut short", "POST", native, chat, {"Authorization": f"Bearer {key[:-1]}"}, False),
+        ("no scheme", "POST", native, chat, {"Authorization": key}, False),
+        ("basic", "POST", v1, chat, {"Authorization": f"Basic {basic}"}, False),
+        ("api-key headers", "POST", v1, chat, {"api-key": key, "X-Api-Key": key}, False),
+        ("query only", "POST", f"{native}?key={key}", chat, {}, False),
+        ("openai query only", "POST", f"{v1}?api_key={key}", chat, {}, False),
+    ]
+    connector = aiohttp.TCPConnector(local_addr=(CANARY_SOURCE, 0))
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as http:
+
+        async def send(
+            case: str, method: str, path: str, body: dict[str, Any], headers: dict[str, str]
+        ) -> int:
+            data = orjson.dumps(body) if body else None
+            async with http.request(method, gateway + path, data=data, headers=headers) as resp:
+                await resp.read()
+                canary.statuses[f"{case}: {resp.status}"] += 1
+                return resp.status
+
+        wrong = []
+        for case, method, path, body, headers, ok in cases:
+            status = await send(case, method, path, body, headers)
+            if ok != (200 <= status < 300) or status >= 500:
+                wrong.append(f"{case}: {status}")
+        twice = [("Authorization", f"Bearer {key}"), ("Authorization", f"Bearer {key}")]
+        async with http.post(gateway + native, data=orjson.dumps(chat), headers=twice) as resp:
+            canary.statuses[f"twice: {resp.status}"] += 1
+        # Over the rate limit: the refusal names the key's prefix in the sidecar's log and the audit log.
+        for _ in range(10):
+            if await send("over the limit", "POST", native, {**chat, "stream": False}, bearer) == 429:
+                break
+        else:
+            wrong.append("over the limit: never 429")
+    if wrong:
+        raise RuntimeError(f"the canary key's requests were not answered as expected: {wrong}")
 
 
 @pytest.fixture

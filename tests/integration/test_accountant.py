@@ -875,6 +875,10 @@ async def test_denial_batches_become_audit_rows_that_the_audit_command_filters(
         assert await accountant.read_denials() == 0
         pending = cast(StreamPending, await accountant.redis.xpending(accountant.keys.audit_stream, GROUP))
         assert pending.pending == 0
+        # Acknowledged batches are trimmed like usage events (the stream would grow forever).
+        assert await accountant.redis.xlen(accountant.keys.audit_stream) == 3
+        assert await accountant.trim() >= 2
+        assert await accountant.redis.xlen(accountant.keys.audit_stream) <= 1
 
     rows = await db.fetch("SELECT * FROM audit_log")
     assert len(rows) == 8
