@@ -51,6 +51,10 @@ async def scaled(
         "GATEWAY_KEY_PEPPER": secrets.token_urlsafe(32),
         "GATEWAY_LOG_LEVEL": "INFO",
         "GATEWAY_LEASE_TTL": "2",
+        # A killed sidecar's embedded accountant leaves events pending: claimed after 2 s, not 30 s;
+        # a killed stream_proxy's reservations are charged 1 s after their lease, not 10 s.
+        "GATEWAY_ACCOUNTANT_CLAIM_IDLE": "2",
+        "GATEWAY_ACCOUNTANT_SWEEP_GRACE": "1",
     }
     environ.pop("GATEWAY_REDIS_URL", None)
     environ.pop("GATEWAY_OLLAMA_URL", None)
@@ -222,7 +226,7 @@ async def test_a_killed_sidecar_and_stream_proxy_are_routed_around(
     assert set(late) == {200}, late
     conn = await asyncpg.connect(asyncpg_dsn(scaled.env["GATEWAY_DATABASE_URL"]))
     try:
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             rows = await conn.fetchval("SELECT count(*) FROM usage_ledger WHERE tenant_id = $1", tenant_id)
             if rows >= counts[200] + failed:
