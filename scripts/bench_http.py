@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 import attrs
 import orjson
@@ -374,8 +375,6 @@ class Bench:
 
     async def simulator(self, **settings: Any) -> dict[str, Any]:
         """Pin the simulator's settings; returns them."""
-        import aiohttp  # noqa: PLC0415
-
         async with (
             aiohttp.ClientSession() as session,
             session.post(f"{self.sim_url}/_sim/settings", json=settings) as resp,
@@ -748,7 +747,7 @@ async def _replica_arm(
     try:
         token, _ = await _keys(stack)
         async with (
-            aiohttp_session() as session,
+            aiohttp.ClientSession() as session,
             session.post(f"{stack.urls['ollama_url']}/_sim/settings", json=OVERHEAD_SIMULATOR) as resp,
         ):
             resp.raise_for_status()
@@ -760,13 +759,6 @@ async def _replica_arm(
         yield Arm(name, stack.urls["gateway_url"], {"Authorization": f"Bearer {token}"}, pids)
     finally:
         stack.stop()
-
-
-def aiohttp_session() -> Any:
-    """A plain client session (imported late: only the bench needs it here)."""
-    import aiohttp  # noqa: PLC0415
-
-    return aiohttp.ClientSession()
 
 
 async def scenario_replicas(

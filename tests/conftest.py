@@ -68,16 +68,20 @@ async def template_database(postgres_admin_url: str) -> str:
     return name
 
 
-@pytest.fixture
-async def database_url(postgres_admin_url: str, template_database: str) -> str:
-    """A fresh, fully migrated database for one test."""
-    name = f"t_{os.getpid()}_{next(_counter)}"
+async def clone_database(postgres_admin_url: str, template_database: str, name: str) -> str:
+    """Create database `name` from the migrated template; its URL."""
     conn = await asyncpg.connect(asyncpg_dsn(postgres_admin_url))
     try:
         await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
     finally:
         await conn.close()
     return _with_database(postgres_admin_url, name)
+
+
+@pytest.fixture
+async def database_url(postgres_admin_url: str, template_database: str) -> str:
+    """A fresh, fully migrated database for one test."""
+    return await clone_database(postgres_admin_url, template_database, f"t_{os.getpid()}_{next(_counter)}")
 
 
 @pytest.fixture

@@ -26,6 +26,7 @@ from shared import admin, keys
 from shared.db import asyncpg_dsn
 from shared.hashing import Argon2Params
 from tests import secret_scan
+from tests.conftest import clone_database
 
 KeyFactory = Callable[..., Awaitable[str]]
 # Cheap hashing for the many keys tests create; production parameters are pinned in unit tests.
@@ -56,17 +57,10 @@ async def stack(
 ) -> AsyncIterator[Stack]:
     """Start the whole gateway once for the e2e tests (with the canary secrets, and the canary key
     used once, for the end-of-session secret scan)."""
-    name = f"e2e_{os.getpid()}"
-    conn = await asyncpg.connect(asyncpg_dsn(postgres_admin_url))
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
-    finally:
-        await conn.close()
-    base = postgres_admin_url.rsplit("/", 1)[0]
-    query = "?" + postgres_admin_url.split("?", 1)[1] if "?" in postgres_admin_url else ""
+    database_url = await clone_database(postgres_admin_url, template_database, f"e2e_{os.getpid()}")
     environ = {
         **os.environ,
-        "GATEWAY_DATABASE_URL": f"{base}/{name}{query}",
+        "GATEWAY_DATABASE_URL": database_url,
         "GATEWAY_REDIS_URL": redis_url,
         "GATEWAY_REDIS_PREFIX": f"e2e:{uuid.uuid4().hex[:8]}:",
         "GATEWAY_LOG_LEVEL": "INFO",

@@ -23,6 +23,7 @@ import pytest
 import localstack
 from shared import admin
 from shared.db import asyncpg_dsn
+from tests.conftest import clone_database
 from tests.e2e.conftest import TEST_ARGON2
 from valkey_cluster import command
 
@@ -36,16 +37,10 @@ async def scaled(
     work_dir: Path, postgres_admin_url: str, template_database: str
 ) -> AsyncIterator[localstack.LocalStack]:
     """2 sidecars + 2 stream_proxies + 3-primary cluster, on a database of their own."""
-    name = f"scale_{os.getpid()}"
-    conn = await asyncpg.connect(asyncpg_dsn(postgres_admin_url))
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
-    finally:
-        await conn.close()
-    base, _, query = postgres_admin_url.partition("?")
+    database_url = await clone_database(postgres_admin_url, template_database, f"scale_{os.getpid()}")
     environ = {
         **os.environ,
-        "GATEWAY_DATABASE_URL": f"{base.rsplit('/', 1)[0]}/{name}" + (f"?{query}" if query else ""),
+        "GATEWAY_DATABASE_URL": database_url,
         "GATEWAY_REDIS_PREFIX": "scale:",
         "GATEWAY_GRANT_SECRET": secrets.token_urlsafe(32),
         "GATEWAY_KEY_PEPPER": secrets.token_urlsafe(32),
