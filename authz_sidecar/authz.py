@@ -1,6 +1,6 @@
 """`GET /authz`, called by Caddy's forward_auth: admission of one request, answered with a grant.
 
-Order (DESIGN.md step 2), stopping at the first denial: endpoint policy; the key (format and
+Order (docs/ARCHITECTURE.md#request-path), stopping at the first denial: endpoint policy; the key (format and
 checksum before any I/O, then the cache, then one Postgres query and one Argon2id check, with a
 failed-authentication limiter per client address in front of the expensive part); then the
 signed grant. The body never reaches the sidecar.
@@ -30,7 +30,7 @@ from shared import grant as grants
 from shared import keys, policy
 from shared.config import SidecarConfig
 from shared.db import DB_ERRORS
-from shared.dialect import error_response
+from shared.dialect import dialect_of, error_response
 from shared.exceptions import KeyFormatError
 from shared.keystore import Verdict
 from shared.limits import Admitted, LimitScripts, Refused, Scope
@@ -85,6 +85,24 @@ def client_address(request: web.Request) -> str | None:
     if forwarded:
         return forwarded.split(",")[0].strip()[:64]
     return request.remote
+
+
+def presented_key(request: web.Request, uri: str) -> keys.ParsedKey:
+    """The key the client presented: `Authorization: Bearer nz_…`, or on Anthropic routes also
+    `x-api-key: nz_…` (the Anthropic SDK's default). One header of each kind at most, and when
+    both are sent they must carry the same key (docs/DECISIONS.md)."""
+    bearer = request.headers.getall("Authorization", ())
+    if len(bearer) > 1:
+        raise KeyFormatError("send exactly one Authorization header")
+    api_key = request.headers.getall("x-api-key", ()) if dialect_of(uri) == "anthropic" else ()
+    if len(api_key) > 1:
+        raise KeyFormatError("send exactly one x-api-key header")
+    if not api_key:
+        return keys.parse_bearer(bearer[0] if bearer else None)
+    from_header = keys.parse_key(api_key[0].strip())
+    if bearer and keys.parse_bearer(bearer[0]).token != from_header.token:
+        raise KeyFormatError("Authorization and x-api-key carry different API keys")
+    return from_header
 
 
 def _key_denial(verdict: Verdict) -> Denied:
@@ -177,11 +195,9 @@ class Admission:
             ) from None
         raise Denied(503, "budget counters are being rebuilt", reason="hydration_busy", headers=UNAVAILABLE)
 
-    async def _context(self, request: web.Request, address: str | None) -> KeyContext:
+    async def _context(self, request: web.Request, address: str | None, uri: str) -> KeyContext:
         try:
-            if len(request.headers.getall("Authorization", ())) > 1:
-                raise KeyFormatError("send exactly one Authorization header")
-            parsed = keys.parse_bearer(request.headers.get("Authorization"))
+            parsed = presented_key(request, uri)
         except KeyFormatError as exc:
             self.limiter.failed(address)
             raise Denied(
@@ -273,7 +289,7 @@ class Admission:
                     decision.status, decision.message, reason=f"policy_{decision.status}", headers=allow
                 )
             body_encoding(request)
-            context = await self._context(request, address)
+            context = await self._context(request, address, uri)
             response = await self._grant(
                 request, method=method, uri=uri, route=decision.route, context=context, address=address
             )
@@ -288,7 +304,12 @@ class Admission:
             )
             path = request.headers.get("X-Forwarded-Uri", "/")
             return error_response(
-                path, denied.status, denied.message, code=denied.code, headers=denied.headers
+                path,
+                denied.status,
+                denied.message,
+                code=denied.code,
+                headers=denied.headers,
+                request_id=request.headers.get("X-Request-Id"),
             )
         self._finish(request, status=200, reason="allowed", started=started, context=context, address=address)
         return response

@@ -1,6 +1,8 @@
 """Endpoint policy: which (method, path) pairs the gateway serves, shared by both services.
 
-An allowlist, decided on the raw (still percent-encoded) path. The mutating and egress routes of
+An allowlist, decided on the raw (still percent-encoded) path. Every served route belongs to one
+API family (docs/ARCHITECTURE.md#api-families-and-adapters), which fixes its error dialect and the
+adapter stream_proxy reads its body and answer with. The mutating and egress routes of
 Ollama are refused with 403 whatever the key and however they are spelled: any normalisation of an
 ambiguous path (doubled slashes, dot segments, percent-encoding, trailing slash, case) that lands
 on a blocked route is a 403. Other ambiguous paths are 400, everything else 404 (or 405 for a
@@ -29,7 +31,10 @@ Route = Literal[
     "openai_embeddings",
     "openai_models",
     "openai_model",
+    "openai_responses",
+    "anthropic_messages",
 ]
+Family = Literal["native", "openai", "responses", "anthropic"]
 
 ALLOWED: dict[str, dict[str, Route]] = {
     "/api/chat": {"POST": "chat"},
@@ -44,17 +49,47 @@ ALLOWED: dict[str, dict[str, Route]] = {
     "/v1/completions": {"POST": "openai_completions"},
     "/v1/embeddings": {"POST": "openai_embeddings"},
     "/v1/models": {"GET": "openai_models"},
+    "/v1/responses": {"POST": "openai_responses"},
+    "/v1/messages": {"POST": "anthropic_messages"},
 }
 MODEL_ROUTE_PREFIX = "/v1/models/"
 
+# The API family of every route: its error dialect and its adapter in stream_proxy.
+FAMILY: dict[Route, Family] = {
+    "chat": "native",
+    "generate": "native",
+    "embed": "native",
+    "embeddings": "native",
+    "tags": "native",
+    "show": "native",
+    "ps": "native",
+    "version": "native",
+    "openai_chat": "openai",
+    "openai_completions": "openai",
+    "openai_embeddings": "openai",
+    "openai_models": "openai",
+    "openai_model": "openai",
+    "openai_responses": "responses",
+    "anthropic_messages": "anthropic",
+}
 # Routes that consume tokens (reserved and metered).
 METERED: frozenset[Route] = frozenset(
-    {"chat", "generate", "embed", "embeddings", "openai_chat", "openai_completions", "openai_embeddings"}
+    {
+        "chat",
+        "generate",
+        "embed",
+        "embeddings",
+        "openai_chat",
+        "openai_completions",
+        "openai_embeddings",
+        "openai_responses",
+        "anthropic_messages",
+    }
 )
 # Routes whose request body names a model that the key's allowlist must cover.
 MODEL_BODY: frozenset[Route] = METERED | {"show"}
 
-# Exact blocked paths and blocked subtrees (ollama-protocol.md §2: MUT and EGR routes).
+# Exact blocked paths and blocked subtrees (docs/OLLAMA.md#routes: model management and egress).
 BLOCKED_EXACT = frozenset(
     {"/api/pull", "/api/push", "/api/create", "/api/copy", "/api/delete", "/api/me", "/api/signout"}
 )

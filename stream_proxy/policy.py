@@ -1,6 +1,6 @@
 """The key's body policy: which models it may name, and caps on num_ctx and keep_alive.
 
-Model names are compared as Ollama resolves them (ollama-protocol.md §9): normalised, case-
+Model names are compared as Ollama resolves them (docs/OLLAMA.md#model-names): normalised, case-
 insensitive, default registry/namespace/tag filled in. `:cloud` and `-cloud` models (which Ollama
 proxies off-box) are refused unless the allowlist names them explicitly.
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from shared import policy
 from shared.grant import Grant
 from shared.model_names import InvalidModelName, is_cloud, normalise
 from stream_proxy import body
@@ -82,13 +81,10 @@ def apply_caps(grant: Grant, doc: body.Body) -> None:
             doc.changed = True
 
 
-def check_body(grant: Grant, route: policy.Route, doc: body.Body) -> None:
-    """Everything the key's policy says about this body."""
-    document = doc.document
-    if route in policy.MODEL_BODY:
-        names = [body.get(document, "model")]
-        if route == "show":  # /api/show also takes the deprecated `name`
-            names.append(body.get(document, "name"))
+def check_body(grant: Grant, names: list[Any] | None, doc: body.Body) -> None:
+    """Everything the key's policy says about this body: the models it names (`names`, from the
+    route's adapter; None when the route names none) and the caps."""
+    if names is not None:
         given = [n for n in names if isinstance(n, str) and n.strip()]
         if not given:
             check_model(grant, None)
@@ -97,21 +93,22 @@ def check_body(grant: Grant, route: policy.Route, doc: body.Body) -> None:
     apply_caps(grant, doc)
 
 
-def filter_listing(grant: Grant, route: policy.Route, document: Any) -> Any:
-    """Drop the models a key may not use from /api/tags, /api/ps and /v1/models."""
+def filter_listing(grant: Grant, listing: tuple[str, tuple[str, ...]], document: Any) -> Any:
+    """Drop the models a key may not use from a listing (/api/tags, /api/ps, /v1/models):
+    `listing` names the field of entries and the fields that name each entry's model."""
     if not isinstance(document, dict):
         return document
+    field, name_fields = listing
 
     def keep(entry: Any) -> bool:
         if not isinstance(entry, dict):
             return False
-        name = entry.get("id") if route == "openai_models" else entry.get("model") or entry.get("name")
+        name = next((entry[f] for f in name_fields if entry.get(f)), None)
         try:
             return isinstance(name, str) and model_allowed(grant, name)
         except Refused:
             return False
 
-    field = "data" if route == "openai_models" else "models"
     entries = document.get(field)
     if isinstance(entries, list):
         document[field] = [e for e in entries if keep(e)]

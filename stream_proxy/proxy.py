@@ -1,13 +1,16 @@
-"""One proxied request from grant to usage event (DESIGN.md request path step 3).
+"""One proxied request from grant to usage event (docs/ARCHITECTURE.md#request-path).
 
 Grant check, bounded body, the key's body policy, one reservation call (which also spends the
 grant), the relay, then, after the response has ended, the usage event and the lease release.
+Everything that depends on the API family (what the body means, how the answer is read) is the
+family's adapter's (stream_proxy/apis): this module has no route switches.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import math
 import time
@@ -28,7 +31,7 @@ from shared.limits import TENANT_REFRESH_SECONDS, LimitScripts, NeedsHydration, 
 from shared.limits import Refused as LimitRefused
 from shared.models import EstimateReason, UsageEvent
 from shared.periods import from_names
-from stream_proxy import body, grants, meter
+from stream_proxy import apis, body, grants, meter
 from stream_proxy import policy as body_policy
 from stream_proxy.exceptions import Refused
 from stream_proxy.metrics import ProxyMetrics
@@ -44,8 +47,11 @@ def _reset(seconds: float | None) -> str:
     return f"{max(0, math.ceil(seconds or 0))}s"
 
 
-def ratelimit_headers(rate: RateInfo, reserved: int) -> dict[str, str]:
-    """`x-ratelimit-*` as OpenAI names them, from the admission values in the grant."""
+def ratelimit_headers(rate: RateInfo, reserved: int, family: policy.Family) -> dict[str, str]:
+    """`x-ratelimit-*` as OpenAI names them, or `anthropic-ratelimit-*` on Anthropic routes, from
+    the admission values in the grant."""
+    if family == "anthropic":
+        return anthropic_ratelimit_headers(rate, reserved, time.time())
     headers: dict[str, str] = {}
     if rate.limit_requests is not None:
         headers["x-ratelimit-limit-requests"] = str(rate.limit_requests)
@@ -55,6 +61,25 @@ def ratelimit_headers(rate: RateInfo, reserved: int) -> dict[str, str]:
         headers["x-ratelimit-limit-tokens"] = str(rate.limit_tokens)
         headers["x-ratelimit-remaining-tokens"] = str(max(0, (rate.remaining_tokens or 0) - reserved))
         headers["x-ratelimit-reset-tokens"] = _reset(rate.reset_tokens)
+    return headers
+
+
+def _rfc3339(at: float) -> str:
+    return dt.datetime.fromtimestamp(math.ceil(at), dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def anthropic_ratelimit_headers(rate: RateInfo, reserved: int, now: float) -> dict[str, str]:
+    """`anthropic-ratelimit-{requests,tokens}-{limit,remaining,reset}`, resets as RFC 3339 times."""
+    headers: dict[str, str] = {}
+    if rate.limit_requests is not None:
+        headers["anthropic-ratelimit-requests-limit"] = str(rate.limit_requests)
+        headers["anthropic-ratelimit-requests-remaining"] = str(rate.remaining_requests or 0)
+        headers["anthropic-ratelimit-requests-reset"] = _rfc3339(now + (rate.reset_requests or 0))
+    if rate.limit_tokens is not None:
+        headers["anthropic-ratelimit-tokens-limit"] = str(rate.limit_tokens)
+        remaining = max(0, (rate.remaining_tokens or 0) - reserved)
+        headers["anthropic-ratelimit-tokens-remaining"] = str(remaining)
+        headers["anthropic-ratelimit-tokens-reset"] = _rfc3339(now + (rate.reset_tokens or 0))
     return headers
 
 
@@ -96,7 +121,8 @@ class Proxy:
     ) -> tuple[Reserved, meter.PromptSize | None]:
         options = self.config.options
         metered = grant.metered and route in policy.METERED and doc is not None
-        size = meter.prompt_size(route, doc.document) if metered and doc is not None else None
+        adapter = apis.adapter(route)
+        size = adapter.prompt(route, doc.document) if metered and doc is not None else None
         try:
             outcome = await self.scripts.reserve(
                 scope_of(grant),
@@ -105,7 +131,7 @@ class Proxy:
                 prompt_bound=size.bound(options.template_tokens_per_message, options.image_tokens)
                 if size
                 else 0,
-                requested_completion=meter.requested_completion(route, doc.document) if doc else None,
+                requested_completion=adapter.requested_completion(route, doc.document) if doc else None,
                 default_completion=options.default_completion_tokens,
                 lease_ttl_ms=self._lease_ms,
             )
@@ -189,7 +215,7 @@ class Proxy:
         grant = grants.check(request, secrets=secrets, now=self.clock())
         started = self.clock()
         doc = await self._body(request, grant, route)
-        if route == "openai_model":
+        if route == "openai_model":  # the one route naming its model in the path
             body_policy.check_model(grant, request.match_info.get("tail", "").rsplit("/", 1)[-1])
         try:
             reserved, size = await self._reserve(grant, route, doc)
@@ -220,7 +246,9 @@ class Proxy:
         except (web.RequestPayloadError, aiohttp.http_exceptions.HttpProcessingError, ConnectionResetError):
             raise Refused(400, "request body could not be read (malformed or wrongly encoded)") from None
         doc = body.Body(document=body.parse(bytes(raw)), raw=bytes(raw))
-        body_policy.check_body(grant, route, doc)
+        adapter = apis.adapter(route)
+        adapter.refuse(route, doc.document)
+        body_policy.check_body(grant, adapter.models(route, doc.document), doc)
         return doc
 
     async def _relay(
@@ -234,27 +262,22 @@ class Proxy:
         size: meter.PromptSize | None,
         started: float,
     ) -> web.StreamResponse:
-        streaming = doc is not None and meter.wants_stream(route, doc.document)
-        hide_usage = strip_zero = False
+        adapter = apis.adapter(route)
+        framing = apis.Framing(keep_text=grant.prompt_logging)
         if doc is not None and route in policy.METERED:
             if reserved.completion_limit is not None:
-                meter.set_completion(route, doc, reserved.completion_limit)
-            if streaming and route in meter.OPENAI_STREAMING:
-                hide_usage = not meter.ask_for_usage(doc)
-                strip_zero = hide_usage and route == "openai_completions"
+                adapter.write_completion(route, doc, reserved.completion_limit)
+            streaming = adapter.streams(route, doc.document)
+            framing = adapter.prepare(route, doc, streaming=streaming, keep_text=grant.prompt_logging)
         relay = Relay(
             request=request,
             session=self.session,
             ollama=self.ollama,
-            route=route,
-            streaming=streaming,
+            reader=adapter.reader(route, framing),
             first_byte_timeout=self.config.options.first_byte_timeout,
-            hide_usage=hide_usage,
-            strip_zero_usage=strip_zero,
             completion_limit=reserved.completion_limit,
-            keep_text=grant.prompt_logging,
             transform=self._listing_filter(grant, route),
-            headers=ratelimit_headers(grant.rate, reserved.reserved),
+            headers=ratelimit_headers(grant.rate, reserved.reserved, policy.FAMILY[route]),
         )
         try:
             async with self._lease(grant):
@@ -272,14 +295,15 @@ class Proxy:
         return response
 
     def _listing_filter(self, grant: Grant, route: policy.Route) -> Callable[[bytes], bytes] | None:
-        if grant.allowed_models is None or route not in ("tags", "ps", "openai_models"):
+        listing = apis.adapter(route).listing(route)
+        if grant.allowed_models is None or listing is None:
             return None
 
         def transform(data: bytes) -> bytes:
             document = meter.loads(data)
             if document is None:
                 return data
-            filtered = orjson.dumps(body_policy.filter_listing(grant, route, document))
+            filtered = orjson.dumps(body_policy.filter_listing(grant, listing, document))
             return filtered + (b"\n" if data.endswith(b"\n") else b"")
 
         return transform
@@ -327,7 +351,7 @@ class Proxy:
             key_id=grant.key_id,
             key_prefix=grant.key_prefix,
             endpoint=grant.path,
-            model=self._model(route, doc),
+            model=self._model(doc),
             prompt_tokens=prompt or 0,
             completion_tokens=completion or 0,
             reserved_tokens=reserved.reserved if reserved else 0,
@@ -396,10 +420,10 @@ class Proxy:
             m.upstream_errors.labels(route).inc()
 
     @staticmethod
-    def _model(route: policy.Route, doc: body.Body | None) -> str | None:
+    def _model(doc: body.Body | None) -> str | None:
         if doc is None:
             return None
         model = body.get(doc.document, "model")
-        if route == "show" and not model:
+        if not model:  # /api/show's deprecated `name`
             model = body.get(doc.document, "name")
         return model[:200] if isinstance(model, str) else None

@@ -1,9 +1,10 @@
 """Relaying one allowed request to Ollama and its answer back, chunk by chunk, metering as it goes.
 
 Only an allowlist of request headers is forwarded (never Authorization, X-Gw-*, Origin or
-cookies); Host is set for Ollama; redirects are never followed. Streams are written as each
-upstream chunk arrives (NDJSON byte for byte; SSE event by event, so the usage event the gateway
-asked for can be dropped when the client did not ask for it) and ended right after the last one.
+cookies); Host is set for Ollama; redirects are never followed. The answer is framed by its
+Content-Type, never by what the request asked for: NDJSON is written byte for byte as each upstream
+chunk arrives, SSE event by event (so the adapter's reader can drop the usage event the gateway
+asked for), anything else as one body. Every piece goes to the API family's reader, which counts.
 A client that goes away cancels the upstream request at once, which makes Ollama stop generating.
 """
 
@@ -16,12 +17,11 @@ from collections.abc import Callable
 
 import aiohttp
 import attrs
-import orjson
 from aiohttp import web
 from yarl import URL
 
-from shared import policy
 from stream_proxy import meter
+from stream_proxy.apis import Reader
 from stream_proxy.exceptions import Refused
 
 log = logging.getLogger("stream_proxy.relay")
@@ -35,8 +35,6 @@ UPSTREAM_BROKEN = (
     aiohttp.ClientError,
     TimeoutError,
 )
-ZERO_USAGE = b',"usage":{"prompt_tokens":0,"completion_tokens":0,"total_tokens":0}'
-MAX_LOGGED_TEXT = 1 << 20
 
 
 @attrs.define
@@ -55,6 +53,28 @@ class RelayResult:
     response_text: list[str] = attrs.Factory(list)
 
 
+def framing_of(content_type: str | None) -> str:
+    """`ndjson`, `sse` or `whole`, from the answer's Content-Type."""
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    if media == "application/x-ndjson":
+        return "ndjson"
+    if media == "text/event-stream":
+        return "sse"
+    return "whole"
+
+
+def split_event(event: bytes) -> tuple[str | None, bytes]:
+    """The `event:` name and the `data:` payload of one SSE event."""
+    name: str | None = None
+    data: list[bytes] = []
+    for line in event.split(b"\n"):
+        if line.startswith(b"data:"):
+            data.append(line[5:].removeprefix(b" "))
+        elif line.startswith(b"event:"):
+            name = line[6:].strip().decode("utf-8", "replace")
+    return name, b"\n".join(data)
+
+
 def upstream_headers(request: web.Request, ollama: URL) -> dict[str, str]:
     """The allowlisted request headers plus Host for Ollama and an identity encoding."""
     headers = {name: request.headers[name] for name in FORWARDED_REQUEST_HEADERS if name in request.headers}
@@ -70,16 +90,16 @@ class Relay:
     request: web.Request
     session: aiohttp.ClientSession
     ollama: URL
-    route: policy.Route
-    streaming: bool
+    reader: Reader
     first_byte_timeout: float
-    hide_usage: bool = False  # drop the usage event the gateway asked for
-    strip_zero_usage: bool = False  # /v1/completions: the zero usage Ollama adds to every chunk
     completion_limit: int | None = None
-    keep_text: bool = False
     transform: Callable[[bytes], bytes] | None = None  # non-streamed bodies (listing filters)
     headers: dict[str, str] = attrs.Factory(dict)
     result: RelayResult = attrs.Factory(RelayResult)
+
+    def __attrs_post_init__(self) -> None:
+        self.result.count = self.reader.count
+        self.result.response_text = self.reader.text
 
     async def _open(self, payload: bytes | None) -> aiohttp.ClientResponse:
         target = self.ollama.with_path(self.request.path)  # no client query string: Ollama takes none
@@ -103,28 +123,6 @@ class Relay:
             self.result.upstream_failed = True
             raise Refused(502, "upstream model server unreachable", headers={"Retry-After": "5"}) from None
 
-    def _read(self, document: object) -> None:
-        count = self.result.count
-        before = count.content_chunks
-        if self.route in meter.NATIVE_STREAMING or self.route in ("embed", "embeddings"):
-            meter.read_native_object(document, count)
-        else:
-            meter.read_openai_object(document, count)
-        if self.keep_text and count.content_chunks > before:
-            self._keep(document)
-
-    def _keep(self, document: object) -> None:
-        if not isinstance(document, dict) or sum(map(len, self.result.response_text)) > MAX_LOGGED_TEXT:
-            return
-        message = document.get("message")
-        text = message.get("content") if isinstance(message, dict) else document.get("response")
-        for choice in document.get("choices") or []:
-            if isinstance(choice, dict):
-                delta = choice.get("delta")
-                text = (delta.get("content") if isinstance(delta, dict) else None) or choice.get("text")
-        if isinstance(text, str):
-            self.result.response_text.append(text)
-
     def _over_limit(self) -> bool:
         limit = self.completion_limit
         return limit is not None and self.result.count.content_chunks > limit
@@ -140,8 +138,9 @@ class Relay:
                 response.headers[name] = upstream.headers[name]
         response.headers.update(self.headers)
         try:
-            if self.streaming and upstream.status == 200:
-                await self._stream(upstream, response)
+            framing = framing_of(upstream.headers.get("Content-Type"))
+            if framing != "whole" and self.request.method != "HEAD":
+                await self._stream(upstream, response, sse=framing == "sse")
             else:
                 await self._whole(upstream, response)
         except CLIENT_GONE:
@@ -159,7 +158,7 @@ class Relay:
         data = await upstream.read()
         self.result.first_byte_at = time.time()
         if upstream.status == 200:
-            self._read(meter.loads(data.rstrip(b"\n")))
+            self.reader.whole(meter.loads(data.rstrip(b"\n")))
             if self.transform is not None:
                 data = self.transform(data)
         if self.request.method == "HEAD":
@@ -172,8 +171,9 @@ class Relay:
         await response.write_eof()
         self.result.bytes_relayed = len(data)
 
-    async def _stream(self, upstream: aiohttp.ClientResponse, response: web.StreamResponse) -> None:
-        sse = self.route in meter.OPENAI_STREAMING
+    async def _stream(
+        self, upstream: aiohttp.ClientResponse, response: web.StreamResponse, *, sse: bool
+    ) -> None:
         separator = b"\n\n" if sse else b"\n"
         pending = b""
         prepared = False
@@ -196,11 +196,11 @@ class Relay:
                 raise
             self.result.bytes_relayed += len(out)
             if self._over_limit():
-                await self._cut(response, sse)
+                await self._cut(response)
                 return
         if pending:  # a stream cut without its final separator
             if not sse:
-                self._read(meter.loads(pending))
+                self.reader.line(meter.loads(pending))
             await response.write(pending)
             self.result.bytes_relayed += len(pending)
         if not prepared:
@@ -212,35 +212,20 @@ class Relay:
     def _lines(self, lines: list[bytes], chunk: bytes, pending: bytes) -> bytes:
         for line in lines:
             if line:
-                self._read(meter.loads(line))
+                self.reader.line(meter.loads(line))
         return chunk  # NDJSON is relayed byte for byte, as it arrived
 
     def _events(self, events: list[bytes], separator: bytes) -> bytes:
         kept: list[bytes] = []
         for event in events:
-            data = event[6:] if event.startswith(b"data: ") else b""
-            if data == b"[DONE]":
-                self.result.count.finished = True
-            elif data:
-                document = meter.loads(data)
-                self._read(document)
-                if self.hide_usage and isinstance(document, dict) and document.get("choices") == []:
-                    continue
-                if self.strip_zero_usage:
-                    kept.append(event.replace(ZERO_USAGE, b"") + separator)
-                    continue
-            kept.append(event + separator)
+            name, data = split_event(event)
+            kept.append(self.reader.event(name, data, event + separator))
         return b"".join(kept)
 
-    async def _cut(self, response: web.StreamResponse, sse: bool) -> None:
-        """Ollama ran past the clamped limit: end the stream properly, reason `length`."""
+    async def _cut(self, response: web.StreamResponse) -> None:
+        """Ollama ran past the clamped limit: end the stream with the family's final piece."""
         self.result.cut_at_limit = True
-        if sse:
-            choice = {"index": 0, "delta": {}, "finish_reason": "length"}
-            event = {"object": "chat.completion.chunk", "choices": [choice]}
-            tail = b"data: " + orjson.dumps(event) + b"\n\ndata: [DONE]\n\n"
-        else:
-            tail = orjson.dumps({"done": True, "done_reason": "length"}) + b"\n"
+        tail = self.reader.tail()
         await response.write(tail)
         await response.write_eof()
         self.result.bytes_relayed += len(tail)

@@ -23,7 +23,7 @@ from shared import keys as key_format
 from shared.config import ProxyConfig, load_config
 from shared.db import asyncpg_dsn
 from shared.redis_keys import RedisKeys
-from stream_proxy import meter
+from stream_proxy import apis
 from tests.e2e.conftest import KeyFactory, SimulatorControl, Stack
 
 pytestmark = pytest.mark.e2e
@@ -79,7 +79,11 @@ async def send(http: aiohttp.ClientSession, stack: Stack, path: str, key: str, b
 def prompt_bound(stack: Stack, body: dict[str, Any]) -> int:
     """The prompt bound stream_proxy reserves for a chat body, with the stack's own allowances."""
     options = load_config(ProxyConfig, stack.env).options
-    return meter.prompt_size("chat", body).bound(options.template_tokens_per_message, options.image_tokens)
+    return (
+        apis.adapter("chat")
+        .prompt("chat", body)
+        .bound(options.template_tokens_per_message, options.image_tokens)
+    )
 
 
 @attrs.frozen

@@ -304,7 +304,7 @@ async def test_policy_denials_under_api_are_ollama_shaped(
     [
         ("POST", "/v1//chat/completions", 400, "invalid_request_error", None),
         ("GET", "/v1/models/a%2Fb", 400, "invalid_request_error", None),
-        ("POST", "/v1/responses", 404, "not_found_error", None),
+        ("POST", "/v1/audio/transcriptions", 404, "not_found_error", None),
         ("GET", "/v1/nope", 404, "not_found_error", None),
         ("POST", "/v1/models", 405, "api_error", "GET"),
         ("GET", "/v1/chat/completions", 405, "api_error", "POST"),
@@ -600,7 +600,7 @@ async def test_openai_client_sees_the_right_exceptions(
 
     async with openai_client(stack, await make_key()) as client:
         with pytest.raises(openai.NotFoundError) as missing:
-            await client.responses.create(model="llama3.2", input="Say hi")
+            await client.audio.speech.create(model="llama3.2", voice="alloy", input="Say hi")
     assert missing.value.status_code == 404
     assert missing.value.type == "not_found_error"
     assert await simulator.requests() == []

@@ -23,9 +23,43 @@ import ollama_simulator as sim
 from shared.config import ProxyOptions
 from shared.grant import Grant
 from shared.policy import METERED, Route
-from stream_proxy import body, meter
+from stream_proxy import apis, body, meter
 from stream_proxy import policy as body_policy
 from stream_proxy.exceptions import Refused
+
+
+def _size(route: Route, document: dict[str, Any]) -> meter.PromptSize:
+    """The prompt size the route's adapter computes."""
+    return apis.adapter(route).prompt(route, document)
+
+
+def _streams(route: Route, document: dict[str, Any]) -> bool:
+    return apis.adapter(route).streams(route, document)
+
+
+def _requested(route: Route, document: dict[str, Any]) -> int | None:
+    return apis.adapter(route).requested_completion(route, document)
+
+
+def _write_completion(route: Route, doc: body.Body, limit: int) -> None:
+    apis.adapter(route).write_completion(route, doc, limit)
+
+
+def _client_asked_for_usage(doc: body.Body) -> bool:
+    """Prepare an OpenAI chat stream; whether the client had asked for usage itself."""
+    framing = apis.adapter("openai_chat").prepare("openai_chat", doc, streaming=True, keep_text=False)
+    return not framing.hide_usage
+
+
+def _filter(grant: Grant, route: Route, document: Any) -> Any:
+    listing = apis.adapter(route).listing(route)
+    assert listing is not None
+    return body_policy.filter_listing(grant, listing, document)
+
+
+def _check_body(grant: Grant, route: Route, doc: body.Body) -> None:
+    body_policy.check_body(grant, apis.adapter(route).models(route, doc.document), doc)
+
 
 OPTIONS = ProxyOptions()
 PER_MESSAGE = OPTIONS.template_tokens_per_message
@@ -45,7 +79,7 @@ def _doc(document: dict[str, Any]) -> body.Body:
 
 
 def _bound(route: Route, document: dict[str, Any]) -> int:
-    return meter.prompt_size(route, document).bound(PER_MESSAGE, PER_IMAGE)
+    return _size(route, document).bound(PER_MESSAGE, PER_IMAGE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,7 +200,7 @@ def test_unchanged_bodies_are_forwarded_byte_for_byte() -> None:
     raw = b'{ "model" : "llama3.2",\n "prompt": "\\u003c&>", "options": {"seed": 1} }'
     doc = body.Body(document=body.parse(raw), raw=raw)
     assert doc.encoded() == raw
-    meter.set_completion("generate", doc, 7)
+    _write_completion("generate", doc, 7)
     assert orjson.loads(doc.encoded()) == {
         "model": "llama3.2",
         "prompt": "<&>",
@@ -182,14 +216,14 @@ def test_chat_bound_counts_text_messages_and_the_assistant_turn() -> None:
     """A chat prompt is bounded by the UTF-8 bytes of its text plus the template allowance for
     every message and once more for the assistant turn; multi-byte text counts in bytes."""
     one: dict[str, Any] = {"model": "llama3.2", "messages": [{"role": "user", "content": "héllo wörld"}]}
-    size = meter.prompt_size("chat", one)
+    size = _size("chat", one)
     assert size.messages == 1
     assert size.images == 0
     assert size.context_tokens == 0
     assert size.text_bytes >= len("héllo wörld".encode())
     assert size.bound(PER_MESSAGE, PER_IMAGE) == size.text_bytes + 2 * PER_MESSAGE
     three = {**one, "messages": one["messages"] * 3}
-    assert meter.prompt_size("chat", three).messages == 3
+    assert _size("chat", three).messages == 3
     assert _bound("chat", three) >= 3 * len("héllo wörld".encode()) + 4 * PER_MESSAGE
 
 
@@ -215,7 +249,7 @@ def test_images_cost_the_image_allowance_not_their_base64_bytes() -> None:
     plain = _bound("chat", {"model": "m", "messages": [message]})
     two = _bound("chat", {"model": "m", "messages": [{**message, "images": [picture, picture]}]})
     assert two == plain + 2 * PER_IMAGE
-    size = meter.prompt_size("chat", {"model": "m", "messages": [{**message, "images": [picture]}]})
+    size = _size("chat", {"model": "m", "messages": [{**message, "images": [picture]}]})
     assert size.images == 1
     generate = {"model": "m", "prompt": "what is this?"}
     assert _bound("generate", {**generate, "images": [picture]}) == _bound("generate", generate) + PER_IMAGE
@@ -223,9 +257,7 @@ def test_images_cost_the_image_allowance_not_their_base64_bytes() -> None:
         {"type": "text", "text": "what is this?"},
         {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{picture}"}},
     ]
-    openai_size = meter.prompt_size(
-        "openai_chat", {"model": "m", "messages": [{"role": "user", "content": parts}]}
-    )
+    openai_size = _size("openai_chat", {"model": "m", "messages": [{"role": "user", "content": parts}]})
     assert openai_size.images == 1
     assert openai_size.text_bytes < 1000
 
@@ -242,7 +274,7 @@ def test_openai_content_parts_count_as_messages() -> None:
         "model": "m",
         "messages": [{"role": "system", "content": "sys"}, {"role": "user", "content": parts}],
     }
-    size = meter.prompt_size("openai_chat", document)
+    size = _size("openai_chat", document)
     assert size.messages == 4
     assert size.text_bytes >= len("sys") + len("first") + len("second") + len("3")
 
@@ -263,7 +295,7 @@ def test_generate_bound_counts_every_prompt_field(route: Route) -> None:
 def test_generate_bound_counts_the_context_tokens() -> None:
     """The deprecated `context` of /api/generate is token ids: one token each."""
     document = {"model": "m", "prompt": "go on", "context": list(range(1000, 1500))}
-    size = meter.prompt_size("generate", document)
+    size = _size("generate", document)
     assert size.context_tokens == 500
     assert size.bound(PER_MESSAGE, PER_IMAGE) >= 500 + len("go on")
 
@@ -273,19 +305,19 @@ def test_generate_bound_counts_the_context_tokens() -> None:
 )
 def test_embedding_bounds(route: Route, field: str) -> None:
     """Embedding inputs are bounded by their bytes plus an allowance per input."""
-    single = meter.prompt_size(route, {"model": "m", field: "why is the sky blue?"})
+    single = _size(route, {"model": "m", field: "why is the sky blue?"})
     assert single.messages == 1
     assert single.text_bytes >= len("why is the sky blue?")
     if route != "embeddings":  # the legacy endpoint takes one prompt string only
-        several = meter.prompt_size(route, {"model": "m", field: ["a" * 10, "b" * 20, "c" * 30]})
+        several = _size(route, {"model": "m", field: ["a" * 10, "b" * 20, "c" * 30]})
         assert several.messages == 3
         assert several.text_bytes >= 60
 
 
 def test_embedding_bounds_ignore_other_routes_fields() -> None:
     """Only the route's own prompt field counts: an /api/embed body's `prompt` is not its input."""
-    assert meter.prompt_size("embed", {"model": "m", "prompt": "x" * 500}).text_bytes < 500
-    assert meter.prompt_size("embeddings", {"model": "m", "input": "x" * 500}).text_bytes < 500
+    assert _size("embed", {"model": "m", "prompt": "x" * 500}).text_bytes < 500
+    assert _size("embeddings", {"model": "m", "input": "x" * 500}).text_bytes < 500
 
 
 # --- against the simulator's own count -------------------------------------------------------
@@ -462,7 +494,7 @@ def test_native_routes_stream_unless_told_not_to(
 ) -> None:
     """Native generate and chat stream when `stream` is absent or null; `false` (any spelling of
     the key) gives one object."""
-    assert meter.wants_stream(route, {"model": "m", **document}) is streams
+    assert _streams(route, {"model": "m", **document}) is streams
 
 
 @pytest.mark.parametrize("route", ["openai_chat", "openai_completions"])
@@ -480,14 +512,14 @@ def test_native_routes_stream_unless_told_not_to(
 )
 def test_openai_routes_stream_only_when_asked(route: Route, document: dict[str, Any], streams: bool) -> None:
     """OpenAI chat and completions do not stream unless `stream` is true (any spelling)."""
-    assert meter.wants_stream(route, {"model": "m", **document}) is streams
+    assert _streams(route, {"model": "m", **document}) is streams
 
 
 @pytest.mark.parametrize("route", ["embed", "embeddings", "openai_embeddings", *NON_METERED])
 def test_other_routes_never_stream(route: Route) -> None:
     """Embeddings and the read-only routes never stream, whatever the body says."""
-    assert meter.wants_stream(route, {"stream": True}) is False
-    assert meter.wants_stream(route, {}) is False
+    assert _streams(route, {"stream": True}) is False
+    assert _streams(route, {}) is False
 
 
 @pytest.mark.parametrize("route", ["chat", "generate"])
@@ -513,7 +545,7 @@ def test_native_completion_limit(route: Route, options: dict[str, Any] | None, l
     document: dict[str, Any] = {"model": "m"}
     if options is not None:
         document["options"] = options
-    assert meter.requested_completion(route, document) == limit
+    assert _requested(route, document) == limit
 
 
 @pytest.mark.parametrize("route", ["openai_chat", "openai_completions"])
@@ -540,24 +572,24 @@ def test_openai_completion_limit(route: Route, fields: dict[str, Any], limit: in
     """OpenAI routes read `max_tokens` and `max_completion_tokens` and, like Ollama (which keeps
     the smallest positive one), a negative value in one field does not cancel a real limit in the
     other; negative alone means no limit."""
-    assert meter.requested_completion(route, {"model": "m", **fields}) == limit
+    assert _requested(route, {"model": "m", **fields}) == limit
 
 
 @pytest.mark.parametrize("route", ["embed", "embeddings", "openai_embeddings"])
 def test_embeddings_complete_nothing(route: Route) -> None:
     """Embedding routes generate no completion tokens."""
-    assert meter.requested_completion(route, {"model": "m", "options": {"num_predict": 99}}) == 0
+    assert _requested(route, {"model": "m", "options": {"num_predict": 99}}) == 0
 
 
 def test_set_completion_native_rewrites_the_clients_spelling() -> None:
     """The clamped limit replaces the client's num_predict (whatever its spelling) inside
     `options`, creating `options` when absent, and marks the body changed."""
     doc = _doc({"model": "m", "Options": {"NUM_PREDICT": 5000, "seed": 3}})
-    meter.set_completion("chat", doc, 900)
+    _write_completion("chat", doc, 900)
     assert doc.changed
     assert orjson.loads(doc.encoded()) == {"model": "m", "Options": {"seed": 3, "num_predict": 900}}
     bare = _doc({"model": "m", "prompt": "x"})
-    meter.set_completion("generate", bare, 12)
+    _write_completion("generate", bare, 12)
     assert orjson.loads(bare.encoded()) == {"model": "m", "prompt": "x", "options": {"num_predict": 12}}
 
 
@@ -565,10 +597,10 @@ def test_set_completion_openai_rewrites_every_limit_field() -> None:
     """On OpenAI routes the clamped limit goes into `max_tokens`, and into
     `max_completion_tokens` too when the client used it, replacing the client's spellings."""
     doc = _doc({"model": "m", "MAX_TOKENS": 5000})
-    meter.set_completion("openai_chat", doc, 900)
+    _write_completion("openai_chat", doc, 900)
     assert orjson.loads(doc.encoded()) == {"model": "m", "max_tokens": 900}
     both = _doc({"model": "m", "Max_Completion_Tokens": 5000, "prompt": "x"})
-    meter.set_completion("openai_completions", both, 70)
+    _write_completion("openai_completions", both, 70)
     assert orjson.loads(both.encoded()) == {
         "model": "m",
         "prompt": "x",
@@ -582,7 +614,7 @@ def test_set_completion_leaves_embeddings_alone(route: Route) -> None:
     """Embedding bodies carry no completion limit and are forwarded unchanged."""
     raw = b'{"model":"all-minilm","input":"x"}'
     doc = body.Body(document=body.parse(raw), raw=raw)
-    meter.set_completion(route, doc, 10)
+    _write_completion(route, doc, 10)
     assert not doc.changed
     assert doc.encoded() == raw
 
@@ -591,7 +623,7 @@ def test_ask_for_usage_injects_include_usage() -> None:
     """Without stream_options, the gateway asks Ollama for usage itself and reports that the
     client did not."""
     doc = _doc({"model": "m", "stream": True})
-    assert meter.ask_for_usage(doc) is False
+    assert _client_asked_for_usage(doc) is False
     assert doc.changed
     assert orjson.loads(doc.encoded())["stream_options"] == {"include_usage": True}
 
@@ -603,7 +635,7 @@ def test_ask_for_usage_injects_include_usage() -> None:
 def test_ask_for_usage_keeps_the_clients_request(options: dict[str, Any]) -> None:
     """A client that asked for usage (any spelling) gets it and its body is not rewritten."""
     doc = _doc({"model": "m", "stream": True, **options})
-    assert meter.ask_for_usage(doc) is True
+    assert _client_asked_for_usage(doc) is True
     assert not doc.changed
 
 
@@ -620,7 +652,7 @@ def test_ask_for_usage_overrides_a_refusal(options: dict[str, Any]) -> None:
     """include_usage false, null or missing is turned on upstream, with one spelling only, and
     reported as not asked for (so the usage event is dropped before the client)."""
     doc = _doc({"model": "m", "stream": True, **options})
-    assert meter.ask_for_usage(doc) is False
+    assert _client_asked_for_usage(doc) is False
     forwarded = orjson.loads(doc.encoded())
     stream_options = body.get(forwarded, "stream_options")
     assert stream_options == {"include_usage": True}
@@ -629,7 +661,7 @@ def test_ask_for_usage_overrides_a_refusal(options: dict[str, Any]) -> None:
 def test_ask_for_usage_refuses_non_object_stream_options() -> None:
     """stream_options that is not an object is a 400 (Go could not bind it either)."""
     with pytest.raises(Refused) as caught:
-        meter.ask_for_usage(_doc({"model": "m", "stream": True, "stream_options": "yes"}))
+        _client_asked_for_usage(_doc({"model": "m", "stream": True, "stream_options": "yes"}))
     assert caught.value.status == 400
 
 
@@ -643,6 +675,8 @@ def test_metered_routes_are_exactly_the_inference_routes() -> None:
         "openai_chat",
         "openai_completions",
         "openai_embeddings",
+        "openai_responses",
+        "anthropic_messages",
     }
 
 
@@ -761,15 +795,15 @@ def test_missing_model_is_refused_only_under_an_allowlist() -> None:
 def test_body_policy_checks_the_model_fields(route: Route, document: dict[str, Any]) -> None:
     """The model is read case-insensitively, and /api/show's deprecated `name` is checked too."""
     with pytest.raises(Refused) as caught:
-        body_policy.check_body(ONLY_LLAMA, route, _doc(document))
+        _check_body(ONLY_LLAMA, route, _doc(document))
     assert caught.value.status == 403
 
 
 def test_body_policy_allows_the_allowed_model() -> None:
     """The allowed model passes on every body-carrying route."""
     for route in ("chat", "generate", "embed", "embeddings", "openai_chat", "openai_completions", "show"):
-        body_policy.check_body(ONLY_LLAMA, route, _doc({"model": "llama3.2"}))
-    body_policy.check_body(ONLY_LLAMA, "show", _doc({"model": "llama3.2:latest", "name": "LLAMA3.2"}))
+        _check_body(ONLY_LLAMA, route, _doc({"model": "llama3.2"}))
+    _check_body(ONLY_LLAMA, "show", _doc({"model": "llama3.2:latest", "name": "LLAMA3.2"}))
 
 
 @pytest.mark.parametrize(
@@ -778,7 +812,7 @@ def test_body_policy_allows_the_allowed_model() -> None:
 def test_show_by_its_deprecated_name_field_is_allowed(document: dict[str, Any]) -> None:
     """/api/show still takes the deprecated `name` when `model` is empty (Ollama reads
     `model`, else `name`): naming an allowed model that way is not refused."""
-    body_policy.check_body(ONLY_LLAMA, "show", _doc(document))
+    _check_body(ONLY_LLAMA, "show", _doc(document))
 
 
 CAPPED = _grant(max_num_ctx=4096, max_keep_alive_seconds=300)
@@ -851,10 +885,10 @@ def test_listing_filters_keep_only_allowed_models() -> None:
     for route in ("tags", "ps"):
         listing = _tags(*installed)
         listing["models"] += ["junk", {"name": "bad name!"}, {"name": "LLAMA3.2"}]
-        filtered = body_policy.filter_listing(ONLY_LLAMA, route, listing)
+        filtered = _filter(ONLY_LLAMA, route, listing)
         assert [m["name"] for m in filtered["models"]] == ["llama3.2:latest", "LLAMA3.2"]
     openai = {"object": "list", "data": [{"id": n, "object": "model"} for n in installed]}
-    filtered = body_policy.filter_listing(ONLY_LLAMA, "openai_models", openai)
+    filtered = _filter(ONLY_LLAMA, "openai_models", openai)
     assert filtered == {"object": "list", "data": [{"id": "llama3.2:latest", "object": "model"}]}
 
 
@@ -862,14 +896,14 @@ def test_listing_filters_drop_cloud_models_unless_allowed() -> None:
     """Cloud entries disappear from listings unless the allowlist names them."""
     listing = _tags("llama3.2:latest", "gpt-oss:20b-cloud")
     both = _grant(allowed_models=("llama3.2:latest", "gpt-oss:20b-cloud"))
-    assert len(body_policy.filter_listing(both, "tags", listing)["models"]) == 2
-    only = body_policy.filter_listing(ONLY_LLAMA, "tags", _tags("llama3.2:latest", "gpt-oss:20b-cloud"))
+    assert len(_filter(both, "tags", listing)["models"]) == 2
+    only = _filter(ONLY_LLAMA, "tags", _tags("llama3.2:latest", "gpt-oss:20b-cloud"))
     assert [m["name"] for m in only["models"]] == ["llama3.2:latest"]
 
 
 def test_listing_filters_leave_other_shapes_alone() -> None:
     """Bodies that are not listings (errors, `"data": null`) pass through unchanged."""
-    assert body_policy.filter_listing(ONLY_LLAMA, "tags", {"error": "x"}) == {"error": "x"}
+    assert _filter(ONLY_LLAMA, "tags", {"error": "x"}) == {"error": "x"}
     empty = {"object": "list", "data": None}
-    assert body_policy.filter_listing(ONLY_LLAMA, "openai_models", empty) == empty
-    assert body_policy.filter_listing(ONLY_LLAMA, "tags", ["not", "a", "dict"]) == ["not", "a", "dict"]
+    assert _filter(ONLY_LLAMA, "openai_models", empty) == empty
+    assert _filter(ONLY_LLAMA, "tags", ["not", "a", "dict"]) == ["not", "a", "dict"]

@@ -246,10 +246,20 @@ def test_ambiguous_spelling_of_a_served_path_is_400(method: str, spelling: str) 
 
 
 @pytest.mark.parametrize(
-    "path", ["/", "/api", "/v1", "/api/status", "/v1/responses", "/v1/messages", "/foo", "/api/chatx"]
+    "path",
+    [
+        "/",
+        "/api",
+        "/v1",
+        "/api/status",
+        "/v1/audio/transcriptions",
+        "/v1/messages/count_tokens",
+        "/foo",
+        "/api/chatx",
+    ],
 )
 def test_unknown_paths_are_404(path: str) -> None:
-    """Ollama routes outside the allowlist that are not blocked (e.g. /api/status, /v1/responses),
+    """Ollama routes outside the allowlist that are not blocked (e.g. /api/status, transcriptions),
     the root and unrelated paths are 404, never admitted."""
     for method in METHODS:
         decision = decide(method, path)
