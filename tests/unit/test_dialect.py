@@ -1,6 +1,6 @@
 """Error bodies in the caller's dialect: Ollama `{"error": "…"}` under /api and everything not /v1,
-OpenAI `{"error": {"message", "type", "param", "code"}}` plus a newline under /v1 (DESIGN.md step 2,
-ollama-protocol.md §5 and §6.7)."""
+OpenAI `{"error": {"message", "type", "param", "code"}}` plus a newline under /v1, Anthropic
+`{"type":"error","error":{"type","message"}}` under /v1/messages (docs/OLLAMA.md#error-bodies)."""
 
 from __future__ import annotations
 
@@ -42,10 +42,16 @@ OPENAI_CONTENT_TYPE = "application/json"
         ("/v10/chat", "ollama"),
         ("/foo/v1/chat", "ollama"),
         ("/api/v1/chat", "ollama"),
+        ("/v1/messages", "anthropic"),
+        ("/v1/messages?beta=true", "anthropic"),
+        ("/v1/messages/count_tokens", "anthropic"),
+        ("/v1/messages/batches", "anthropic"),
+        ("/v1/messagesx", "openai"),
+        ("/v1/responses", "openai"),
     ],
 )
 def test_dialect_of_path(path: str, dialect: str) -> None:
-    """OpenAI exactly for /v1 and paths under /v1/; Ollama for /api and everything else."""
+    """Anthropic for /v1/messages and below; OpenAI for the rest of /v1; Ollama for the rest."""
     assert dialect_of(path) == dialect
 
 
@@ -155,3 +161,49 @@ def test_error_response_content_type_cannot_be_lost_to_extra_headers() -> None:
     for headers in (None, empty):
         response = error_response("/api/chat", 400, "m", headers=headers)
         assert set(response.headers) == {"Content-Type"}
+
+
+# The Anthropic error type each gateway status is answered with (the SDK raises by status).
+ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
+
+
+@pytest.mark.parametrize("status", STATUSES)
+def test_anthropic_body_shape(status: int) -> None:
+    """Anthropic errors are `{"type":"error","error":{"type","message"}}`, compact, no newline;
+    a budget refusal stays a rate_limit_error (Anthropic has no insufficient_quota)."""
+    expected = (
+        '{"type":"error","error":{"type":"' + ANTHROPIC_TYPES[status] + '","message":"nope"}}'
+    ).encode()
+    assert error_body("anthropic", status, "nope") == expected
+    assert error_body("anthropic", status, "nope", code="insufficient_quota") == expected
+
+
+def test_anthropic_body_carries_the_request_id() -> None:
+    """The gateway's request id is the Anthropic `request_id` (only in that dialect)."""
+    body = json.loads(error_body("anthropic", 500, "boom", request_id="abc-123"))
+    assert body == {
+        "type": "error",
+        "error": {"type": "api_error", "message": "boom"},
+        "request_id": "abc-123",
+    }
+    assert "request_id" not in json.loads(error_body("openai", 500, "boom", request_id="abc-123"))
+
+
+def test_anthropic_response_content_type() -> None:
+    """error_response under /v1/messages: Anthropic body, application/json without charset."""
+    response = error_response("/v1/messages", 401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
+    assert response.status == 401
+    assert response.content_type == "application/json"
+    assert response.charset is None
+    assert response.headers["WWW-Authenticate"] == "Bearer"
+    assert isinstance(response.body, bytes)
+    assert json.loads(response.body)["error"]["type"] == "authentication_error"
