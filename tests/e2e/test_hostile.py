@@ -54,7 +54,7 @@ pytestmark = pytest.mark.e2e
 MODEL = "llama3.2"
 OLLAMA_JSON = "application/json; charset=utf-8"
 OPENAI_JSON = "application/json"
-CHAT_PATHS = ("/api/chat", "/v1/chat/completions")
+CHAT_PATHS = ("/api/chat", "/v1/chat/completions", "/v1/messages")
 TRACEBACK_MARKERS = (b"Traceback", b'File "', b'.py", line')
 # No bystander request may take longer than this (they take milliseconds when nothing is wrong).
 MAX_LATENCY = 5.0
@@ -103,6 +103,17 @@ def dialect_problem(path: str, answer: Answer) -> str | None:
         document = json.loads(body)
     except ValueError:
         return "not JSON"
+    if path == "/v1/messages" or path.startswith(("/v1/messages/", "/v1/messages?")):
+        if not isinstance(document, dict) or document.get("type") != "error":
+            return "not an Anthropic error document"
+        if set(document) - {"type", "error", "request_id"}:
+            return "an Anthropic error with unexpected fields"
+        error = document["error"]
+        if not isinstance(error, dict) or set(error) != {"type", "message"}:
+            return "not an Anthropic error"
+        if not (isinstance(error["message"], str) and error["message"] and isinstance(error["type"], str)):
+            return "an Anthropic error without message or type"
+        return None
     if not isinstance(document, dict) or set(document) != {"error"}:
         return "not an error document"
     error = document["error"]
@@ -262,10 +273,10 @@ async def exchange_one(stack: Stack, data: bytes, *, half_close: bool = False) -
 
 
 def chat_body(content: str, *, model: str = MODEL) -> bytes:
-    """A small valid non-streaming chat body."""
-    return json.dumps(
-        {"model": model, "messages": [{"role": "user", "content": content}], "stream": False}
-    ).encode()
+    """A small valid non-streaming chat body, for every chat route (native /api/chat ignores
+    max_tokens, which /v1/messages requires)."""
+    messages = [{"role": "user", "content": content}]
+    return json.dumps({"model": model, "messages": messages, "stream": False, "max_tokens": 64}).encode()
 
 
 def bearer(key: str) -> dict[str, str]:

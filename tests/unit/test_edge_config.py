@@ -174,14 +174,16 @@ def _is_forward_auth(handler: Mapping[str, Any]) -> bool:
     return handler.get("handler") == "reverse_proxy" and "rewrite" in handler and "handle_response" in handler
 
 
-def _matches(matcher_sets: list[dict[str, Any]] | None, host: str, path: str) -> bool:
-    """Caddy's matcher semantics for the two matchers the edge uses: sets are OR-ed, the matchers
-    of one set AND-ed; path and host patterns are case-insensitive globs."""
+def _matches(matcher_sets: list[dict[str, Any]] | None, host: str, path: str, method: str) -> bool:
+    """Caddy's matcher semantics for the three matchers the edge uses: sets are OR-ed, the matchers
+    of one set AND-ed; path and host patterns are case-insensitive globs, methods exact."""
     if not matcher_sets:
         return True
     for matchers in matcher_sets:
-        unknown = set(matchers) - {"host", "path"}
+        unknown = set(matchers) - {"host", "path", "method"}
         assert not unknown, f"the route evaluator does not understand matchers {unknown}"
+        if "method" in matchers and method not in matchers["method"]:
+            continue
         if "host" in matchers and not any(
             fnmatch.fnmatchcase(host.lower(), p.lower()) for p in matchers["host"]
         ):
@@ -194,7 +196,9 @@ def _matches(matcher_sets: list[dict[str, Any]] | None, host: str, path: str) ->
     return False
 
 
-def _evaluate(routes: list[dict[str, Any]], host: str, path: str) -> tuple[list[dict[str, Any]], bool]:
+def _evaluate(
+    routes: list[dict[str, Any]], host: str, path: str, method: str = "POST"
+) -> tuple[list[dict[str, Any]], bool]:
     """The handlers Caddy runs for a request to host+path, in order, up to the first terminal one
     (subroutes, groups and `terminal` routes included); and whether a terminal handler was hit."""
     ran: list[dict[str, Any]] = []
@@ -203,13 +207,13 @@ def _evaluate(routes: list[dict[str, Any]], host: str, path: str) -> tuple[list[
         group = route.get("group")
         if group is not None and group in groups:
             continue
-        if not _matches(route.get("match"), host, path):
+        if not _matches(route.get("match"), host, path, method):
             continue
         if group is not None:
             groups.add(group)
         for handler in route.get("handle", []):
             if handler["handler"] == "subroute":
-                inner, done = _evaluate(handler.get("routes", []), host, path)
+                inner, done = _evaluate(handler.get("routes", []), host, path, method)
                 ran.extend(inner)
                 if done:
                     return ran, True
@@ -222,8 +226,10 @@ def _evaluate(routes: list[dict[str, Any]], host: str, path: str) -> tuple[list[
     return ran, False
 
 
-def _handlers(server: Mapping[str, Any], path: str, host: str = DOMAIN) -> list[dict[str, Any]]:
-    ran, done = _evaluate(server["routes"], host, path)
+def _handlers(
+    server: Mapping[str, Any], path: str, host: str = DOMAIN, method: str = "POST"
+) -> list[dict[str, Any]]:
+    ran, done = _evaluate(server["routes"], host, path, method)
     assert done, f"no handler answers {host}{path}: {ran}"
     return ran
 
@@ -439,7 +445,7 @@ def test_access_log_is_json_without_grants_or_queries(production: dict[str, Any]
     ), encoder
     if encoder["format"] == "filter":
         fields = encoder["fields"]
-        for header in GRANT_HEADERS:
+        for header in (*GRANT_HEADERS, "X-Api-Key"):  # the Anthropic SDK's key header too
             assert fields[f"request>headers>{header}"] == {"filter": "delete"}
         assert fields["request>uri"]["filter"] == "query"
     assert not public["logs"].get("should_log_credentials")
@@ -450,6 +456,18 @@ def test_healthz_is_answered_without_auth(production: dict[str, Any]) -> None:
     ran = _handlers(_public(production), "/healthz")
     assert [h["handler"] for h in ran] == ["headers", "static_response"]
     assert ran[-1]["status_code"] == 200
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_root_is_answered_without_auth(production: dict[str, Any], method: str) -> None:
+    """GET and HEAD / answer `Ollama is running` from Caddy itself, as Ollama does; other methods and
+    paths go through forward_auth."""
+    ran = _handlers(_public(production), "/", method=method)
+    assert ran[-1]["handler"] == "static_response"
+    assert (ran[-1]["status_code"], ran[-1]["body"]) == (200, "Ollama is running")
+    assert not any(_is_forward_auth(h) for h in ran)
+    posted = _handlers(_public(production), "/", method="POST")
+    assert any(_is_forward_auth(h) for h in posted)
 
 
 @pytest.mark.parametrize("caddyfile", [CADDYFILE, CADDYFILE_DEV], ids=["production", "dev"])
