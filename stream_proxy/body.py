@@ -1,13 +1,19 @@
-"""The request body: bounded, parsed as Ollama parses it, inspected and rewritten.
+"""The request body: bounded, parsed as Ollama's Go `encoding/json` reads it, inspected, rewritten.
 
-Ollama (Go encoding/json) matches JSON keys case-insensitively, so `{"MODEL": "x"}` names the model.
-The gateway reads keys the same way and refuses bodies whose keys collide by case (two spellings
-of one field), because Go and other readers may disagree on which one wins. Rewrites (the clamped
-completion limit, the injected usage request) replace the client's spelling of a key.
+Go matches an object key to a struct field case-insensitively: ASCII letters fold, and of all other
+characters only U+017F (long s) folds to `s` and U+212A (Kelvin sign) to `k`, because every Ollama
+field name is ASCII (docs/OLLAMA.md#go-json-decoding). Python's `str.casefold()` folds far more
+(sharp s, the st and fi ligatures…) and would see fields Go never sees. The gateway folds as Go
+does, and refuses bodies Go and the gateway could read differently: a key repeated in one object
+(Go merges repeated objects, other readers keep the last) and two spellings of one field. NaN and
+Infinity (not JSON), invalid UTF-8 and lone surrogates are refused too. What is forwarded is the
+document that was checked, re-serialised, never the client's bytes, so no parser differential can
+reach Ollama.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import attrs
@@ -16,55 +22,80 @@ import orjson
 from stream_proxy.exceptions import Refused
 
 MAX_DEPTH = 64
+_GO_FOLDS = str.maketrans({"\u017f": "s", "\u212a": "k"})  # long s, Kelvin sign
 
 
-def _check(value: Any, depth: int = 0) -> None:
+def fold(name: str) -> str:
+    """A key as Go compares it with an ASCII field name: ASCII lower-cased, U+017F to s, U+212A to
+    k, nothing else."""
+    if name.isascii():
+        return name.lower()
+    folded = name.translate(_GO_FOLDS)
+    return "".join(c.lower() if c.isascii() else c for c in folded)
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """One JSON object, refused when a key repeats or two keys are one field to Go."""
+    document = dict(pairs)
+    if len(document) != len(pairs):
+        duplicate = next(k for i, (k, _) in enumerate(pairs) if any(k == j for j, _ in pairs[:i]))
+        raise Refused(400, f"request body repeats the key {duplicate!r}")
+    folded = {fold(key) for key in document}
+    if len(folded) != len(document):
+        raise Refused(400, "request body has keys that differ only in case (one field spelled twice)")
+    return document
+
+
+def _constant(name: str) -> Any:
+    raise Refused(400, f"request body is not valid JSON ({name} is not a JSON number)")
+
+
+def _depth(value: dict[str, Any] | list[Any], depth: int = 0) -> None:
+    """Refuse a value nested deeper than MAX_DEPTH (a scalar inside counts as one more level)."""
     if depth > MAX_DEPTH:
         raise Refused(400, "request body is nested too deeply")
-    if isinstance(value, dict):
-        seen: set[str] = set()
-        for key, item in value.items():
-            folded = key.casefold()
-            if folded in seen:
-                raise Refused(400, f"request body has keys that differ only in case: {key!r}")
-            seen.add(folded)
-            _check(item, depth + 1)
-    elif isinstance(value, list):
-        for item in value:
-            _check(item, depth + 1)
+    for item in value.values() if isinstance(value, dict) else value:
+        if isinstance(item, (dict, list)):
+            _depth(item, depth + 1)
+        elif depth + 1 > MAX_DEPTH:
+            raise Refused(400, "request body is nested too deeply")
 
 
 def parse(raw: bytes) -> dict[str, Any]:
-    """A JSON object, checked for case collisions; Refused(400) otherwise."""
+    """A JSON object as Go reads it; Refused(400) otherwise."""
     if not raw.strip():
         raise Refused(400, "missing request body")
     try:
-        document = orjson.loads(raw)
-    except orjson.JSONDecodeError:
+        document = json.loads(raw, object_pairs_hook=_object, parse_constant=_constant)
+    except UnicodeDecodeError:
+        raise Refused(400, "request body is not valid UTF-8") from None
+    except RecursionError:
+        raise Refused(400, "request body is nested too deeply") from None
+    except ValueError:
         raise Refused(400, "request body is not valid JSON") from None
     if not isinstance(document, dict):
         raise Refused(400, "request body must be a JSON object")
-    _check(document)
+    _depth(document)
     return document
 
 
 def get(obj: Any, name: str) -> Any:
-    """A field of a JSON object by case-insensitive name (None if absent or not an object)."""
+    """A field of a JSON object by Go's case-insensitive matching (None if absent or not an object)."""
     if not isinstance(obj, dict):
         return None
     if name in obj:
         return obj[name]
-    folded = name.casefold()
+    folded = fold(name)
     for key, value in obj.items():
-        if key.casefold() == folded:
+        if fold(key) == folded:
             return value
     return None
 
 
 def put(obj: dict[str, Any], name: str, value: Any) -> None:
     """Set a field, replacing whatever spelling the client used."""
-    folded = name.casefold()
-    for key in [k for k in obj if k.casefold() == folded]:
+    folded = fold(name)
+    for key in [k for k in obj if fold(k) == folded]:
         del obj[key]
     obj[name] = value
 
@@ -80,14 +111,32 @@ def child(obj: dict[str, Any], name: str) -> dict[str, Any]:
     return value
 
 
+def serialise(document: dict[str, Any]) -> bytes:
+    """The document as JSON; Refused(400) for what JSON cannot carry (lone surrogates, integers
+    beyond 64 bits, which no Ollama field holds either)."""
+    try:
+        return orjson.dumps(document)
+    except (orjson.JSONEncodeError, TypeError):
+        raise Refused(400, "request body holds a string or number Ollama cannot read") from None
+
+
 @attrs.define
 class Body:
-    """A parsed body and whether it was changed (then it is re-serialised for Ollama)."""
+    """A parsed body; what is forwarded is always this document, re-serialised."""
 
     document: dict[str, Any]
     raw: bytes
     changed: bool = False
+    _checked: bytes | None = attrs.field(default=None, alias="checked")
+
+    @classmethod
+    def read(cls, raw: bytes) -> Body:
+        """Parse and re-serialise once (so a body JSON cannot carry is refused before anything else)."""
+        document = parse(raw)
+        return cls(document=document, raw=raw, checked=serialise(document))
 
     def encoded(self) -> bytes:
-        """The bytes to forward: the client's own unless something was rewritten."""
-        return orjson.dumps(self.document) if self.changed else self.raw
+        """The bytes to forward: the checked document (re-serialised again when rewritten)."""
+        if self.changed or self._checked is None:
+            return serialise(self.document)
+        return self._checked

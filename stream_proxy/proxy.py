@@ -245,7 +245,7 @@ class Proxy:
                     raise Refused(413, f"request body larger than {cap} bytes")
         except (web.RequestPayloadError, aiohttp.http_exceptions.HttpProcessingError, ConnectionResetError):
             raise Refused(400, "request body could not be read (malformed or wrongly encoded)") from None
-        doc = body.Body(document=body.parse(bytes(raw)), raw=bytes(raw))
+        doc = body.Body.read(bytes(raw))
         adapter = apis.adapter(route)
         adapter.refuse(route, doc.document)
         body_policy.check_body(grant, adapter.models(route, doc.document), doc)

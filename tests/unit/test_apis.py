@@ -24,7 +24,7 @@ RESPONSES: policy.Route = "openai_responses"
 
 def _doc(document: dict[str, Any]) -> body.Body:
     raw = orjson.dumps(document)
-    return body.Body(document=body.parse(raw), raw=raw)
+    return body.Body.read(raw)
 
 
 def _sse(name: str, data: dict[str, Any]) -> bytes:

@@ -11,6 +11,7 @@ the simulator's own binding and counting functions on the very same request byte
 from __future__ import annotations
 
 import base64
+import json
 import time
 from typing import Any
 
@@ -75,7 +76,7 @@ def _refused(raw: bytes) -> Refused:
 
 def _doc(document: dict[str, Any]) -> body.Body:
     raw = orjson.dumps(document)
-    return body.Body(document=body.parse(raw), raw=raw)
+    return body.Body.read(raw)
 
 
 def _bound(route: Route, document: dict[str, Any]) -> int:
@@ -146,6 +147,95 @@ def test_keys_that_collide_by_case_are_refused(raw: bytes) -> None:
     assert "case" in refused.message
 
 
+# Go's encoding/json matches `{"<key>": …}` to the field `model` for exactly these spellings (ASCII
+# case folding, plus U+017F LATIN SMALL LETTER LONG S for s and U+212A KELVIN SIGN for k), written
+# by hand from Go's foldName (encoding/json/fold.go), not with the gateway's fold.
+GO_MATCHES_STREAM = ["stream", "STREAM", "sTrEaM", "\u017ftream", "\u017fTREAM"]
+GO_MATCHES_KEEP_ALIVE = ["keep_alive", "KEEP_ALIVE", "\u212aeep_alive", "\u212aEEP_ALIVE"]
+# ... and never these, which Python's str.casefold() would fold onto the field name.
+GO_NEVER_MATCHES = {
+    "ﬆream": "stream",  # U+FB06 LATIN SMALL LIGATURE ST: casefold() gives "stream"
+    "ſtreaﬁ": "streafi",
+    "modeł": "model",
+    "ⓜodel": "model",
+    "ＭＯＤＥＬ": "model",  # fullwidth letters
+    "maß": "mass",  # casefold() gives "mass"
+}
+
+
+@pytest.mark.parametrize("key", GO_MATCHES_STREAM)
+def test_keys_go_folds_onto_a_field_are_that_field(key: str) -> None:
+    """A key Go binds to `stream` is read as `stream` (so a long-s `stream: false` is no stream)."""
+    raw = ('{"model":"m","' + key + '":false}').encode()
+    document = body.parse(json.dumps(json.loads(raw)).encode())
+    assert body.get(document, "stream") is False
+    assert _streams("chat", document) is False
+
+
+@pytest.mark.parametrize("key", GO_MATCHES_KEEP_ALIVE)
+def test_kelvin_sign_folds_onto_k(key: str) -> None:
+    """U+212A (Kelvin) is Go's one other non-ASCII fold: it names keep_alive's k."""
+    document = body.parse(json.dumps({"model": "m", json.loads(f'"{key}"'): "5m"}).encode())
+    assert body.get(document, "keep_alive") == "5m"
+
+
+@pytest.mark.parametrize(("key", "field"), sorted(GO_NEVER_MATCHES.items()))
+def test_keys_only_python_folds_are_not_fields(key: str, field: str) -> None:
+    """Ligatures, sharp s and other letters Python's casefold() maps to ASCII are not the field for
+    Go: the gateway does not read them as the field either (a ligature `stream` does not stream)."""
+    document = body.parse(json.dumps({key: True}).encode())
+    assert body.get(document, field) is None
+    assert body.fold(key) != body.fold(field)
+
+
+def test_two_go_spellings_of_one_field_are_refused() -> None:
+    """`stream` and its long-s spelling are one field to Go: refused like any two spellings."""
+    refused = _refused(json.dumps({"model": "m", "stream": False, "ſtream": True}).encode())
+    assert refused.status == 400
+    assert "case" in refused.message
+
+
+def test_python_only_folds_do_not_collide() -> None:
+    """`stream` and its st-ligature spelling are two keys to Go: accepted, only one is the field."""
+    document = body.parse(json.dumps({"model": "m", "stream": False, "ﬆream": True}).encode())
+    assert body.get(document, "stream") is False
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"model":"llama3.2","model":"qwen3:8b"}',
+        b'{"model":"m","options":{"num_predict":5},"options":{"num_ctx":99999}}',
+        b'{"model":"m","messages":[{"role":"user","content":"a","content":"b"}]}',
+        b'{"model":"m","stream":true,"stream":false}',
+    ],
+)
+def test_duplicate_keys_are_refused(raw: bytes) -> None:
+    """A key repeated in one object is refused (Go merges repeated objects, orjson keeps the last):
+    the gateway and Ollama can never read different models, limits or options."""
+    refused = _refused(raw)
+    assert refused.status == 400
+    assert "repeats" in refused.message
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"model":"m","prompt":"\\ud800"}',  # a lone surrogate
+        b'{"model":"m","prompt":"\xff\xfe"}',  # invalid UTF-8
+        b'{"model":"m","options":{"temperature":NaN}}',
+        b'{"model":"m","options":{"temperature":Infinity}}',
+        b'{"model":"m","options":{"seed":123456789012345678901234567890}}',
+    ],
+)
+def test_bodies_json_cannot_carry_are_refused(raw: bytes) -> None:
+    """Lone surrogates, invalid UTF-8, NaN/Infinity and integers beyond 64 bits are refused with 400
+    before anything is reserved, rather than forwarded in a form Go reads differently."""
+    with pytest.raises(Refused) as caught:
+        body.Body.read(raw)
+    assert caught.value.status == 400
+
+
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
@@ -194,12 +284,12 @@ def test_a_realistic_json_schema_is_not_too_deep() -> None:
     assert parsed["format"] == schema
 
 
-def test_unchanged_bodies_are_forwarded_byte_for_byte() -> None:
-    """A body nobody rewrote is forwarded as the client's own bytes (spacing, key order, escapes);
-    a rewritten one is re-serialised with the rewrite."""
+def test_the_checked_document_is_what_is_forwarded() -> None:
+    """What reaches Ollama is the document the gateway checked, re-serialised (compact, key order
+    kept, escapes decoded), never the client's own bytes; a rewrite is re-serialised with it."""
     raw = b'{ "model" : "llama3.2",\n "prompt": "\\u003c&>", "options": {"seed": 1} }'
-    doc = body.Body(document=body.parse(raw), raw=raw)
-    assert doc.encoded() == raw
+    doc = body.Body.read(raw)
+    assert doc.encoded() == b'{"model":"llama3.2","prompt":"<&>","options":{"seed":1}}'
     _write_completion("generate", doc, 7)
     assert orjson.loads(doc.encoded()) == {
         "model": "llama3.2",
@@ -613,7 +703,7 @@ def test_set_completion_openai_rewrites_every_limit_field() -> None:
 def test_set_completion_leaves_embeddings_alone(route: Route) -> None:
     """Embedding bodies carry no completion limit and are forwarded unchanged."""
     raw = b'{"model":"all-minilm","input":"x"}'
-    doc = body.Body(document=body.parse(raw), raw=raw)
+    doc = body.Body.read(raw)
     _write_completion(route, doc, 10)
     assert not doc.changed
     assert doc.encoded() == raw
