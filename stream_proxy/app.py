@@ -44,7 +44,12 @@ async def refusals(request: web.Request, handler: Handler) -> web.StreamResponse
         return await handler(request)
     except Refused as refused:
         return error_response(
-            request.path, refused.status, refused.message, code=refused.code, headers=refused.headers
+            request.path,
+            refused.status,
+            refused.message,
+            code=refused.code,
+            headers=refused.headers,
+            request_id=request.headers.get("X-Request-Id"),
         )
 
 

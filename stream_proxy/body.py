@@ -92,6 +92,12 @@ def get(obj: Any, name: str) -> Any:
     return None
 
 
+def option(document: dict[str, Any], name: str) -> Any:
+    """One of `options`, a Go `map[string]any` whose keys Ollama matches exactly (no folding)."""
+    options = get(document, "options")
+    return options.get(name) if isinstance(options, dict) else None
+
+
 def put(obj: dict[str, Any], name: str, value: Any) -> None:
     """Set a field, replacing whatever spelling the client used."""
     folded = fold(name)

@@ -16,3 +16,11 @@ class Refused(Exception):
         self.message = message
         self.code = code
         self.headers = dict(headers or {})
+
+
+class GrantSpent(Refused):
+    """The grant was already used: the request it was issued for owns its lease and its usage, so
+    refusing this copy must release and record nothing."""
+
+    def __init__(self) -> None:
+        super().__init__(403, "request not authorised by the gateway: grant already used")

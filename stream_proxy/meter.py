@@ -3,19 +3,18 @@
 Upper bound (docs/ARCHITECTURE.md#zero-overshoot): the UTF-8 bytes of the prompt's text (a token is
 never shorter than one byte) plus a template allowance per message and an allowance per image.
 Counts come from Ollama's own numbers (`prompt_eval_count` + `eval_count`, or `usage`); when they
-never arrive (client gone, upstream failure, /api/embeddings) the count is estimated and flagged.
+never arrive (client gone, upstream failure, /api/embeddings) the charge is the prompt bound plus
+the output pieces received, flagged as estimated.
 What each API family's prompt and answer are made of is its adapter's business (stream_proxy/apis).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import attrs
 import orjson
 
-BYTES_PER_TOKEN_ESTIMATE = 4
 MAX_LOGGED_TEXT = 1 << 20
 
 
@@ -36,11 +35,6 @@ class PromptSize:
             + per_image * self.images
             + self.context_tokens
         )
-
-    def estimate(self, per_message: int, per_image: int) -> int:
-        """A realistic guess (about four bytes a token) for requests that end without a count."""
-        text = math.ceil(self.text_bytes / BYTES_PER_TOKEN_ESTIMATE)
-        return text + per_message * (self.messages + 1) + per_image * self.images + self.context_tokens
 
 
 @attrs.define

@@ -67,7 +67,7 @@ def apply_caps(grant: Grant, doc: body.Body) -> None:
     """num_ctx above the cap is refused (400); keep_alive above the cap is lowered to it."""
     document = doc.document
     if grant.max_num_ctx is not None:
-        num_ctx = body.get(body.get(document, "options"), "num_ctx")
+        num_ctx = body.option(document, "num_ctx")
         if (
             isinstance(num_ctx, (int, float))
             and not isinstance(num_ctx, bool)

@@ -33,7 +33,7 @@ from shared.models import EstimateReason, UsageEvent
 from shared.periods import from_names
 from stream_proxy import apis, body, grants, meter
 from stream_proxy import policy as body_policy
-from stream_proxy.exceptions import Refused
+from stream_proxy.exceptions import GrantSpent, Refused
 from stream_proxy.metrics import ProxyMetrics
 from stream_proxy.relay import Relay
 from stream_proxy.usage import UsageReporter
@@ -118,19 +118,18 @@ class Proxy:
 
     async def _reserve(
         self, grant: Grant, route: policy.Route, doc: body.Body | None
-    ) -> tuple[Reserved, meter.PromptSize | None]:
+    ) -> tuple[Reserved, int]:
         options = self.config.options
         metered = grant.metered and route in policy.METERED and doc is not None
         adapter = apis.adapter(route)
         size = adapter.prompt(route, doc.document) if metered and doc is not None else None
+        bound = size.bound(options.template_tokens_per_message, options.image_tokens) if size else 0
         try:
             outcome = await self.scripts.reserve(
                 scope_of(grant),
                 grant.request_id,
                 metered=metered,
-                prompt_bound=size.bound(options.template_tokens_per_message, options.image_tokens)
-                if size
-                else 0,
+                prompt_bound=bound,
                 requested_completion=adapter.requested_completion(route, doc.document) if doc else None,
                 default_completion=options.default_completion_tokens,
                 lease_ttl_ms=self._lease_ms,
@@ -138,7 +137,7 @@ class Proxy:
         except STORE_ERRORS:
             raise Refused(503, "gateway state store unavailable", headers=UNAVAILABLE) from None
         if isinstance(outcome, Spent):
-            raise Refused(403, "request not authorised by the gateway: grant already used")
+            raise GrantSpent
         if isinstance(outcome, NeedsHydration):
             raise Refused(503, "budget counters are being rebuilt", headers=UNAVAILABLE)
         if isinstance(outcome, LimitRefused):
@@ -149,7 +148,7 @@ class Proxy:
             raise Refused(429, f"{outcome.scope} token budget exhausted", code="insufficient_quota")
         if metered:
             self._register(grant.tenant_id)
-        return outcome, size
+        return outcome, bound
 
     def _register(self, tenant_id: int) -> None:
         """List the tenant where the accountant's sweeper looks for reservations whose lease expired:
@@ -204,9 +203,12 @@ class Proxy:
                 await task
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        """Grant, body, policy, reservation, relay, usage."""
-        if self.draining.is_set() or self.reporter.full:
-            raise Refused(503, "gateway is not accepting requests right now", headers=UNAVAILABLE)
+        """Grant, body, policy, reservation, relay, usage.
+
+        Once the grant is known good, every outcome is recorded once and releases the lease: a
+        refusal here (body 400/413, model 403, draining 503, limits 429) charges nothing; after the
+        reservation, `_relay` settles whatever happened.
+        """
         decision = policy.decide(request.method, request.raw_path)
         if not decision.allowed or decision.route is None:
             raise Refused(decision.status, decision.message)
@@ -214,19 +216,24 @@ class Proxy:
         secrets = (self.config.grant.current, self.config.grant.previous)
         grant = grants.check(request, secrets=secrets, now=self.clock())
         started = self.clock()
-        doc = await self._body(request, grant, route)
-        if route == "openai_model":  # the one route naming its model in the path
-            body_policy.check_model(grant, request.match_info.get("tail", "").rsplit("/", 1)[-1])
+        doc: body.Body | None = None
         try:
-            reserved, size = await self._reserve(grant, route, doc)
+            if self.draining.is_set() or self.reporter.full:
+                raise Refused(503, "gateway is not accepting requests right now", headers=UNAVAILABLE)
+            doc = await self._body(request, grant, route)
+            if route == "openai_model":  # the one route naming its model in the path
+                body_policy.check_model(grant, request.match_info.get("tail", "").rsplit("/", 1)[-1])
+            reserved, bound = await self._reserve(grant, route, doc)
+        except GrantSpent:
+            raise
         except Refused as refused:
-            if refused.status == 429:
-                await self._emit(
-                    grant, route, doc=doc, relay=None, reserved=None, started=started, status=429
-                )
+            # Before the refusal is answered, so that the client's next request finds its slot free.
+            await self._emit(
+                grant, route, doc=doc, relay=None, reserved=None, started=started, status=refused.status
+            )
             raise
         return await self._relay(
-            request, grant, route, doc=doc, reserved=reserved, size=size, started=started
+            request, grant, route, doc=doc, reserved=reserved, bound=bound, started=started
         )
 
     async def _body(self, request: web.Request, grant: Grant, route: policy.Route) -> body.Body | None:
@@ -259,40 +266,54 @@ class Proxy:
         *,
         doc: body.Body | None,
         reserved: Reserved,
-        size: meter.PromptSize | None,
+        bound: int,
         started: float,
     ) -> web.StreamResponse:
         adapter = apis.adapter(route)
-        framing = apis.Framing(keep_text=grant.prompt_logging)
-        if doc is not None and route in policy.METERED:
-            if reserved.completion_limit is not None:
-                adapter.write_completion(route, doc, reserved.completion_limit)
-            streaming = adapter.streams(route, doc.document)
-            framing = adapter.prepare(route, doc, streaming=streaming, keep_text=grant.prompt_logging)
-        relay = Relay(
-            request=request,
-            session=self.session,
-            ollama=self.ollama,
-            reader=adapter.reader(route, framing),
-            first_byte_timeout=self.config.options.first_byte_timeout,
-            completion_limit=reserved.completion_limit,
-            transform=self._listing_filter(grant, route),
-            headers=ratelimit_headers(grant.rate, reserved.reserved, policy.FAMILY[route]),
-        )
+        relay: Relay | None = None
+        refused_status: int | None = None
         try:
+            framing = apis.Framing(keep_text=grant.prompt_logging)
+            if doc is not None and route in policy.METERED:
+                if reserved.completion_limit is not None:
+                    adapter.write_completion(route, doc, reserved.completion_limit)
+                streaming = adapter.streams(route, doc.document)
+                framing = adapter.prepare(route, doc, streaming=streaming, keep_text=grant.prompt_logging)
+            payload = doc.encoded() if doc is not None else None
+            relay = Relay(
+                request=request,
+                session=self.session,
+                ollama=self.ollama,
+                reader=adapter.reader(route, framing),
+                first_byte_timeout=self.config.options.first_byte_timeout,
+                completion_limit=reserved.completion_limit,
+                transform=self._listing_filter(grant, route),
+                headers=ratelimit_headers(grant.rate, reserved.reserved, policy.FAMILY[route]),
+            )
             async with self._lease(grant):
                 try:
-                    response = await relay.run(doc.encoded() if doc is not None else None)
+                    return await relay.run(payload)
                 except Refused as refused:
                     relay.result.status = refused.status
                     raise
+        except Refused as refused:
+            refused_status = refused.status
+            raise
         finally:
             # After the response has ended, off the request's path: a keep-alive client's next
             # request on this connection is not held behind the usage round trip.
             self._spawn(
-                self._emit(grant, route, doc=doc, relay=relay, reserved=reserved, started=started, size=size)
+                self._emit(
+                    grant,
+                    route,
+                    doc=doc,
+                    relay=relay,
+                    reserved=reserved,
+                    started=started,
+                    bound=bound,
+                    status=refused_status if relay is None else None,
+                )
             )
-        return response
 
     def _listing_filter(self, grant: Grant, route: policy.Route) -> Callable[[bytes], bytes] | None:
         listing = apis.adapter(route).listing(route)
@@ -318,9 +339,14 @@ class Proxy:
         reserved: Reserved | None,
         started: float,
         status: int | None = None,
-        size: meter.PromptSize | None = None,
+        bound: int = 0,
     ) -> None:
-        """The usage event, then the lease release (both after the response has ended)."""
+        """The usage event, then the lease release (both after the response has ended).
+
+        Without Ollama's own counts the charge is never below what Ollama can have done: the prompt
+        bound that was reserved plus every output piece received (client gone, upstream failure, a
+        cut stream), or the whole reservation when nothing at all came back (/api/embeddings).
+        """
         result = relay.result if relay is not None else None
         count = result.count if result is not None else meter.Count()
         metered = route in policy.METERED and doc is not None
@@ -332,19 +358,21 @@ class Proxy:
             and not result.upstream_unreached
             and (prompt is None or completion is None)
         ):
-            options = self.config.options
-            estimate = size.estimate(options.template_tokens_per_message, options.image_tokens) if size else 0
+            upstream = result.upstream_status
             if result.client_disconnected:
                 reason = "client_disconnected"
             elif result.cut_at_limit:
                 reason = "cut_at_limit"
-            elif result.upstream_failed or count.error:
-                reason = "upstream_failed"
-            elif result.upstream_status == 200:
+            elif result.upstream_failed or count.error or ((upstream or 0) >= 500 and upstream != 503):
+                reason = "upstream_failed"  # 503 is Ollama's full queue: nothing was done
+            elif upstream == 200:
                 reason = "no_upstream_count"
             if reason is not None:
-                prompt = estimate if prompt is None else prompt
-                completion = count.content_chunks if completion is None else completion
+                prompt = bound if prompt is None else prompt
+                if completion is None:
+                    completion = count.content_chunks
+                    if reason == "no_upstream_count" and not completion and reserved is not None:
+                        completion = max(0, reserved.reserved - prompt)
         event = UsageEvent(
             request_id=grant.request_id,
             tenant_id=grant.tenant_id,

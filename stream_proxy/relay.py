@@ -182,18 +182,13 @@ class Relay:
                 self.result.first_byte_at = time.time()
             pending += chunk
             *complete, pending = pending.split(separator)
-            counted = self.result.count.content_chunks
+            # Counted as read from Ollama, relayed or not: Ollama generated them either way.
             out = self._events(complete, separator) if sse else self._lines(complete, chunk, pending)
-            try:
-                if not prepared:
-                    await response.prepare(self.request)
-                    prepared = True
-                if out:
-                    await response.write(out)
-            except CLIENT_GONE:
-                # Charge only what reached the client: these chunks never did.
-                self.result.count.content_chunks = counted
-                raise
+            if not prepared:
+                await response.prepare(self.request)
+                prepared = True
+            if out:
+                await response.write(out)
             self.result.bytes_relayed += len(out)
             if self._over_limit():
                 await self._cut(response)

@@ -61,6 +61,8 @@ class UsageReporter:
             self._spool.append(event)  # keep order: older events go first
             self.spooled += 1
             return False
+        if isinstance(self.redis, coredis.RedisCluster) and then is not None:
+            return await self._report_then(event, then)
         follow = written = None
         try:
             # Errors stay with their command: a failed follow-up never hides a written event. On a
@@ -82,6 +84,27 @@ class UsageReporter:
         if follow is not None:
             with contextlib.suppress(*STORE_ERRORS):
                 await follow()
+        return True
+
+    async def _report_then(
+        self, event: UsageEvent, then: Callable[[Any], Callable[[], Awaitable[Any]]]
+    ) -> bool:
+        """On a cluster the stream and the tenant's counters live on different nodes, and one
+        pipeline may run the follow-up first: a process killed in between would have settled a
+        reservation whose event never reached the stream (usage lost, nothing left for the sweeper
+        to charge). So the event is written first, and the follow-up only once it is on the stream."""
+        try:
+            await self.redis.xadd(self.stream, usage_wire.encode(event))
+            self.written += 1
+        except STORE_ERRORS:
+            self._spool.append(event)
+            self.spooled += 1
+            log.warning("usage event spooled: Redis unavailable", extra={"request_id": event.request_id})
+            return False
+        with contextlib.suppress(*STORE_ERRORS):
+            async with self.redis.pipeline(transaction=False, raise_on_error=False) as pipe:
+                follow = then(pipe)
+            await follow()
         return True
 
     async def drain(self) -> int:

@@ -95,10 +95,15 @@ def positive_int(value: Any) -> int | None:
     return number if number > 0 else None
 
 
-def check_limit(value: Any, name: str) -> None:
-    """A completion limit outside 0 … 2**31 - 1 is refused before any reservation (400)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+def check_limit(value: Any, name: str, *, any_number: bool = False) -> None:
+    """A completion limit Ollama would not read as sent is refused before any reservation (400):
+    not an integer (`any_number`: Go's options map takes any number and truncates it), or above
+    2**31 - 1. Absent is fine; negative means "no limit" to Ollama."""
+    if value is None:
         return
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or (isinstance(value, float) and not any_number):
+        raise Refused(400, f"{name} must be an integer")
     if value > MAX_COMPLETION:
         raise Refused(400, f"{name} must be at most {MAX_COMPLETION}")
 

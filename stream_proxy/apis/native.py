@@ -92,7 +92,7 @@ class Native:
     def refuse(self, route: policy.Route, document: dict[str, Any]) -> None:
         """An absurd num_predict is refused before any reservation."""
         if route in GENERATING:
-            check_limit(body.get(body.get(document, "options"), "num_predict"), "options.num_predict")
+            check_limit(body.option(document, "num_predict"), "options.num_predict", any_number=True)
 
     def streams(self, route: policy.Route, document: dict[str, Any]) -> bool:
         """`stream` absent or null streams on /api/chat and /api/generate; embeddings never do."""
@@ -102,7 +102,7 @@ class Native:
         """options.num_predict; 0, -1 and -2 mean no limit (until the model stops or fills the context)."""
         if route not in GENERATING:
             return 0
-        value = body.get(body.get(document, "options"), "num_predict")
+        value = body.option(document, "num_predict")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             return None
         return int(value)

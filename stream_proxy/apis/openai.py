@@ -17,6 +17,7 @@ import orjson
 from shared import policy
 from stream_proxy import body, meter
 from stream_proxy.apis.base import CountingReader, Framing, check_limit, field_text, json_bytes, text_bytes
+from stream_proxy.exceptions import Refused
 
 GENERATING: frozenset[policy.Route] = frozenset({"openai_chat", "openai_completions"})
 ZERO_USAGE = b',"usage":{"prompt_tokens":0,"completion_tokens":0,"total_tokens":0}'
@@ -118,10 +119,14 @@ class OpenAI:
         return [body.get(document, "model")] if route in policy.METERED else None
 
     def refuse(self, route: policy.Route, document: dict[str, Any]) -> None:
-        """An absurd completion limit is refused before any reservation."""
+        """A completion limit that is no integer or absurd, and stream_options that is no object,
+        are refused before any reservation."""
         if route in GENERATING:
             for name in LIMIT_FIELDS:
                 check_limit(body.get(document, name), name)
+            options = body.get(document, "stream_options")
+            if options is not None and not isinstance(options, dict):
+                raise Refused(400, "stream_options must be an object")
 
     def streams(self, route: policy.Route, document: dict[str, Any]) -> bool:
         """`stream: true` streams; absent does not."""

@@ -418,3 +418,43 @@ def test_prompt_log_keeps_generated_text() -> None:
     _feed(reader, [_sse("content_block_delta", delta)])
     assert reader.text == ["Hello"]
     assert meter.MAX_LOGGED_TEXT > 0
+
+
+@pytest.mark.parametrize(
+    ("route", "document"),
+    [
+        (RESPONSES, {"max_output_tokens": "5"}),
+        (RESPONSES, {"max_output_tokens": 5.0}),
+        (RESPONSES, {"max_output_tokens": True}),
+        (MESSAGES, {"max_tokens": "5"}),
+        ("openai_chat", {"max_tokens": "5"}),
+        ("openai_chat", {"max_completion_tokens": [5]}),
+        ("openai_completions", {"max_tokens": 2.5}),
+        ("chat", {"options": {"num_predict": "5"}}),
+        ("generate", {"options": {"num_predict": {"x": 1}}}),
+        ("openai_chat", {"stream": True, "stream_options": "yes"}),
+    ],
+)
+def test_wrong_typed_limits_are_refused_not_replaced(route: policy.Route, document: dict[str, Any]) -> None:
+    """A completion limit Ollama cannot read as an integer (a string, a float in a Go int field, a
+    bool) is a 400 before any reservation: never read as "no limit" and overwritten with the
+    gateway's default, which would serve a caller who asked for 5 tokens up to 2048."""
+    with pytest.raises(Refused) as refused:
+        apis.adapter(route).refuse(route, {"model": "m", **document})
+    assert refused.value.status == 400
+
+
+def test_native_num_predict_takes_any_number() -> None:
+    """Go's options map takes any JSON number for num_predict (truncated), as the gateway reads it."""
+    apis.adapter("chat").refuse("chat", {"options": {"num_predict": 7.9}})
+    assert apis.adapter("chat").requested_completion("chat", {"options": {"num_predict": 7.9}}) == 7
+
+
+def test_options_keys_are_exact() -> None:
+    """`options` is a Go map: Ollama reads `num_predict` exactly, so does the gateway (a client's
+    `NUM_PREDICT` is not a limit, and is dropped when the clamped limit is written)."""
+    adapter = apis.adapter("chat")
+    assert adapter.requested_completion("chat", {"options": {"NUM_PREDICT": 5}}) is None
+    doc = _doc({"model": "m", "options": {"NUM_PREDICT": 5000}})
+    adapter.write_completion("chat", doc, 9)
+    assert doc.document["options"] == {"num_predict": 9}

@@ -1,0 +1,95 @@
+"""Every outcome after admission settles once, through the real Caddy: a refusal by stream_proxy
+(disallowed model 403, bad body 400, a completion limit of the wrong type) releases the concurrency
+slot at once, charges nothing and leaves one ledger row; nothing refused reaches the simulator."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import aiohttp
+import asyncpg
+import orjson
+import pytest
+
+from tests.e2e.conftest import KeyFactory, SimulatorControl, Stack, key_ids
+
+pytestmark = pytest.mark.e2e
+
+WAIT_SECONDS = 10.0
+GOOD = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}], "stream": False}
+
+
+async def _post(http: aiohttp.ClientSession, stack: Stack, key: str, path: str, body: bytes) -> int:
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    async with http.post(f"{stack.gateway_url}{path}", data=body, headers=headers) as resp:
+        await resp.read()
+        return resp.status
+
+
+async def _rows(conn: asyncpg.Connection, key_id: int, count: int) -> list[asyncpg.Record]:
+    deadline = time.monotonic() + WAIT_SECONDS
+    while True:
+        rows = await conn.fetch(
+            "SELECT http_status, prompt_tokens, completion_tokens, estimated FROM usage_ledger "
+            "WHERE key_id = $1 ORDER BY finished_at",
+            key_id,
+        )
+        if len(rows) >= count or time.monotonic() > deadline:
+            return list(rows)
+        await asyncio.sleep(0.1)
+
+
+@pytest.mark.parametrize(
+    ("path", "refused", "status"),
+    [
+        ("/api/chat", {**GOOD, "model": "qwen3:8b"}, 403),
+        ("/v1/chat/completions", {**GOOD, "model": "qwen3:8b"}, 403),
+        ("/v1/messages", {**GOOD, "model": "qwen3:8b", "max_tokens": 5}, 403),
+        ("/api/chat", {**GOOD, "options": {"num_predict": "5"}}, 400),
+        ("/v1/responses", {"model": "llama3.2", "input": "hi", "max_output_tokens": "5"}, 400),
+        ("/api/chat", b'{"model":"llama3.2","model":"qwen3:8b"}', 400),
+    ],
+)
+async def test_a_refused_request_does_not_hold_a_concurrency_slot(  # noqa: PLR0917 - pytest fixtures
+    stack: Stack,
+    http: aiohttp.ClientSession,
+    make_key: KeyFactory,
+    simulator: SimulatorControl,
+    stack_db: asyncpg.Connection,
+    path: str,
+    refused: dict[str, Any] | bytes,
+    status: int,
+) -> None:
+    """Concurrency 1: a request stream_proxy refuses (the sidecar had admitted it and taken the
+    slot), then an immediate valid one is served 200, not 429; the refusal is one ledger row with
+    its status and 0 tokens, and never reached the simulator."""
+    key = await make_key(max_concurrent=1, models="llama3.2")
+    body = refused if isinstance(refused, bytes) else orjson.dumps(refused)
+    assert await _post(http, stack, key, path, body) == status
+    assert await _post(http, stack, key, "/api/chat", orjson.dumps(GOOD)) == 200
+    records = await simulator.requests()
+    assert [r["path"] for r in records] == ["/api/chat"]
+    _, key_id = await key_ids(stack_db, key)
+    rows = await _rows(stack_db, key_id, 2)
+    first, second = rows[:2]
+    assert (first["http_status"], first["prompt_tokens"], first["completion_tokens"]) == (status, 0, 0)
+    assert second["http_status"] == 200
+    assert len(rows) == 2
+
+
+async def test_wrong_typed_limit_is_never_replaced_by_the_default(
+    stack: Stack, http: aiohttp.ClientSession, make_key: KeyFactory, simulator: SimulatorControl
+) -> None:
+    """A caller who sends `max_output_tokens: "5"` is refused (400, OpenAI-shaped), not served up to
+    the gateway's default completion limit."""
+    key = await make_key(total_tokens=100_000)
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    body = {"model": "llama3.2", "input": "hello", "max_output_tokens": "5"}
+    async with http.post(f"{stack.gateway_url}/v1/responses", json=body, headers=headers) as resp:
+        assert resp.status == 400
+        error = (await resp.json())["error"]
+    assert error["type"] == "invalid_request_error"
+    assert "max_output_tokens" in error["message"]
+    assert await simulator.requests() == []
