@@ -1,4 +1,4 @@
-"""The usage accountant: applies every usage event exactly once in effect (DESIGN.md step 4).
+"""The usage accountant: applies every usage event exactly once in effect (docs/ARCHITECTURE.md#accounting).
 
 A consumer group on the usage stream; any number of instances (standalone with
 `python -m authz_sidecar.accountant`, or embedded in each sidecar with GATEWAY_ACCOUNTANT=embedded).

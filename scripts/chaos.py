@@ -13,8 +13,8 @@ port with the same arguments and environment (Postgres on its data directory, he
 while as a long crash recovery would be; Valkey empty), and the load goes on. Once the load stopped
 and the accountant caught up, `judge` checks:
 
-- as designed: besides complete 200s, clients saw only what the failure tables of DESIGN.md and
-  docs/DEPLOYMENT.md promise for that component (`AS_DESIGNED`);
+- as designed: besides complete 200s, clients saw only what the failure tables of
+  docs/ARCHITECTURE.md#failure-behaviour and docs/DEPLOYMENT.md promise for that component (`AS_DESIGNED`);
 - 200s served: every 200 a client saw is a request the simulator received, each at most once;
 - ledger = simulator: every completed request has one ledger row with exactly the simulator's
   prompt_eval_count and eval_count, unflagged; rows of incomplete requests are flagged estimated;
@@ -77,7 +77,8 @@ from shared.redis_keys import RedisKeys
 
 COMPONENTS = ("valkey", "postgres", "authz_sidecar", "stream_proxy", "accountant", "simulator", "caddy")
 # What clients may see besides complete 200s while a component is dead or coming back, from the failure
-# tables of DESIGN.md and docs/DEPLOYMENT.md §7 (429 from client 0's spent budget is always allowed).
+# tables of docs/ARCHITECTURE.md#failure-behaviour and docs/DEPLOYMENT.md §7 (429 from client 0's spent
+# budget is always allowed).
 AS_DESIGNED: dict[str, frozenset[str]] = {
     "valkey": frozenset({"503"}),  # sidecar 503 + Retry-After; nothing reaches Ollama
     "postgres": frozenset(),  # cached, verified keys keep working while their budgets are in Redis

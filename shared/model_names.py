@@ -1,4 +1,4 @@
-"""Ollama model names: validation and normalisation as Ollama does it (ollama-protocol.md §9).
+"""Ollama model names: validation and normalisation as Ollama does it (docs/OLLAMA.md#model-names).
 
 `[host/][namespace/]model[:tag]`, defaults `registry.ollama.ai`, `library`, `latest`, matched
 case-insensitively. Allowlists store the normalised short form (`llama3.2:latest`, or

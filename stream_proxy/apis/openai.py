@@ -1,8 +1,9 @@
 """Ollama's OpenAI-compatible API: /v1/chat/completions, /v1/completions, /v1/embeddings,
 /v1/models (docs/OLLAMA.md#openai-api).
 
-`stream` absent means no stream; streams are SSE ending with `data: [DONE]`. The completion limit is
-`max_tokens` or `max_completion_tokens` (the smaller positive one wins, as Ollama reads them). A
+`stream` absent means no stream; streams are SSE ending with `data: [DONE]`. Ollama reads only
+`max_tokens` as the completion limit; the gateway also honours `max_completion_tokens` (the smaller
+positive one wins) and always writes the clamped limit into `max_tokens`, which Ollama obeys. A
 stream reports usage only when asked (`stream_options.include_usage`): the gateway always asks, and
 drops that event again when the client did not ask itself.
 """
@@ -133,7 +134,8 @@ class OpenAI:
         return route in GENERATING and body.get(document, "stream") is True
 
     def requested_completion(self, route: policy.Route, document: dict[str, Any]) -> int | None:
-        """The smaller positive of max_tokens and max_completion_tokens (None: neither)."""
+        """The smaller positive of max_tokens and max_completion_tokens (None: neither; Ollama itself
+        ignores max_completion_tokens, so the gateway's clamp is what enforces it)."""
         if route not in GENERATING:
             return 0
         candidates = [body.get(document, name) for name in LIMIT_FIELDS]

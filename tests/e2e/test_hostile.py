@@ -640,8 +640,8 @@ def content_attempts(h: Hostile, passthrough: str) -> list[Attempt]:
         for path in CHAT_PATHS
     ]
 
-    # Ollama binds JSON whatever the Content-Type says (ollama-protocol.md, "Request JSON": the
-    # header is ignored), so a JSON body sent as text/plain is served as Ollama would serve it.
+    # Ollama binds JSON whatever the Content-Type says (docs/OLLAMA.md#transport: the header is
+    # ignored), so a JSON body sent as text/plain is served as Ollama would serve it.
     async def text_plain() -> list[str]:
         problems = []
         for path in CHAT_PATHS:
@@ -906,8 +906,8 @@ def model_attempts(h: Hostile, remote_marker: str) -> list[Attempt]:
         for name, body in remote.items()
     ]
     # For a key allowed every model, a name with a host is not refused by the gateway (its policy
-    # refuses only :cloud / -cloud for such keys, DESIGN.md step 3): Ollama resolves a name only
-    # against installed models (ollama-protocol.md §9), /api/pull and /api/create are blocked, so
+    # refuses only :cloud / -cloud for such keys, docs/ARCHITECTURE.md#proxying): Ollama resolves a name only
+    # against installed models (docs/OLLAMA.md#model-names), /api/pull and /api/create are blocked, so
     # no model of that host can exist and Ollama answers its own 404 in the dialect.
     attempts += [
         request_attempt(

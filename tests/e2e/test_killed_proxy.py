@@ -1,5 +1,5 @@
 """A stream_proxy killed mid-stream: its reservation is charged once, flagged estimated, after the
-lease expires (DESIGN.md failure table), by the accountant embedded in the stack's sidecar."""
+lease expires (docs/ARCHITECTURE.md#failure-behaviour), by the accountant embedded in the stack's sidecar."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""stream_proxy's relay through the real Caddy (DESIGN.md request path step 3): for every allowlisted
+"""stream_proxy's relay through the real Caddy (docs/ARCHITECTURE.md#proxying): for every allowlisted
 endpoint the client gets the simulator's own bytes (less the usage event the gateway asked for on
 its own behalf, and the zero usage /v1/completions adds to every chunk), with its Content-Type and
 the x-ratelimit-* headers; every request leaves one usage event with Ollama's own counts; client
@@ -420,7 +420,7 @@ async def test_every_allowed_response_carries_the_rate_limit_headers(
 ) -> None:
     """For a key with rpm and tpm limits, every allowed response, on every allowlisted route
     (metered or not), carries all six x-ratelimit-{limit,remaining,reset}-{requests,tokens}
-    headers (DESIGN.md step 2.4), with the key's limits as the limit values."""
+    headers (docs/ARCHITECTURE.md#admission), with the key's limits as the limit values."""
     key = await make_key(rpm=RPM, tpm=TPM)
     missing: dict[str, list[str]] = {}
     for case in CASES:

@@ -515,9 +515,9 @@ async def postgres_refusing(db: asyncpg.Connection, postgres_admin_url: str) -> 
 async def test_postgres_down_keeps_cached_keys_with_counters_working_and_answers_503_for_hydration(
     sidecar_env: dict[str, str], db: asyncpg.Connection, redis_prefix: str, postgres_admin_url: str
 ) -> None:
-    """DESIGN's failure table, Postgres down: with the test database refusing connections and the
-    sidecar's connections cut, a cached key whose budget counters are in Redis keeps being
-    admitted, while a cached key whose counters must first be hydrated gets 503 + Retry-After;
+    """The failure table (docs/ARCHITECTURE.md#failure-behaviour), Postgres down: with the test database
+    refusing connections and the sidecar's connections cut, a cached key whose budget counters are in Redis
+    keeps being admitted, while a cached key whose counters must first be hydrated gets 503 + Retry-After;
     once Postgres takes connections again the same sidecar admits both."""
     clock = FixedClock()
     hydrated = await budget_key(db, redis_prefix, clock)
@@ -548,9 +548,9 @@ async def test_postgres_down_keeps_cached_keys_with_counters_working_and_answers
 async def test_postgres_down_answers_503_for_a_key_not_cached_yet(
     sidecar_env: dict[str, str], db: asyncpg.Connection, postgres_admin_url: str
 ) -> None:
-    """DESIGN's failure table, Postgres down: a key the sidecar has not cached yet cannot be looked
-    up, and the answer is 503 + Retry-After in the caller's dialect (never 200, nor a bare 500);
-    once Postgres takes connections again the key is admitted."""
+    """The failure table (docs/ARCHITECTURE.md#failure-behaviour), Postgres down: a key the sidecar has not
+    cached yet cannot be looked up, and the answer is 503 + Retry-After in the caller's dialect (never 200,
+    nor a bare 500); once Postgres takes connections again the key is admitted."""
     created = await new_key(db)
     async with running(sidecar_env) as sidecar:
         async with postgres_refusing(db, postgres_admin_url):

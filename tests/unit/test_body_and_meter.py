@@ -1,7 +1,8 @@
-"""stream_proxy's reading of request bodies (DESIGN.md request path step 3): keys matched
+"""stream_proxy's reading of request bodies (docs/ARCHITECTURE.md#proxying): keys matched
 case-insensitively as Go does, case collisions and non-objects refused; the prompt upper bound and
-the streaming, completion-limit and usage decisions made as Ollama makes them (ollama-protocol.md
-§3, §6, §7); the key's body policy (model allowlist with §9 normalisation, num_ctx and keep_alive
+the streaming, completion-limit and usage decisions made as Ollama makes them (docs/OLLAMA.md#request-fields,
+docs/OLLAMA.md#token-counts); the key's body policy (model allowlist normalised as in
+docs/OLLAMA.md#model-names, num_ctx and keep_alive
 caps, listing filters).
 
 The prompt bound is checked against the Ollama simulator's own prompt_eval_count, computed with
@@ -455,7 +456,7 @@ def test_native_chat_bound_covers_the_simulators_count(
     messages: list[dict[str, Any]], per_image: int
 ) -> None:
     """For any native chat messages, the reserved prompt bound is at least the prompt_eval_count
-    the simulator reports for the same request (DESIGN.md "Zero overshoot")."""
+    the simulator reports for the same request (docs/ARCHITECTURE.md#zero-overshoot)."""
     document = {"model": "llama3.2", "messages": messages}
     assert _bound("chat", document) >= _sim_chat_count(document, per_image)
 
@@ -808,7 +809,7 @@ ONLY_LLAMA = _grant(allowed_models=("llama3.2:latest",))
 )
 def test_allowlist_matches_every_spelling_of_an_allowed_model(name: str) -> None:
     """Names are compared as Ollama resolves them: case-insensitively, with the default host,
-    namespace and tag filled in (ollama-protocol.md §9)."""
+    namespace and tag filled in (docs/OLLAMA.md#model-names)."""
     body_policy.check_model(ONLY_LLAMA, name)
     assert body_policy.model_allowed(ONLY_LLAMA, name)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -41,3 +42,80 @@ def test_generated_config_docs_are_current() -> None:
     readme = (ROOT / "README.md").read_text()
     assert gen_config_docs.table() in readme
     assert (ROOT / ".env.example").read_text() == gen_config_docs.env_example()
+
+
+# Working notes that lived outside the repository; the project's own docs/ replaced them.
+OUTSIDE_PAGES = re.compile(
+    r"DESIGN\.md|ollama-protocol\.md|ollama-0\.33-apis\.md|caddy-notes\.md|embedded-stack\.md"
+    r"|lessons-from-peers\.md|STYLE\.md"
+)
+DOC_ANCHOR = re.compile(r"docs/([A-Za-z0-9_.-]+\.md)#([A-Za-z0-9_-]+)")
+
+
+def _tracked_texts() -> list[tuple[str, str]]:
+    """(path, text) of every git-tracked file that exists and is text, this file excluded."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout: the tracked files cannot be listed")
+    listed = subprocess.run(
+        ["git", "ls-files", "-z"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    this = Path(__file__).resolve().relative_to(ROOT).as_posix()
+    texts = []
+    for name in filter(None, listed.split("\0")):
+        path = ROOT / name
+        if name == this or not path.is_file():
+            continue
+        raw = path.read_bytes()
+        if b"\0" not in raw:
+            texts.append((name, raw.decode("utf-8", "replace")))
+    return texts
+
+
+def anchor(heading: str) -> str:
+    """A Markdown heading's anchor as GitHub makes it: lower case, punctuation dropped, spaces to `-`."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def anchors(document: str) -> set[str]:
+    """Every heading anchor of a Markdown document (code blocks skipped)."""
+    found: set[str] = set()
+    fenced = False
+    for line in document.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and (match := re.match(r"#{1,6}\s+(.*?)\s*#*\s*$", line)):
+            found.add(anchor(match[1]))
+    return found
+
+
+def test_no_file_cites_the_outside_working_notes() -> None:
+    """No tracked file cites DESIGN.md, ollama-protocol.md, ollama-0.33-apis.md, caddy-notes.md,
+    embedded-stack.md, lessons-from-peers.md or STYLE.md: those pages are not in the repository, so a
+    newcomer cannot follow them; the facts live in docs/ARCHITECTURE.md and docs/OLLAMA.md."""
+    citations = [
+        f"{name}:{number}: {line.strip()[:120]}"
+        for name, text in _tracked_texts()
+        for number, line in enumerate(text.splitlines(), 1)
+        if OUTSIDE_PAGES.search(line)
+    ]
+    assert citations == []
+
+
+def test_every_docs_anchor_reference_resolves() -> None:
+    """Every `docs/X.md#anchor` reference in a tracked file names an existing document and one of its
+    headings (GitHub-style anchors), so code citing a section leads to it."""
+    documents: dict[str, set[str] | None] = {}
+    broken = []
+    for name, text in _tracked_texts():
+        for number, line in enumerate(text.splitlines(), 1):
+            for document, target in DOC_ANCHOR.findall(line):
+                if document not in documents:
+                    path = ROOT / "docs" / document
+                    documents[document] = anchors(path.read_text()) if path.is_file() else None
+                headings = documents[document]
+                if headings is None or target not in headings:
+                    broken.append(f"{name}:{number}: docs/{document}#{target}")
+    assert broken == []

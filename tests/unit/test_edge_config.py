@@ -1,9 +1,10 @@
 """The edge as shipped: both Caddyfiles, both Compose files, the Dockerfile and the deployment guide.
 
 Each is checked with its real tool (`caddy validate` / `fmt` / `adapt`, the Compose Specification
-JSON schema, hadolint) and then parsed for the properties DESIGN.md and caddy-notes.md (§A2, §A3,
-§A5) require. The Caddy checks read the JSON that `caddy adapt` produces, so they pin what Caddy will
-actually run (directive reordering included), not how the Caddyfile happens to be written.
+JSON schema, hadolint) and then parsed for the properties docs/ARCHITECTURE.md#caddy and
+docs/ARCHITECTURE.md#streaming-through-caddy require. The Caddy checks read the JSON that
+`caddy adapt` produces, so they pin what Caddy will actually run (directive reordering included),
+not how the Caddyfile happens to be written.
 """
 
 from __future__ import annotations
@@ -304,7 +305,7 @@ def test_public_site_sends_hsts(production: dict[str, Any]) -> None:
 
 def test_public_route_is_strip_limit_auth_proxy_in_that_order(production: dict[str, Any]) -> None:
     """A model request runs, in this order and nothing else: HSTS, deletion of client-sent X-Gw-*,
-    the body limit, forward_auth, the reverse proxy (caddy-notes.md §A5: top-level directives would
+    the body limit, forward_auth, the reverse proxy (docs/ARCHITECTURE.md#caddy: top-level directives would
     be reordered and forward_auth would run before the stripping)."""
     ran = _handlers(_public(production), "/api/chat")
     kinds = [
@@ -391,8 +392,8 @@ def test_space_separated_upstreams_become_several(tmp_path: Path) -> None:
 
 def test_no_write_deadline_and_long_write_idle(production: dict[str, Any]) -> None:
     """No server has a total write timeout (it would cut long streams), and write_idle is at least
-    5 minutes on every server (caddy-notes.md §A2: a response ended after a pause longer than
-    write_idle loses its last chunk)."""
+    5 minutes on every server (docs/ARCHITECTURE.md#streaming-through-caddy: a response ended
+    after a pause longer than write_idle loses its last chunk)."""
     for name, server in _servers(production).items():
         assert "write_timeout" not in server, name
         assert server.get("write_idle_timeout", 0) >= 300 * NANOS, name

@@ -1,4 +1,4 @@
-"""The Ollama simulator speaks v0.33.0-rc2's wire format byte for byte (docs/ollama-protocol.md)."""
+"""The Ollama simulator speaks v0.33.0-rc2's wire format byte for byte (docs/OLLAMA.md)."""
 
 from __future__ import annotations
 
@@ -116,11 +116,12 @@ def metrics(prompt: int, completion: int) -> str:
     return NATIVE_METRICS.format(p=prompt, e=completion)
 
 
-# --------------------------------------------------------------------------- §10 transcripts
+# --------------------------------------------------------------------------- wire transcripts
 
 
 async def test_native_chat_stream_is_transcript_a() -> None:
-    """§10 A: NDJSON chunks, key order, metrics only on the done chunk, Content-Type exact."""
+    """Native chat stream (docs/OLLAMA.md#native-api): NDJSON chunks, key order, metrics only on the done
+    chunk, Content-Type exact."""
     async with running(HI) as s, s.post("/api/chat", {"model": "llama3.2", "messages": SAY_HI}) as r:
         body = await r.read()
         assert r.status == 200
@@ -154,7 +155,8 @@ async def test_created_at_is_stamped_per_chunk() -> None:
 
 
 async def test_native_generate_non_stream_is_transcript_b() -> None:
-    """§10 B: one object, charset Content-Type, no trailing newline, context before metrics."""
+    """Native generate, stream false (docs/OLLAMA.md#native-api): one object, charset Content-Type, no
+    trailing newline, context before metrics."""
     request = {"model": "llama3.2", "prompt": "Say hi", "stream": False}
     async with running(settings(reply=("Hi", "!"), completion_tokens=2)) as s:
         async with s.post("/api/generate", request) as r:
@@ -177,7 +179,8 @@ async def test_native_generate_non_stream_is_transcript_b() -> None:
 
 
 async def test_openai_chat_stream_with_usage_is_transcript_c() -> None:
-    """§10 C: role only first, a delta:{} finish chunk, the choices:[] usage chunk, [DONE]."""
+    """OpenAI chat stream (docs/OLLAMA.md#openai-api): role only first, a delta:{} finish chunk, the
+    choices:[] usage chunk, [DONE]."""
     request = {
         "model": "llama3.2",
         "messages": SAY_HI,
@@ -221,7 +224,8 @@ async def test_openai_chat_stream_without_include_usage_has_no_usage() -> None:
 
 
 async def test_openai_chat_non_stream_is_transcript_d() -> None:
-    """§10 D: stream defaults to false on /v1; usage always present; trailing newline, no charset."""
+    """OpenAI chat, no stream (docs/OLLAMA.md#openai-api): stream defaults to false on /v1; usage always
+    present; trailing newline, no charset."""
     async with (
         running(HI) as s,
         s.post("/v1/chat/completions", {"model": "llama3.2", "messages": SAY_HI}) as r,
@@ -238,7 +242,8 @@ async def test_openai_chat_non_stream_is_transcript_d() -> None:
 
 
 async def test_native_embed_is_transcript_e() -> None:
-    """§10 E: /api/embed key order and summed prompt_eval_count; /v1/embeddings usage mirrors it."""
+    """Embeddings (docs/OLLAMA.md#native-api, #openai-api): /api/embed key order and summed prompt_eval_count;
+    /v1/embeddings usage mirrors it."""
     inputs = ["Why is the sky blue?", "Why is the grass green?"]
     async with running() as s:
         async with s.post("/api/embed", {"model": "all-minilm", "input": inputs}) as r:
@@ -269,7 +274,8 @@ async def test_native_embed_is_transcript_e() -> None:
 
 
 async def test_not_found_errors_are_transcript_f() -> None:
-    """§10 F and §5: native 404 (charset, no newline) and OpenAI-shaped 404 (newline)."""
+    """Errors (docs/OLLAMA.md#error-bodies): native 404 (charset, no newline) and OpenAI-shaped 404
+    (newline)."""
     bad = {"model": "nope", "messages": [{"role": "user", "content": "x"}]}
     async with running() as s:
         async with s.post("/api/chat", bad) as r:
@@ -324,7 +330,8 @@ async def test_failure_before_the_first_chunk_is_a_real_status() -> None:
 
 
 async def test_openai_mid_stream_failure_sends_one_junk_chunk() -> None:
-    """§6.3 quirk: the error becomes an empty-model chunk, then no finish, usage or [DONE]."""
+    """Mid-stream error quirk (docs/OLLAMA.md#openai-api): the error becomes an empty-model chunk, then no
+    finish, usage or [DONE]."""
     failing = settings(reply=("I",), completion_tokens=5, fail_after_chunks=2)
     request = {
         "model": "llama3.2",
@@ -364,7 +371,8 @@ async def test_completions_mid_stream_failure_keeps_the_zero_usage() -> None:
 
 
 async def test_load_and_unload_shortcuts_are_transcript_g() -> None:
-    """§10 G: an empty prompt loads, empty messages with keep_alive 0 unload; no counts."""
+    """Load and unload (docs/OLLAMA.md#routes): an empty prompt loads, empty messages with keep_alive 0
+    unload; no counts."""
     async with running() as s:
         async with s.post("/api/generate", {"model": "llama3.2"}) as r:
             load = await r.read()
@@ -397,7 +405,8 @@ async def test_load_and_unload_shortcuts_are_transcript_g() -> None:
 
 
 async def test_completions_stream_has_zero_usage_on_every_chunk() -> None:
-    """§6.5: with include_usage every chunk has zero usage; the real one comes last, before [DONE]."""
+    """/v1/completions (docs/OLLAMA.md#openai-api): with include_usage every chunk has zero usage; the real
+    one comes last, before [DONE]."""
     request = {
         "model": "llama3.2",
         "prompt": "Say hi",
@@ -428,7 +437,8 @@ async def test_completions_stream_has_zero_usage_on_every_chunk() -> None:
 
 
 async def test_completions_non_stream_shape() -> None:
-    """§6.5 non-stream: text_completion object with choices before usage, trailing newline."""
+    """/v1/completions, no stream (docs/OLLAMA.md#openai-api): text_completion object with choices before
+    usage, trailing newline."""
     async with (
         running(HI) as s,
         s.post("/v1/completions", {"model": "llama3.2", "prompt": "Say hi"}) as r,
@@ -477,7 +487,8 @@ async def test_openai_validation_errors_use_gin_framing() -> None:
 
 
 async def test_openai_models_listing() -> None:
-    """§6.6: /v1/models lists normalised names; /v1/models/{model} echoes the path parameter."""
+    """Models (docs/OLLAMA.md#openai-api): /v1/models lists normalised names; /v1/models/{model} echoes the
+    path parameter."""
     async with running() as s:
         async with s.get("/v1/models") as r:
             listing = json.loads(await r.read())

@@ -1,5 +1,5 @@
 """The endpoint policy: the allowlist, 405 with Allow, the blocked routes in every spelling, 400 for
-ambiguous spellings of served paths, 404 for the rest (DESIGN.md step 2.1, DECISIONS.md)."""
+ambiguous spellings of served paths, 404 for the rest (docs/ARCHITECTURE.md#admission, DECISIONS.md)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from shared.policy import decide
 
-# The allowlist as DESIGN.md and ollama-protocol.md §2 state it, written out here on purpose (not
-# read from shared.policy) so that a change to the table in the code is caught.
+# The allowlist as docs/ARCHITECTURE.md#admission and docs/OLLAMA.md#routes state it, written out
+# here on purpose (not read from shared.policy) so that a change to the table in the code is caught.
 SERVED: dict[str, dict[str, str]] = {
     "/api/chat": {"POST": "chat"},
     "/api/generate": {"POST": "generate"},
@@ -31,7 +31,7 @@ SERVED: dict[str, dict[str, str]] = {
 METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "TRACE", "CONNECT")
 OVERRIDES = ("GET", "POST", "DELETE", "PUT", "HEAD", "")
 
-# The mutating and egress routes (ollama-protocol.md §2), one canonical spelling each.
+# The mutating and egress routes (docs/OLLAMA.md#routes), one canonical spelling each.
 BLOCKED_BASES = (
     "/api/pull",
     "/api/push",
@@ -221,7 +221,7 @@ def test_the_blocked_list_is_long_enough() -> None:
 def test_rfc3986_dot_removal_reading_of_a_blocked_route_is_403(spelling: str) -> None:
     """RFC 3986 §5.2.4 dot removal without merging slashes reads `/api//../pull` as `/api/pull`
     (the `..` consumes the empty segment): that is a normalisation landing on a blocked route, so
-    DESIGN.md asks for 403, not 400."""
+    the policy (docs/ARCHITECTURE.md#admission) asks for 403, not 400."""
     assert decide("POST", spelling).status == 403
 
 
