@@ -154,3 +154,20 @@ def test_parse_phc_rejects_foreign_strings() -> None:
     for text in ("", "$argon2i$v=19$m=1,t=1,p=1$AA$AA", "$argon2id$v=18$m=1,t=1,p=1$AA$AA", "$$$$$"):
         with pytest.raises(ValueError, match="argon2id"):
             parse_phc(text)
+
+
+# A PHC string made by the Argon2 reference implementation (Debian's `argon2` command, not the code
+# under test): `echo -n "$TOKEN" | argon2 saltsaltsaltsalt -id -t 2 -k 19456 -p 1 -l 32 -e`.
+REFERENCE_TOKEN = "nz_AbCdEfGh0123456789abcdefghijklmnopqrstuv"
+REFERENCE_PHC = (
+    "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHRzYWx0c2FsdA$Q7g4prN/dl248VYtjw+6OgTq45nUf4GsEnUg0pru4sY"
+)
+
+
+def test_verifies_a_phc_string_from_the_reference_implementation() -> None:
+    """A hash written by the reference Argon2id implementation (no pepper) verifies, and nothing
+    else does: another token, a pepper, a changed digest."""
+    assert verify_key(REFERENCE_TOKEN, REFERENCE_PHC)
+    assert not verify_key(REFERENCE_TOKEN[:-1] + "w", REFERENCE_PHC)
+    assert not verify_key(REFERENCE_TOKEN, REFERENCE_PHC, pepper="pepper")
+    assert not verify_key(REFERENCE_TOKEN, REFERENCE_PHC.replace("Q7g4", "Q7g5"))
