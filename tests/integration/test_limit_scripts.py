@@ -383,6 +383,28 @@ async def test_settling_fewer_tokens_frees_the_difference_once(lab_args: tuple[s
         assert admitted.rate.remaining_tokens == 70
 
 
+async def test_an_actual_count_above_the_reservation_is_recorded_and_refuses_the_next(
+    lab_args: tuple[str, str],
+) -> None:
+    """A request that used more than it reserved (a prompt bound that was not one) is settled at
+    its actual count: reserved 50 (20 + 30) of a 100-token total budget, actual 130; the budget
+    counter and the TPM window say 130, not 50 and not 100, and the next admission and reservation
+    are refused: the overshoot is visible and never compounds."""
+    async with lab_on(*lab_args) as lab:
+        who = scope(Limits(total_tokens=100, tpm=1000))
+        await lab.admitted(who, "r1", T0)
+        assert await lab.reserve(who, "r1", T0, prompt=20, completion=30) == Reserved(30, 50)
+        assert await lab.budget(who, "key", "total") == 50
+        assert await lab.scripts.settle(who, "r1", 130) is True
+        assert await lab.budget(who, "key", "total") == 130
+        assert await lab.window(lab.keys.tpm(TENANT_ID, f"k{KEY_ID}")) == {S0: 130}
+        refused = await lab.admit(who, "r2", T0 + 100)
+        assert isinstance(refused, Refused)
+        assert (refused.reason, refused.scope) == ("budget_total", "key")
+        assert isinstance(await lab.reserve(who, "r2", T0 + 100, prompt=1, completion=1), Refused)
+        assert await lab.budget(who, "key", "total") == 130
+
+
 async def test_settling_without_a_count_charges_the_reservation_as_it_stands(
     lab_args: tuple[str, str],
 ) -> None:
