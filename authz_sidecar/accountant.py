@@ -41,7 +41,7 @@ from prometheus_client import (
 )
 
 from authz_sidecar import ledger
-from shared import admin, logs, store, usage_wire
+from shared import admin, counters, logs, store, usage_wire
 from shared.config import AccountantConfig, AccountantOptions, load_config
 from shared.db import DB_ERRORS, create_pool
 from shared.exceptions import ConfigError
@@ -278,23 +278,24 @@ class Accountant:
                 await self.scripts.forget_tenant(tenant_id)
                 continue
             for raw_id in due:
-                request_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
-                record = await self.redis.hgetall(self.keys.reservation(tenant_id, request_id))
-                if not record:
+                request_id = raw_id.decode("utf-8", "replace") if isinstance(raw_id, bytes) else str(raw_id)
+                raw = await self.redis.hgetall(self.keys.reservation(tenant_id, request_id))
+                record = counters.reservation(request_id, raw) if raw else None
+                if record is None:  # gone, or unreadable (logged): never block the sweep on it
                     await self.redis.zrem(index, [request_id])
                     continue
-                expires = int(record[b"expires"]) / 1000
+                expires = record.expires_ms / 1000
                 charged.append(
                     UsageEvent(
                         request_id=request_id,
                         tenant_id=tenant_id,
-                        key_id=int(record[b"key"]),
+                        key_id=record.key_id,
                         key_prefix="",
                         endpoint="(lease expired)",
                         model=None,
-                        prompt_tokens=int(record[b"amount"]),
+                        prompt_tokens=record.amount,
                         completion_tokens=0,
-                        reserved_tokens=int(record[b"amount"]),
+                        reserved_tokens=record.amount,
                         estimated=True,
                         estimate_reason="lease_expired",
                         http_status=0,
@@ -304,7 +305,7 @@ class Accountant:
                         finished_at=expires,
                         bytes_relayed=0,
                         client_disconnected=False,
-                        periods={"day": record[b"day"].decode(), "month": record[b"month"].decode()},
+                        periods={"day": record.day, "month": record.month},
                     )
                 )
         if charged:

@@ -9,6 +9,8 @@ window to the ledger's tokens of the last 61 seconds plus open reservations. Use
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import math
 import time
 from collections import defaultdict
 from typing import TYPE_CHECKING
@@ -23,6 +25,7 @@ from shared.redis_keys import RedisKeys
 if TYPE_CHECKING:
     from shared.db import Conn
 
+log = logging.getLogger("shared.counters")
 WINDOW_SECONDS = 61
 # The KEYS index each budget counter has in shared/lua/reserve.lua (its record lists them as charged).
 RESERVE_INDEX = {
@@ -45,16 +48,61 @@ class Rebuilt:
     tpm_windows: int
 
 
+@attrs.frozen
+class Reservation:
+    """One open reservation record as shared/lua/reserve.lua writes it."""
+
+    request_id: str
+    amount: int
+    sec: int
+    key_id: int
+    expires_ms: int
+    charged: frozenset[int]
+    day: str
+    month: str
+
+
+def amount(raw: bytes | str | int | None) -> int | None:
+    """A token amount read back from Redis or Postgres: a non-negative integer, also when Lua
+    wrote it as a float (`1e+20`); None when it is not one (never an exception)."""
+    if raw is None:
+        return None
+    try:
+        value = float(raw.decode() if isinstance(raw, bytes) else raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not math.isfinite(value) or value < 0 or value != int(value) or value > 2**62:
+        return None
+    return int(value)
+
+
+def reservation(request_id: str, record: dict[bytes, bytes]) -> Reservation | None:
+    """A record read defensively: None (logged) when any field is missing or unreadable, so one bad
+    record never stops a sweep or a rebuild."""
+    fields = [amount(record.get(name)) for name in (b"amount", b"sec", b"key", b"expires")]
+    try:
+        charged = frozenset(int(i) for i in record.get(b"charged", b"").split(b",") if i)
+        day, month = record[b"day"].decode(), record[b"month"].decode()
+    except (KeyError, ValueError, UnicodeDecodeError):
+        charged, day, month = frozenset(), "", ""
+    if any(field is None for field in fields) or not day or not month:
+        log.warning("unreadable reservation record skipped", extra={"request_id": request_id[:80]})
+        return None
+    value, sec, key_id, expires = (int(f) for f in fields if f is not None)
+    return Reservation(request_id, value, sec, key_id, expires, charged, day, month)
+
+
 async def _open_reservations(
     redis: coredis.Redis[bytes], keys: RedisKeys, tenant_id: int
-) -> list[dict[bytes, bytes]]:
+) -> list[Reservation]:
     ids = await redis.zrange(keys.reservation_index(tenant_id), 0, -1)
     records = []
     for raw in ids:
-        request_id = raw.decode() if isinstance(raw, bytes) else str(raw)
+        request_id = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
         record = await redis.hgetall(keys.reservation(tenant_id, request_id))
-        if record:
-            records.append(record)
+        parsed = reservation(request_id, record) if record else None
+        if parsed is not None:
+            records.append(parsed)
     return records
 
 
@@ -88,21 +136,18 @@ async def rebuild(
             periods.day,
             periods.month,
         )
-        settled = {(r["scope"], r["scope_id"], r["period"]): int(r["tokens"]) for r in totals}
+        settled = {(r["scope"], r["scope_id"], r["period"]): amount(r["tokens"]) or 0 for r in totals}
         scopes = [("tenant", tenant_id, "t")] + [("key", k, f"k{k}") for k in key_ids]
         names = periods.names()
         for who, ident, scope_name in scopes:
             for period in PERIODS:
                 value = settled.get((who, ident, period), 0)
-                index = str(RESERVE_INDEX[(who, period)]).encode()
+                index = RESERVE_INDEX[(who, period)]
                 for record in open_resv:
-                    charged = index in record.get(b"charged", b"").split(b",")
-                    same_key = who == "tenant" or int(record[b"key"]) == ident
-                    same_period = (
-                        period == "total" or record.get(period.encode(), b"").decode() == names[period]
-                    )
-                    if charged and same_key and same_period:
-                        value += int(record[b"amount"])
+                    same_key = who == "tenant" or record.key_id == ident
+                    same_period = period == "total" or getattr(record, period) == names[period]
+                    if index in record.charged and same_key and same_period:
+                        value += record.amount
                 left = periods.seconds_left(period, now, zone)
                 await redis.set(
                     keys.budget(tenant_id, scope_name, period, names[period]),
@@ -120,13 +165,13 @@ async def rebuild(
         )
         buckets: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
         for row in rows:
-            buckets["t"][row["sec"]] += int(row["tokens"])
-            buckets[f"k{row['key_id']}"][row["sec"]] += int(row["tokens"])
+            tokens = amount(row["tokens"]) or 0
+            buckets["t"][row["sec"]] += tokens
+            buckets[f"k{row['key_id']}"][row["sec"]] += tokens
         for record in open_resv:
-            sec, amount = int(record[b"sec"]), int(record[b"amount"])
-            if sec >= now - WINDOW_SECONDS:
-                buckets["t"][sec] += amount
-                buckets[f"k{int(record[b'key'])}"][sec] += amount
+            if record.sec >= now - WINDOW_SECONDS:
+                buckets["t"][record.sec] += record.amount
+                buckets[f"k{record.key_id}"][record.sec] += record.amount
         for _, _, name in scopes:
             key = keys.tpm(tenant_id, name)
             await redis.delete([key])

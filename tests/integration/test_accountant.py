@@ -32,7 +32,7 @@ from prometheus_client import CollectorRegistry
 import localstack
 from authz_sidecar.accountant import GROUP, Accountant, AccountantMetrics
 from authz_sidecar.audit import Denial, DenialAuditor
-from shared import admin, usage_wire
+from shared import admin, counters, usage_wire
 from shared.config import AccountantOptions, PostgresConfig
 from shared.db import create_pool
 from shared.hashing import Argon2Params
@@ -697,19 +697,19 @@ async def test_a_reservation_whose_lease_expired_is_charged_once_after_the_grace
         assert row["finished_at"] == dt.datetime.fromtimestamp(expires / 1000, dt.UTC)
         sums = ledger_budget_sums([row])
         assert await budget_periods(db) == sums
-        counters = {
+        values = {
             (who, period): await counter(redis, accountant.scripts.budget_key(scope, who, period))
             for who in ("key", "tenant")
             for period in PERIODS
         }
-        assert set(counters.values()) == {500}
+        assert set(values.values()) == {500}
         assert not await redis.exists([names.reservation(key.tenant.id, "dead-proxy")])
         assert await redis.zcard(names.reservation_index(key.tenant.id)) == 0
 
         assert await accountant.sweep() == 0
         assert len(await ledger_rows(db)) == 1
         assert await budget_periods(db) == sums
-        for (who, period), value in counters.items():
+        for (who, period), value in values.items():
             assert await counter(redis, accountant.scripts.budget_key(scope, who, period)) == value
 
         # A request whose usage event arrived: its lease was released, then it was settled.
@@ -734,6 +734,51 @@ async def test_a_reservation_whose_lease_expired_is_charged_once_after_the_grace
         for who in ("key", "tenant"):
             for period in PERIODS:
                 assert await counter(redis, accountant.scripts.budget_key(scope, who, period)) == 542
+
+
+async def test_an_unreadable_reservation_never_stops_the_sweep_or_the_rebuild(
+    db: asyncpg.Connection, database_url: str, redis_url: str, redis_prefix: str
+) -> None:
+    """Beside a dead reservation of 500 tokens: one whose amount is not a number, one missing its
+    periods, one with a float amount as Lua may write it. The sweep charges the good one and the
+    float one, drops the unreadable ones from the index (logged), and so does every later sweep;
+    rebuild-counters over the same tenant completes too."""
+    (key,) = await new_keys(db, {"acme": 1})
+    names = RedisKeys(redis_prefix)
+    client: coredis.Redis[bytes] = coredis.Redis.from_url(redis_url)
+    async with client:
+        scripts = LimitScripts(client, names)
+        redis_now = int((await client.time()).timestamp() * 1000)
+        scope = scope_for(key, period_names(redis_now / 1000))
+        await hydrate(client, scripts, scope)
+        for request_id in ("good", "bad-amount", "no-periods", "float-amount"):
+            reserved = await scripts.reserve(
+                scope,
+                request_id,
+                metered=True,
+                prompt_bound=300,
+                requested_completion=200,
+                default_completion=None,
+                lease_ttl_ms=1_000,
+                now_ms=redis_now - 21_000,
+            )
+            assert reserved == Reserved(completion_limit=200, reserved=500)
+        tenant = key.tenant.id
+        await client.hset(names.reservation(tenant, "bad-amount"), {"amount": "lots"})
+        await client.hdel(names.reservation(tenant, "no-periods"), ["day", "month"])
+        await client.hset(names.reservation(tenant, "float-amount"), {"amount": "5e+2"})
+        await scripts.register_tenant(tenant)
+        rebuilt = await counters.rebuild(db, client, names, zone=ZoneInfo("UTC"), tenant_ids=[tenant])
+        assert rebuilt.tenants == 1
+
+    async with accountant_on(
+        database_url, redis_url, redis_prefix, groups=False, sweep_grace=5.0
+    ) as accountant:
+        assert await accountant.sweep() == 2
+        assert await accountant.redis.zcard(names.reservation_index(tenant)) == 0
+        assert await accountant.sweep() == 0
+    rows = {r["request_id"]: r["total_tokens"] for r in await ledger_rows(db)}
+    assert rows == {"good": 500, "float-amount": 500}
 
 
 # --- prompt logs -----------------------------------------------------------------------------------
