@@ -371,17 +371,12 @@ async def scenario_proxy(services: Services, *, decisions: int) -> list[Row]:
         "GATEWAY_PROXY_DRAIN_SECONDS": "0",
         "GATEWAY_LOG_LEVEL": "WARNING",
     }
-    simulator = [
-        sys.executable,
-        str(localstack.ROOT / "scripts" / "ollama_simulator.py"),
-        "--port",
-        str(sim_port),
-    ]
+    simulator = [sys.executable, "-m", "ollama_simulator", "--port", str(sim_port)]
     body = orjson.dumps({"model": "llama3.2", "messages": [{"role": "user", "content": "Say hi"}]})
     rows: list[Row] = []
     rounds = max(4, decisions // 1000)
     with (
-        _process("simulator", simulator, sim_port, {}, workdir),
+        _process("simulator", simulator, sim_port, dict(localstack.SIMULATOR_ENV), workdir),
         _process(
             "stream_proxy", [sys.executable, "-m", "stream_proxy"], proxy_port, env, workdir
         ) as proxy_pid,

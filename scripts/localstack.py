@@ -24,6 +24,8 @@ from typing import Any
 import attrs
 
 ROOT = Path(__file__).resolve().parent.parent
+# The simulator is a package under scripts/ (python -m ollama_simulator).
+SIMULATOR_ENV = {"PYTHONPATH": str(ROOT / "scripts")}
 MIGRATIONS = ROOT / "sql" / "migrations"
 BIN = Path(sys.executable).parent
 PG_USER = "nobody"
@@ -414,12 +416,12 @@ class LocalStack:
             ollama_url = self.environ.get("GATEWAY_OLLAMA_URL")
             if not ollama_url:
                 port = free_port()
-                sim_args = [sys.executable, str(ROOT / "scripts" / "ollama_simulator.py"),
+                sim_args = [sys.executable, "-m", "ollama_simulator",
                             "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
                 tps = self.environ.get("GATEWAY_SIM_TOKENS_PER_SECOND")
                 if tps:
                     sim_args += ["--tokens-per-second", tps]
-                self._spawn("simulator", sim_args, port, {})
+                self._spawn("simulator", sim_args, port, SIMULATOR_ENV)
                 ollama_url = f"http://127.0.0.1:{port}"
             self.sidecar_ports = [free_port() for _ in range(self.sidecars)]
             self.proxy_ports = [free_port() for _ in range(self.proxies)]

@@ -325,9 +325,10 @@ async def test_a_stream_ollama_fails_mid_way_is_charged_what_it_sent(
     simulator: SimulatorControl,
     stack_db: asyncpg.Connection,
 ) -> None:
-    """Ollama fails a stream after 3 tokens (Anthropic `error` event / Responses `response.failed`):
-    the client receives the 3 deltas and the failure event as Ollama sent them, and the ledger row is
-    estimated `upstream_failed` with 3 completion tokens."""
+    """Ollama fails a stream after 3 tokens: its middleware decodes the chat handler's `{"error"}`
+    line as an empty response and emits nothing more, so the stream just ends (no `message_stop`,
+    no `response.completed`). The client receives the 3 deltas as Ollama sent them, and the ledger
+    row is estimated `upstream_failed` with 3 completion tokens."""
     await simulator.settings(fail_after_chunks=3, completion_tokens=20)
     key = await make_key()
     reply = await post(http, stack, route, family_body(route, "fail me", stream=True), bearer(key))
@@ -336,7 +337,9 @@ async def test_a_stream_ollama_fails_mid_way_is_charged_what_it_sent(
     assert record["generation"]["outcome"] == "failed"
     assert len(content_deltas(route, reply.body)) == 3
     kinds = [e["type"] for e in sse_events(reply.body)]
-    assert kinds[-1] == ("error" if route == MESSAGES else "response.failed"), kinds
+    final = "message_stop" if route == MESSAGES else "response.completed"
+    assert final not in kinds, kinds
+    assert kinds[-1] == ("content_block_delta" if route == MESSAGES else "response.output_text.delta"), kinds
     (row,) = await ledger_rows(stack_db, key, 1)
     assert (row["estimated"], row["estimate_reason"]) == (True, "upstream_failed"), dict(row)
     assert row["completion_tokens"] == 3, dict(row)

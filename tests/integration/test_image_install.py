@@ -253,19 +253,15 @@ async def services(
         "GATEWAY_SIDECAR_DRAIN_SECONDS": "0",
         "GATEWAY_PROXY_DRAIN_SECONDS": "0",
     }
-    simulator = [
-        sys.executable,
-        str(ROOT / "scripts" / "ollama_simulator.py"),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(ollama_port),
-    ]
+    simulator = [sys.executable, "-m", "ollama_simulator", "--host", "127.0.0.1", "--port", str(ollama_port)]
     python = installed.python
     cwd = installed.workdir
     with contextlib.ExitStack() as stack:
         await asyncio.to_thread(
-            stack.enter_context, _started("simulator", simulator, ollama_port, os.environ, cwd)
+            stack.enter_context,
+            _started(
+                "simulator", simulator, ollama_port, {**os.environ, "PYTHONPATH": str(ROOT / "scripts")}, cwd
+            ),
         )
         sidecar = await asyncio.to_thread(
             stack.enter_context,

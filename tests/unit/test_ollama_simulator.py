@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import http.client
 import json
+import os
 import random
 import signal
 import subprocess
@@ -30,7 +31,7 @@ START_NS = 1_787_331_600_101_234_000
 STAMP = "2026-08-21T17:00:00.101234Z"
 CREATED = 1_787_331_600
 RNG_SEED = 7
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "ollama_simulator.py"
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 SAY_HI = [{"role": "user", "content": "Say hi"}]
 # "Say hi" in one user message: 2 tokens + 4 for the message + 4 for the assistant turn.
 SAY_HI_PROMPT_TOKENS = 10
@@ -1050,8 +1051,9 @@ def test_settings_reject_negative_values() -> None:
 def test_cli_writes_port_and_exits_on_sigterm(tmp_path: Path) -> None:
     """--port 0 binds a free port, writes it to --port-file and stdout; SIGTERM exits cleanly."""
     port_file = tmp_path / "port"
-    command = [sys.executable, str(SCRIPT), "--port", "0", "--port-file", str(port_file)]
-    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as process:
+    command = [sys.executable, "-m", "ollama_simulator", "--port", "0", "--port-file", str(port_file)]
+    env = {**os.environ, "PYTHONPATH": str(SCRIPTS)}
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env) as process:
         try:
             assert process.stdout is not None
             printed = int(process.stdout.readline())

@@ -1,0 +1,398 @@
+"""The Anthropic Messages API, /v1/messages, as Ollama 0.33's middleware/anthropic.go writes it."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any, Final
+
+import attrs
+from aiohttp import web
+
+from ollama_simulator.catalog import _lookup
+from ollama_simulator.exceptions import ApiError, ClientGone
+from ollama_simulator.generation import Generation, Job, Piece, _check_queue, offered_tool, tool_call_id
+from ollama_simulator.gojson import Binder, GoObject, _compact_json, go_json
+from ollama_simulator.openai import _cloud_passthrough, _openai_json
+from ollama_simulator.state import Call
+from ollama_simulator.tokens import PromptShape
+from ollama_simulator.wire import CT_JSON, CT_SSE, Emitter, _sse_event, _stream_response
+
+_STREAM_HEADERS: Final = {"Cache-Control": "no-cache", "Connection": "keep-alive"}
+_THINK_EFFORTS: Final = ("high", "medium", "low", "max")
+
+
+def anthropic_error(call: Call, status: int, message: str) -> dict[str, Any]:
+    """anthropic.NewError: the type by status, and a request id (crypto/rand there, seeded here)."""
+    kind = {
+        400: "invalid_request_error",
+        401: "authentication_error",
+        403: "permission_error",
+        404: "not_found_error",
+        429: "rate_limit_error",
+        503: "overloaded_error",
+        529: "overloaded_error",
+    }.get(status, "api_error")
+    request_id = f"req_{call.state.rng.getrandbits(96):024x}"
+    return {"type": "error", "error": {"type": kind, "message": message}, "request_id": request_id}
+
+
+def _refuse(call: Call, status: int, message: str) -> web.Response:
+    """AbortWithStatusJSON in the middleware: gin's JSON (charset, no newline)."""
+    body = go_json(anthropic_error(call, status, message))
+    return web.Response(status=status, body=body, headers={"Content-Type": "application/json; charset=utf-8"})
+
+
+def _writer_error(call: Call, status: int, message: str, *, stream: bool) -> web.Response:
+    """AnthropicWriter.writeError: the chat handler's error re-encoded (encoder, newline)."""
+    body = go_json(anthropic_error(call, status, message)) + b"\n"
+    headers = {"Content-Type": CT_JSON, **(_STREAM_HEADERS if stream else {})}
+    return web.Response(status=status, body=body, headers=headers)
+
+
+def _estimate_block(block: Any) -> int:
+    """countContentBlock: text and thinking lengths, whole JSON for tool_use/tool_result."""
+    if not isinstance(block, dict):
+        return 0
+    total = 0
+    for key in ("text", "thinking"):
+        if isinstance(block.get(key), str):
+            total += len(block[key].encode())
+    if block.get("type") in ("tool_use", "tool_result"):
+        total += len(go_json(block))
+    return total
+
+
+def estimate_input_tokens(obj: GoObject) -> int:
+    """anthropic.EstimateCountTokens: len/4 of system, roles, content and tools (min 1)."""
+    total = 0
+    system = obj.folded.get("system")
+    if isinstance(system, str):
+        total += len(system.encode())
+    elif isinstance(system, list):
+        total += sum(_estimate_block(block) for block in system)
+    elif system is not None:
+        total += len(go_json(system))
+    messages = obj.folded.get("messages") or []
+    for message in messages:
+        if not isinstance(message, dict):
+            continue
+        total += len(str(message.get("role") or "").encode())
+        content = message.get("content")
+        if isinstance(content, str):
+            total += len(content.encode())
+        elif isinstance(content, list):
+            total += sum(_estimate_block(block) for block in content)
+    for tool in obj.folded.get("tools") or []:
+        if isinstance(tool, dict):
+            total += len(str(tool.get("name") or "").encode())
+            total += len(str(tool.get("description") or "").encode())
+            if tool.get("input_schema") is not None:  # RawMessage: the bytes as sent; compact here
+                total += len(_compact_json(tool["input_schema"]).encode())
+    tokens = total // 4
+    if tokens == 0 and (messages or system is not None):
+        tokens = 1
+    return tokens
+
+
+def _convert_messages(obj: GoObject) -> tuple[tuple[tuple[str, ...], ...], int]:
+    """anthropic.FromMessagesRequest's messages, with its conversion errors, as counted texts."""
+    messages: list[tuple[str, ...]] = []
+    images = 0
+    system = obj.folded.get("system")
+    if isinstance(system, str) and system:
+        messages.append((system,))
+    elif isinstance(system, list):
+        joined = "".join(
+            b["text"]
+            for b in system
+            if isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str)
+        )
+        if joined:
+            messages.append((joined,))
+    for raw in obj.folded.get("messages") or []:
+        message = raw if isinstance(raw, dict) else {}
+        content = message.get("content")
+        blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content or []
+        texts: list[str] = []
+        results: list[tuple[str, ...]] = []
+        for block in blocks:
+            if not isinstance(block, dict):
+                continue
+            kind = block.get("type")
+            if kind == "text" and isinstance(block.get("text"), str):
+                texts.append(block["text"])
+            elif kind == "image":
+                source = block.get("source")
+                if not isinstance(source, dict):
+                    raise ApiError(400, "invalid image source", middleware=True)
+                if source.get("type") != "base64":
+                    message_text = (
+                        f"invalid image source type: {source.get('type') or ''}. "
+                        "Only base64 images are supported."
+                    )
+                    raise ApiError(400, message_text, middleware=True)
+                try:
+                    base64.b64decode(str(source.get("data") or ""), validate=True)
+                except (binascii.Error, ValueError):
+                    raise ApiError(400, "invalid base64 image data", middleware=True) from None
+                images += 1
+            elif kind == "tool_use":
+                if not block.get("id"):
+                    raise ApiError(400, "tool_use block missing required 'id' field", middleware=True)
+                if not block.get("name"):
+                    raise ApiError(400, "tool_use block missing required 'name' field", middleware=True)
+                texts.append(_compact_json(block))
+            elif kind in ("tool_result", "server_tool_use", "web_search_tool_result"):
+                results.append((_compact_json(block),))
+            elif kind == "thinking" and isinstance(block.get("thinking"), str):
+                texts.append(block["thinking"])
+        messages.extend(results)
+        if texts:
+            messages.append(tuple(t for t in texts if t))
+    return tuple(messages), images
+
+
+def _think(entry_thinks: bool, obj: GoObject) -> bool:
+    """thinking.type / output_config.effort, then ChatHandler with relax_thinking set."""
+    thinking = obj.folded.get("thinking")
+    kind = thinking.get("type") if isinstance(thinking, dict) else None
+    requested: bool | None = None
+    if kind == "enabled":
+        requested = True
+    elif kind == "disabled":
+        requested = False
+    if requested is None:
+        config = obj.folded.get("output_config")
+        effort = config.get("effort") if isinstance(config, dict) else None
+        if isinstance(effort, str) and effort.strip().lower().replace("xhigh", "high") in _THINK_EFFORTS:
+            requested = True
+    if not entry_thinks:
+        return False  # relax_thinking: a non-thinking model drops think instead of a 400
+    return requested is not False
+
+
+async def handle_anthropic(call: Call) -> web.StreamResponse:
+    """AnthropicMessagesMiddleware then ChatHandler; see middleware/anthropic.go."""
+    try:
+        obj = await _openai_json(call, "anthropic.MessagesRequest")
+        _cloud_passthrough(obj)
+        bind = Binder("MessagesRequest")
+        model = bind.string(obj, "model") or ""
+        max_tokens = bind.integer(obj, "max_tokens") or 0
+        raw_messages = bind.array(obj, "messages", "[]anthropic.MessageParam") or []
+        stream = bool(bind.boolean(obj, "stream"))
+        tools = bind.array(obj, "tools", "[]anthropic.Tool")
+        bind.object(obj, "thinking", "anthropic.ThinkingConfig")
+        if not model:
+            raise ApiError(400, "model is required", middleware=True)
+        if max_tokens <= 0:
+            raise ApiError(400, "max_tokens is required and must be positive", middleware=True)
+        if not raw_messages:
+            raise ApiError(400, "messages is required", middleware=True)
+        messages, images = _convert_messages(obj)
+    except ApiError as error:
+        if error.native:
+            raise
+        return _refuse(call, error.status, error.message)
+    try:
+        entry = _lookup(call, model, f"model '{model}' not found")
+        _check_queue(call)
+    except ApiError as error:
+        if error.native:
+            raise
+        return _writer_error(call, error.status, error.message, stream=stream)
+    shape = PromptShape(messages=messages, extra=(_compact_json(tools),) if tools else (), images=images)
+    tool = offered_tool(call, tools, "anthropic")
+    job = Job("chat", model, entry, shape, _think(entry.thinks, obj), max_tokens, tool=tool)
+    return await run_anthropic(call, job, stream=stream, estimate=estimate_input_tokens(obj))
+
+
+def _stop_reason(done_reason: str, tool_calls: bool) -> str:
+    """anthropic.mapStopReason."""
+    if tool_calls:
+        return "tool_use"
+    if done_reason == "stop":
+        return "end_turn"
+    if done_reason == "length":
+        return "max_tokens"
+    return "stop_sequence" if done_reason else ""
+
+
+@attrs.define
+class StreamConverter:
+    """anthropic.StreamConverter.Process, fed the chat handler's chunks one by one."""
+
+    ident: str
+    model: str
+    estimate: int
+    first: bool = True
+    index: int = 0
+    thinking_started: bool = False
+    thinking_done: bool = False
+    text_started: bool = False
+    tools_sent: int = 0
+
+    def _stop(self) -> tuple[str, dict[str, Any]]:
+        return "content_block_stop", {"type": "content_block_stop", "index": self.index}
+
+    def _start(self, block: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        event = {"type": "content_block_start", "index": self.index, "content_block": block}
+        return "content_block_start", event
+
+    def _delta(self, delta: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        return "content_block_delta", {"type": "content_block_delta", "index": self.index, "delta": delta}
+
+    def process(
+        self,
+        *,
+        thinking: str = "",
+        content: str = "",
+        tool_calls: list[dict[str, Any]] | None = None,
+        done: bool = False,
+        done_reason: str = "",
+        prompt_eval_count: int = 0,
+        eval_count: int = 0,
+    ) -> list[tuple[str, dict[str, Any]]]:
+        events: list[tuple[str, dict[str, Any]]] = []
+        if self.first:
+            self.first = False
+            input_tokens = prompt_eval_count or self.estimate
+            message = {
+                "id": self.ident,
+                "type": "message",
+                "role": "assistant",
+                "model": self.model,
+                "content": [],
+                "usage": {"input_tokens": input_tokens, "output_tokens": 0},
+            }
+            events.append(("message_start", {"type": "message_start", "message": message}))
+        if thinking and not self.thinking_done:
+            if self.text_started:
+                events.append(self._stop())
+                self.index += 1
+                self.text_started = False
+            if not self.thinking_started:
+                self.thinking_started = True
+                events.append(self._start({"type": "thinking", "thinking": ""}))
+            events.append(self._delta({"type": "thinking_delta", "thinking": thinking}))
+        if content:
+            if self.thinking_started and not self.thinking_done:
+                self.thinking_done = True
+                events.append(self._stop())
+                self.index += 1
+            if not self.text_started:
+                self.text_started = True
+                events.append(self._start({"type": "text", "text": ""}))
+            events.append(self._delta({"type": "text_delta", "text": content}))
+        for tool_call in tool_calls or []:
+            if self.thinking_started and not self.thinking_done:
+                self.thinking_done = True
+                events.append(self._stop())
+                self.index += 1
+            if self.text_started:
+                events.append(self._stop())
+                self.index += 1
+                self.text_started = False
+            function = tool_call["function"]
+            block = {"type": "tool_use", "id": tool_call["id"], "name": function["name"], "input": {}}
+            events.append(self._start(block))
+            partial = go_json(function["arguments"]).decode()
+            events.append(self._delta({"type": "input_json_delta", "partial_json": partial}))
+            events.append(self._stop())
+            self.tools_sent += 1
+            self.index += 1
+        if done:
+            if self.text_started or (self.thinking_started and not self.thinking_done):
+                events.append(self._stop())
+            reason = _stop_reason(done_reason, self.tools_sent > 0)
+            delta = {"stop_reason": reason} if reason else {}
+            usage = {"input_tokens": prompt_eval_count, "output_tokens": eval_count}
+            events.append(("message_delta", {"type": "message_delta", "delta": delta, "usage": usage}))
+            events.append(("message_stop", {"type": "message_stop"}))
+        return events
+
+
+def _tool_calls(call: Call, piece: Piece) -> list[dict[str, Any]]:
+    """The native api.ToolCall the chat handler puts in its tool call chunk."""
+    assert piece.tool is not None  # noqa: S101 - callers check
+    function = {"index": 0, "name": piece.tool.name, "arguments": piece.tool.arguments}
+    return [{"id": tool_call_id(call.state.rng), "function": function}]
+
+
+async def run_anthropic(call: Call, job: Job, *, stream: bool, estimate: int) -> web.StreamResponse:
+    """AnthropicWriter over the chat handler's output (ToMessagesResponse or the converter)."""
+    ident = f"msg_{call.state.rng.getrandbits(96):024x}"
+    gen = Generation(call, job, call.begin("/v1/messages", job.model, stream=stream))
+    if not stream:
+        texts: list[str] = []
+        thoughts: list[str] = []
+        calls: list[dict[str, Any]] = []
+
+        async def collect(piece: Piece) -> None:
+            if piece.tool is not None:
+                calls.extend(_tool_calls(call, piece))
+            (thoughts if piece.thinking else texts).append(piece.text)
+
+        if not await gen.run(collect):
+            gen.fail()
+            return _writer_error(call, 500, call.settings.failure_message, stream=False)
+        content: list[Any] = []
+        if thoughts:
+            content.append({"type": "thinking", "thinking": "".join(thoughts)})
+        if "".join(texts):
+            content.append({"type": "text", "text": "".join(texts)})
+        for tool_call in calls:
+            function = tool_call["function"]
+            block = {"type": "tool_use", "id": tool_call["id"], "name": function["name"]}
+            block["input"] = function["arguments"]
+            content.append(block)
+        body: dict[str, Any] = {
+            "id": ident,
+            "type": "message",
+            "role": "assistant",
+            "model": job.model,
+            "content": content or None,
+        }
+        reason = _stop_reason(gen.plan.done_reason, bool(calls))
+        if reason:
+            body["stop_reason"] = reason
+        body["usage"] = {"input_tokens": gen.prompt_eval_count, "output_tokens": gen.plan.total}
+        gen.finish()
+        gen.record.chunks_sent = 1
+        return web.Response(status=200, body=go_json(body) + b"\n", headers={"Content-Type": CT_JSON})
+
+    emitter = Emitter(call, _stream_response(CT_SSE, **_STREAM_HEADERS), gen.record)
+    converter = StreamConverter(ident, job.model, estimate)
+
+    async def write(events: list[tuple[str, dict[str, Any]]]) -> None:
+        for event, data in events:
+            await emitter.send(_sse_event(event, data))
+
+    async def send(piece: Piece) -> None:
+        if piece.tool is not None:
+            await write(converter.process(tool_calls=_tool_calls(call, piece)))
+        elif piece.thinking:
+            await write(converter.process(thinking=piece.text))
+        else:
+            await write(converter.process(content=piece.text))
+
+    try:
+        if not await gen.run(send):
+            gen.fail()
+            if not emitter.started:
+                return _writer_error(call, 500, call.settings.failure_message, stream=True)
+            # streamResponse encodes {"error":...} into the writer; it unmarshals as an empty
+            # ChatResponse, for which Process emits nothing: the stream just ends.
+            return emitter.response
+        final = converter.process(
+            done=True,
+            done_reason=gen.plan.done_reason,
+            prompt_eval_count=gen.prompt_eval_count,
+            eval_count=gen.plan.total,
+        )
+        await write(final)
+        gen.finish()
+    except ClientGone:
+        gen.record.outcome = "cancelled"
+    return emitter.response

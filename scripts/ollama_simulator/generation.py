@@ -1,0 +1,353 @@
+"""What a model generates: plans, the paced token loop, failure injection, embeddings."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import math
+import random
+import struct
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from typing import Any, Final, Literal
+
+import attrs
+
+from ollama_simulator.catalog import ModelEntry
+from ollama_simulator.exceptions import MSG_QUEUE_FULL, ApiError, ClientGone
+from ollama_simulator.gojson import GoObject, _compact_json, _to_float32
+from ollama_simulator.recorder import GenerationRecord
+from ollama_simulator.settings import SimulatorSettings
+from ollama_simulator.state import Call
+from ollama_simulator.tokens import PromptShape, count_text_tokens
+
+_CONTENT_WORDS: Final = (
+    " the", " simulated", " model", " answers", " every", " prompt", " with", " the",
+    " same", " deterministic", " words", ",", " one", " token", " per", " chunk", ".",
+    " Tokens", " arrive", " at", " a", " steady", " pace", " and", " stop", " cleanly", ".",
+)  # fmt: skip
+
+
+_THINKING_WORDS: Final = (
+    " Let", " me", " think", " about", " this", " step", " by", " step", ".", " Okay", ",",
+)  # fmt: skip
+
+
+@attrs.frozen
+class ToolCall:
+    """The one tool call a `tool_call` model makes: the first tool, with schema-derived arguments."""
+
+    name: str
+    arguments: dict[str, Any]
+    # Output tokens the call costs (it counts toward eval_count like content does).
+    tokens: int
+
+
+@attrs.frozen
+class Piece:
+    """One generated chunk: a token, or (`tool` set) the whole parsed tool call."""
+
+    text: str
+    thinking: bool
+    tool: ToolCall | None = None
+
+
+def _word(words: Sequence[str], seed: int, index: int) -> str:
+    word = words[(seed + index) % len(words)]
+    return word.lstrip() if index == 0 else word
+
+
+@attrs.frozen
+class Plan:
+    """The tokens one generation will produce and why it stops.
+
+    `total` is eval_count. Chunks are the thinking tokens, then `content` tokens (all the rest
+    when None), then one chunk for the tool call, whose tokens Ollama's parser buffers.
+    """
+
+    total: int
+    thinking: int
+    done_reason: str
+    seed: int
+    reply: tuple[str, ...] = ()
+    content: int | None = None
+    tool: ToolCall | None = None
+
+    @property
+    def content_tokens(self) -> int:
+        return self.total - self.thinking if self.content is None else self.content
+
+    @property
+    def chunks(self) -> int:
+        return self.thinking + self.content_tokens + (1 if self.tool is not None else 0)
+
+    def piece(self, index: int) -> Piece:
+        if index < self.thinking:
+            return Piece(_word(_THINKING_WORDS, self.seed, index), thinking=True)
+        position = index - self.thinking
+        if self.tool is not None and position == self.content_tokens:
+            return Piece("", thinking=False, tool=self.tool)
+        if self.reply:
+            return Piece(self.reply[position % len(self.reply)], thinking=False)
+        return Piece(_word(_CONTENT_WORDS, self.seed, position), thinking=False)
+
+    def pieces(self) -> Iterator[Piece]:
+        return (self.piece(index) for index in range(self.chunks))
+
+
+def plan_generation(
+    settings: SimulatorSettings,
+    *,
+    seed: int,
+    think: bool,
+    limit: int | None,
+    tool: ToolCall | None = None,
+) -> Plan:
+    """Thinking tokens (when on), content tokens, then the tool call; cut at `limit` (length).
+
+    A limit that cuts into the tool call leaves it unparsed: no call, done_reason "length".
+    """
+    thinking = settings.thinking_tokens if think else 0
+    content = settings.completion_tokens
+    natural = thinking + content + (tool.tokens if tool is not None else 0)
+    if limit is not None and limit < natural:
+        cut_thinking = min(thinking, limit)
+        cut_content = min(content, limit - cut_thinking)
+        return Plan(limit, cut_thinking, "length", seed, settings.reply, cut_content)
+    return Plan(natural, thinking, "stop", seed, settings.reply, content, tool)
+
+
+_ARGUMENT_SAMPLES: Final[dict[str, Any]] = {
+    "integer": 1,
+    "number": 1,
+    "boolean": True,
+    "array": [],
+    "object": {},
+}
+
+
+def _sample_argument(name: str, schema: Any) -> Any:
+    """A deterministic value for one schema property: its first enum value, else one per type."""
+    if not isinstance(schema, dict):
+        return f"{name}-1"
+    enum = schema.get("enum")
+    if isinstance(enum, list) and enum:
+        return enum[0]
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "string")
+    if kind in _ARGUMENT_SAMPLES:
+        sample = _ARGUMENT_SAMPLES[kind]
+        return type(sample)() if isinstance(sample, list | dict) else sample
+    return f"{name}-1"
+
+
+def make_tool_call(name: str, parameters: Any) -> ToolCall:
+    """The call of tool `name`: one argument per schema property, in the schema's order."""
+    properties = parameters.get("properties") if isinstance(parameters, dict) else None
+    arguments: dict[str, Any] = {}
+    if isinstance(properties, dict):
+        for key, schema in properties.items():
+            arguments[key] = _sample_argument(key, schema)
+    tokens = count_text_tokens(_compact_json({"name": name, "arguments": arguments}))
+    return ToolCall(name, arguments, tokens)
+
+
+_CALL_ID_LETTERS: Final = "abcdefghijklmnopqrstuvwxyz0123456789"
+
+
+def tool_call_id(rng: random.Random) -> str:
+    """server/routes.go toolCallId: "call_" and 8 letters or digits from math/rand."""
+    return "call_" + "".join(rng.choice(_CALL_ID_LETTERS) for _ in range(8))
+
+
+def _embedding(text: str, dimensions: int) -> tuple[float, ...]:
+    """A deterministic, L2-normalised float32 vector for one input."""
+    raw: list[float] = []
+    counter = 0
+    while len(raw) < dimensions:
+        block = hashlib.blake2b(f"{counter}:{text}".encode("utf-8", "surrogatepass")).digest()
+        raw.extend((v / 2**31) - 1.0 for v in struct.unpack("<16I", block))
+        counter += 1
+    vector = raw[:dimensions]
+    norm = math.sqrt(sum(v * v for v in vector)) or 1.0
+    return tuple(_to_float32(v / norm) for v in vector)
+
+
+@attrs.frozen
+class Job:
+    """An inference request after validation: what to generate and how to count it."""
+
+    kind: Literal["generate", "chat"]
+    model: str  # as sent, echoed verbatim
+    entry: ModelEntry
+    shape: PromptShape
+    think: bool
+    limit: int | None
+    keep_alive_ns: int | None = None
+    raw: bool = False
+    # Set when the settings say the model calls a tool and the request offered one.
+    tool: ToolCall | None = None
+
+
+@attrs.define
+class Generation:
+    """Runs one job's token loop with pacing, failure injection and disconnect detection."""
+
+    call: Call
+    job: Job
+    record: GenerationRecord
+    plan: Plan = attrs.field(init=False)
+    prompt_eval_count: int = attrs.field(init=False)
+    marks: list[int] = attrs.field(init=False, factory=list)
+
+    def __attrs_post_init__(self) -> None:
+        settings = self.call.settings
+        self.plan = plan_generation(
+            settings,
+            seed=self.job.shape.seed(),
+            think=self.job.think,
+            limit=self.job.limit,
+            tool=self.job.tool,
+        )
+        self.prompt_eval_count = self.job.shape.prompt_eval_count(settings.tokens_per_image)
+        self.record.completion_limit = self.job.limit
+        clock = self.call.state.clock
+        self.marks = [clock.monotonic_ns(), clock.monotonic_ns()]  # start, model loaded
+        self.call.state.touch(self.job.entry, self.job.keep_alive_ns, self.marks[1])
+
+    def _mark(self) -> None:
+        self.marks.append(self.call.state.clock.monotonic_ns())
+
+    async def run(self, on_piece: Callable[[Piece], Awaitable[None]]) -> bool:
+        """Emit every token through `on_piece`; False when the injected failure fires."""
+        settings = self.call.settings
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        interval = 1.0 / settings.tokens_per_second if settings.tokens_per_second > 0 else 0.0
+        fail_after = settings.fail_after_chunks
+        for index in range(self.plan.chunks):
+            if fail_after is not None and index >= fail_after:
+                break
+            delay = started + settings.time_to_first_token + index * interval - loop.time()
+            await asyncio.sleep(max(delay, 0.0))
+            transport = self.call.request.transport
+            if transport is None or transport.is_closing():
+                raise ClientGone
+            if index == 0:
+                self._mark()
+            await on_piece(self.plan.piece(index))
+            self.record.tokens_sent += 1
+        else:
+            if self.plan.chunks == 0:
+                await asyncio.sleep(settings.time_to_first_token)
+                self._mark()
+            self._mark()
+            return fail_after is None
+        return False
+
+    def metrics(self) -> dict[str, Any]:
+        """The six metrics in Go's order; zero values are dropped (omitempty)."""
+        start, loaded, first, end = self.marks[:4]
+        values = {
+            "total_duration": max(end - start, 1),
+            "load_duration": max(loaded - start, 1),
+            "prompt_eval_count": self.prompt_eval_count,
+            "prompt_eval_duration": max(first - loaded, 1),
+            "eval_count": self.plan.total,
+            "eval_duration": max(end - first, 1),
+        }
+        return {key: value for key, value in values.items() if value}
+
+    def usage(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_eval_count,
+            "completion_tokens": self.plan.total,
+            "total_tokens": self.prompt_eval_count + self.plan.total,
+        }
+
+    def finish(self) -> None:
+        """The final chunk (or usage) went out: record the reported counts."""
+        self.record.outcome = "completed"
+        self.record.done_reason = self.plan.done_reason
+        self.record.prompt_eval_count = self.prompt_eval_count
+        self.record.eval_count = self.plan.total
+
+    def fail(self) -> None:
+        self.record.outcome = "failed"
+
+    def context(self) -> list[int]:
+        """Token ids of prompt plus output, as /api/generate returns them."""
+        count = self.prompt_eval_count + self.plan.total
+        seed = self.plan.seed
+        return [(seed + 7919 * index) % 128_000 for index in range(count)]
+
+
+def _limit_from_options(options: GoObject | None) -> int | None:
+    """options.num_predict (exact key, as Go's Options.FromMap reads the map); <= 0 = no limit."""
+    if options is None or "num_predict" not in options:
+        return None
+    value = options["num_predict"]
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ApiError(500, 'option "num_predict" must be of type integer')
+    limit = int(value)
+    return limit if limit > 0 else None
+
+
+def _positive_min(*values: int | None) -> int | None:
+    positive = [v for v in values if v is not None and v > 0]
+    return min(positive) if positive else None
+
+
+_THINK_LEVELS: Final = ("high", "medium", "low", "max")
+
+
+def _bind_think(value: Any) -> bool | None:
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value in _THINK_LEVELS:
+        return True
+    raise ApiError(400, f"invalid think value: {json.dumps(value)}")
+
+
+def _check_queue(call: Call) -> None:
+    if call.settings.queue_full:
+        raise ApiError(503, MSG_QUEUE_FULL)
+
+
+def _resolve_think(entry: ModelEntry, model: str, think: bool | None) -> bool:
+    if think is None:
+        return entry.thinks
+    if think and not entry.thinks:
+        raise ApiError(400, f"{json.dumps(model)} does not support thinking")
+    return think
+
+
+ToolFamily = Literal["native", "anthropic", "responses"]
+
+
+def offered_tool(call: Call, tools: Sequence[Any] | None, family: ToolFamily) -> ToolCall | None:
+    """The tool a `tool_call` model calls: the first function tool the request offers.
+
+    Built-in web search tools are never called: Ollama would run that search on ollama.com,
+    which the simulator does not; such requests are only recorded.
+    """
+    if not call.settings.tool_call or not tools:
+        return None
+    for tool in tools:
+        if not isinstance(tool, dict):
+            continue
+        if family == "native":  # api.Tool (also what /v1/chat/completions binds)
+            function = tool.get("function")
+            if isinstance(function, dict) and isinstance(function.get("name"), str):
+                return make_tool_call(function["name"], function.get("parameters"))
+        elif family == "anthropic":
+            if str(tool.get("type") or "").startswith("web_search"):
+                continue
+            if isinstance(tool.get("name"), str):
+                return make_tool_call(tool["name"], tool.get("input_schema"))
+        elif tool.get("type") == "function" and isinstance(tool.get("name"), str):
+            return make_tool_call(tool["name"], tool.get("parameters"))
+    return None
