@@ -221,8 +221,9 @@ class Proxy:
             if self.draining.is_set() or self.reporter.full:
                 raise Refused(503, "gateway is not accepting requests right now", headers=UNAVAILABLE)
             doc = await self._body(request, grant, route)
-            if route == "openai_model":  # the one route naming its model in the path
-                body_policy.check_model(grant, request.match_info.get("tail", "").rsplit("/", 1)[-1])
+            in_path = apis.adapter(route).path_model(route, request.path)
+            if in_path is not None:
+                body_policy.check_model(grant, in_path)
             reserved, bound = await self._reserve(grant, route, doc)
         except GrantSpent:
             raise

@@ -142,6 +142,10 @@ class Anthropic:
         """`model`."""
         return [body.get(document, "model")]
 
+    def path_model(self, route: policy.Route, raw_path: str) -> str | None:
+        """No route of this family names a model in its path."""
+        return None
+
     def refuse(self, route: policy.Route, document: dict[str, Any]) -> None:
         """Web-search tools (egress), and a `max_tokens` that Ollama would refuse or that is absurd."""
         tools = body.get(document, "tools")

@@ -60,6 +60,9 @@ class Api(Protocol):
     def models(self, route: policy.Route, document: dict[str, Any]) -> list[Any] | None:
         """The values naming models in the body (None: this route names no model in its body)."""
 
+    def path_model(self, route: policy.Route, raw_path: str) -> str | None:
+        """The model a route names in its path (None: it names none there)."""
+
     def refuse(self, route: policy.Route, document: dict[str, Any]) -> None:
         """Refuse (400) what this family must never forward (egress tools, invalid limits)."""
 

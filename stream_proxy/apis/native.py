@@ -89,6 +89,10 @@ class Native:
             return [body.get(document, "model"), body.get(document, "name")]
         return [body.get(document, "model")] if route in policy.METERED else None
 
+    def path_model(self, route: policy.Route, raw_path: str) -> str | None:
+        """No route of this family names a model in its path."""
+        return None
+
     def refuse(self, route: policy.Route, document: dict[str, Any]) -> None:
         """An absurd num_predict is refused before any reservation."""
         if route in GENERATING:

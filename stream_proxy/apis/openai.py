@@ -119,6 +119,10 @@ class OpenAI:
         """`model` of the inference routes (/v1/models/{model} names it in the path)."""
         return [body.get(document, "model")] if route in policy.METERED else None
 
+    def path_model(self, route: policy.Route, raw_path: str) -> str | None:
+        """/v1/models/{model} names its model in the last path segment."""
+        return raw_path.rsplit("/", 1)[-1] if route == "openai_model" else None
+
     def refuse(self, route: policy.Route, document: dict[str, Any]) -> None:
         """A completion limit that is no integer or absurd, and stream_options that is no object,
         are refused before any reservation."""

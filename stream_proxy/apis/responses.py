@@ -177,6 +177,10 @@ class Responses:
         """`model`."""
         return [body.get(document, "model")]
 
+    def path_model(self, route: policy.Route, raw_path: str) -> str | None:
+        """No route of this family names a model in its path."""
+        return None
+
     def refuse(self, route: policy.Route, document: dict[str, Any]) -> None:
         """Web-search tools (egress) and an absurd `max_output_tokens`."""
         tools = body.get(document, "tools")

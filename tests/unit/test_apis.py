@@ -458,3 +458,12 @@ def test_options_keys_are_exact() -> None:
     doc = _doc({"model": "m", "options": {"NUM_PREDICT": 5000}})
     adapter.write_completion("chat", doc, 9)
     assert doc.document["options"] == {"num_predict": 9}
+
+
+def test_only_v1_models_names_its_model_in_the_path() -> None:
+    """GET /v1/models/{model} is the one route whose model is in the path; the others have none."""
+    assert apis.adapter("openai_model").path_model("openai_model", "/v1/models/llama3.2:latest") == (
+        "llama3.2:latest"
+    )
+    for route in ("openai_models", "chat", RESPONSES, MESSAGES):
+        assert apis.adapter(route).path_model(route, "/v1/models/x") is None
