@@ -14,6 +14,7 @@ reach Ollama.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import attrs
@@ -50,6 +51,14 @@ def _constant(name: str) -> Any:
     raise Refused(400, f"request body is not valid JSON ({name} is not a JSON number)")
 
 
+def _float(literal: str) -> float:
+    """A JSON number as Go's float64: one that overflows it is an error, never infinity."""
+    value = float(literal)
+    if not math.isfinite(value):
+        raise Refused(400, f"request body is not valid JSON (the number {literal[:40]} overflows)")
+    return value
+
+
 def _depth(value: dict[str, Any] | list[Any], depth: int = 0) -> None:
     """Refuse a value nested deeper than MAX_DEPTH (a scalar inside counts as one more level)."""
     if depth > MAX_DEPTH:
@@ -66,7 +75,10 @@ def parse(raw: bytes) -> dict[str, Any]:
     if not raw.strip():
         raise Refused(400, "missing request body")
     try:
-        document = json.loads(raw, object_pairs_hook=_object, parse_constant=_constant)
+        # Decoded strictly as UTF-8 first: json.loads would accept UTF-16 and a byte order mark
+        # in bytes, which Go's decoder refuses.
+        text = raw.decode("utf-8")
+        document = json.loads(text, object_pairs_hook=_object, parse_constant=_constant, parse_float=_float)
     except UnicodeDecodeError:
         raise Refused(400, "request body is not valid UTF-8") from None
     except RecursionError:

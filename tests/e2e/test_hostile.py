@@ -862,13 +862,12 @@ def model_attempts(h: Hostile, remote_marker: str) -> list[Attempt]:
             json.dumps({"model": "gpt-oss:120b-cloud"}).encode(),
         ),
         "llama3:cloud padded with whitespace": ("/api/chat", chat(" \tllama3:cloud \n")),
-        # Both readers take the last of two equal keys: the cloud model is the one that counts.
-        "llama3:cloud as the second of two `model` keys": (
-            "/api/chat",
-            b'{"model":"llama3.2","model":"llama3:cloud","messages":[],"stream":false}',
-        ),
     }
     invalid = {
+        # Go merges repeated objects and keeps the last scalar; a repeated key is refused outright.
+        "llama3:cloud as the second of two `model` keys": (
+            b'{"model":"llama3.2","model":"llama3:cloud","messages":[],"stream":false}'
+        ),
         "a URL": chat("https://evil.example/model"),
         "Ollama's own pull URL": chat("http://127.0.0.1:11434/api/pull"),
         "a path traversal": chat("../../etc/passwd"),
@@ -924,9 +923,10 @@ def model_attempts(h: Hostile, remote_marker: str) -> list[Attempt]:
 
 
 async def test_model_names_aimed_at_cloud_or_remote_hosts_are_refused(hostile: Hostile, watch: Watch) -> None:
-    """`:cloud` and `-cloud` names (any case, padded, as the second of two `model` keys, on chat,
-    generate, embeddings, show and /v1/models/{model}) are 403 for every key; URLs, path
-    traversals, over-long names and names with invisible or full-width characters are 400; names
+    """`:cloud` and `-cloud` names (any case, padded, on chat, generate, embeddings, show and
+    /v1/models/{model}) are 403 for every key; a cloud model as the second of two `model` keys,
+    URLs, path traversals, over-long names and names with invisible or full-width characters are
+    400; names
     with a remote host are 403 for a key with a model allowlist. None reaches the simulator."""
     remote_marker = f"remote-{uuid.uuid4().hex}"
     problems, window = await barrage(model_attempts(hostile, remote_marker))

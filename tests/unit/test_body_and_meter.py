@@ -1001,3 +1001,21 @@ def test_listing_filters_leave_other_shapes_alone() -> None:
     empty = {"object": "list", "data": None}
     assert _filter(ONLY_LLAMA, "openai_models", empty) == empty
     assert _filter(ONLY_LLAMA, "tags", ["not", "a", "dict"]) == ["not", "a", "dict"]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'\xef\xbb\xbf{"model":"m"}',  # a UTF-8 byte order mark
+        '{"model":"m"}'.encode("utf-16"),
+        '{"model":"m"}'.encode("utf-16-le"),
+        b'{"model":"m","options":{"temperature":1e999}}',
+        b'{"model":"m","options":{"temperature":-1e400}}',
+    ],
+)
+def test_what_gos_decoder_refuses_is_refused(raw: bytes) -> None:
+    """A byte order mark, UTF-16, and a number that overflows a float64 are errors for Go's
+    encoding/json; Python's json would read them (as a document, or as infinity)."""
+    with pytest.raises(Refused) as caught:
+        body.Body.read(raw)
+    assert caught.value.status == 400
