@@ -214,12 +214,19 @@ class Proxy:
             raise Refused(decision.status, decision.message)
         route = decision.route
         secrets = (self.config.grant.current, self.config.grant.previous)
-        grant = grants.check(request, secrets=secrets, now=self.clock())
+        unavailable = Refused(503, "gateway is not accepting requests right now", headers=UNAVAILABLE)
+        closed = self.draining.is_set() or self.reporter.full
+        try:
+            grant = grants.check(request, secrets=secrets, now=self.clock())
+        except Refused:
+            if closed:  # not accepting anything: say so, whatever the grant
+                raise unavailable from None
+            raise
         started = self.clock()
         doc: body.Body | None = None
         try:
-            if self.draining.is_set() or self.reporter.full:
-                raise Refused(503, "gateway is not accepting requests right now", headers=UNAVAILABLE)
+            if closed:
+                raise unavailable
             doc = await self._body(request, grant, route)
             in_path = apis.adapter(route).path_model(route, request.path)
             if in_path is not None:
