@@ -17,7 +17,15 @@ import orjson
 
 from shared import policy
 from stream_proxy import body, meter
-from stream_proxy.apis.base import CountingReader, Framing, check_limit, json_bytes, positive_int, text_bytes
+from stream_proxy.apis.base import (
+    ChatMiddleware,
+    CountingReader,
+    Framing,
+    check_limit,
+    json_bytes,
+    positive_int,
+    text_bytes,
+)
 from stream_proxy.exceptions import Refused
 
 # Block fields that are identifiers or markers, not text the template renders.
@@ -133,18 +141,10 @@ class AnthropicReader(CountingReader):
 
 
 @attrs.frozen
-class Anthropic:
+class Anthropic(ChatMiddleware):
     """The Anthropic Messages family's adapter."""
 
     family: policy.Family = "anthropic"
-
-    def models(self, route: policy.Route, document: dict[str, Any]) -> list[Any] | None:
-        """`model`."""
-        return [body.get(document, "model")]
-
-    def path_model(self, route: policy.Route, raw_path: str) -> str | None:
-        """No route of this family names a model in its path."""
-        return None
 
     def refuse(self, route: policy.Route, document: dict[str, Any]) -> None:
         """Web-search tools (egress), and a `max_tokens` that Ollama would refuse or that is absurd."""
@@ -155,10 +155,6 @@ class Anthropic:
         check_limit(limit, "max_tokens")
         if positive_int(limit) is None:
             raise Refused(400, "max_tokens is required and must be positive")
-
-    def streams(self, route: policy.Route, document: dict[str, Any]) -> bool:
-        """`stream: true` streams."""
-        return body.get(document, "stream") is True
 
     def requested_completion(self, route: policy.Route, document: dict[str, Any]) -> int | None:
         """`max_tokens` (required, so never unlimited)."""
@@ -180,14 +176,6 @@ class Anthropic:
         size += json_bytes(body.get(document, "tools"))
         return meter.PromptSize(text_bytes=size, messages=messages, images=images, context_tokens=0)
 
-    def prepare(self, route: policy.Route, doc: body.Body, *, streaming: bool, keep_text: bool) -> Framing:
-        """Messages answers always carry their usage: nothing to ask for."""
-        return Framing(keep_text=keep_text)
-
     def reader(self, route: policy.Route, framing: Framing) -> AnthropicReader:
         """A Messages reader."""
         return AnthropicReader(framing)
-
-    def listing(self, route: policy.Route) -> tuple[str, tuple[str, ...]] | None:
-        """No listing on this family."""
-        return None

@@ -126,6 +126,33 @@ def field_text(value: Any) -> int:
     return text_bytes(value) if isinstance(value, str) else json_bytes(value)
 
 
+@attrs.frozen
+class ChatMiddleware:
+    """What the families Ollama serves through middleware in front of its chat handler (Anthropic
+    Messages, OpenAI Responses) share: one route, `model` in the body, `stream: true` streams, usage
+    always in the answer, no listing."""
+
+    def models(self, route: policy.Route, document: dict[str, Any]) -> list[Any] | None:
+        """`model`."""
+        return [body.get(document, "model")]
+
+    def path_model(self, route: policy.Route, raw_path: str) -> str | None:
+        """No model in the path."""
+        return None
+
+    def streams(self, route: policy.Route, document: dict[str, Any]) -> bool:
+        """`stream: true` streams (a Go bool that defaults to false)."""
+        return body.get(document, "stream") is True
+
+    def prepare(self, route: policy.Route, doc: body.Body, *, streaming: bool, keep_text: bool) -> Framing:
+        """The answer always carries its usage: nothing to ask for."""
+        return Framing(keep_text=keep_text)
+
+    def listing(self, route: policy.Route) -> tuple[str, tuple[str, ...]] | None:
+        """No listing."""
+        return None
+
+
 @attrs.define
 class CountingReader:
     """The part of every reader that keeps counts and the prompt-log text."""

@@ -16,7 +16,15 @@ import attrs
 from shared import policy
 from stream_proxy import body, meter
 from stream_proxy.apis.anthropic import sse
-from stream_proxy.apis.base import CountingReader, Framing, check_limit, json_bytes, positive_int, text_bytes
+from stream_proxy.apis.base import (
+    ChatMiddleware,
+    CountingReader,
+    Framing,
+    check_limit,
+    json_bytes,
+    positive_int,
+    text_bytes,
+)
 from stream_proxy.exceptions import Refused
 
 _NOT_RENDERED = frozenset({"type", "id", "call_id", "status", "role", "encrypted_content"})
@@ -168,18 +176,10 @@ class ResponsesReader(CountingReader):
 
 
 @attrs.frozen
-class Responses:
+class Responses(ChatMiddleware):
     """The OpenAI Responses family's adapter."""
 
     family: policy.Family = "responses"
-
-    def models(self, route: policy.Route, document: dict[str, Any]) -> list[Any] | None:
-        """`model`."""
-        return [body.get(document, "model")]
-
-    def path_model(self, route: policy.Route, raw_path: str) -> str | None:
-        """No route of this family names a model in its path."""
-        return None
 
     def refuse(self, route: policy.Route, document: dict[str, Any]) -> None:
         """Web-search tools (egress) and an absurd `max_output_tokens`."""
@@ -187,10 +187,6 @@ class Responses:
         if isinstance(tools, list) and any(is_web_search(tool) for tool in tools):
             raise Refused(400, "web search tools are not available on this gateway")
         check_limit(body.get(document, "max_output_tokens"), "max_output_tokens")
-
-    def streams(self, route: policy.Route, document: dict[str, Any]) -> bool:
-        """`stream: true` streams."""
-        return body.get(document, "stream") is True
 
     def requested_completion(self, route: policy.Route, document: dict[str, Any]) -> int | None:
         """`max_output_tokens` (None: unlimited)."""
@@ -212,14 +208,6 @@ class Responses:
         size += json_bytes(body.get(document, "tools")) + json_bytes(body.get(document, "text"))
         return meter.PromptSize(text_bytes=size, messages=messages, images=images, context_tokens=0)
 
-    def prepare(self, route: policy.Route, doc: body.Body, *, streaming: bool, keep_text: bool) -> Framing:
-        """Responses always carry their usage: nothing to ask for."""
-        return Framing(keep_text=keep_text)
-
     def reader(self, route: policy.Route, framing: Framing) -> ResponsesReader:
         """A Responses reader."""
         return ResponsesReader(framing)
-
-    def listing(self, route: policy.Route) -> tuple[str, tuple[str, ...]] | None:
-        """No listing on this family."""
-        return None
