@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
+import re
 from typing import Any, Final
 
 import attrs
@@ -63,8 +65,65 @@ def _estimate_block(block: Any) -> int:
     return total
 
 
-def estimate_input_tokens(obj: GoObject) -> int:
-    """anthropic.EstimateCountTokens: len/4 of system, roles, content and tools (min 1)."""
+_WS: Final = re.compile(r"[ \t\n\r]*")
+_RAW: Final = json.JSONDecoder()
+
+
+def _members(text: str, start: int) -> list[tuple[str, int, int]]:
+    """(key, value start, value end) of the JSON object at text[start] == "{"."""
+    members: list[tuple[str, int, int]] = []
+    i = _WS.match(text, start + 1).end()  # type: ignore[union-attr]
+    while text[i] != "}":
+        key, i = json.decoder.scanstring(text, i + 1)  # type: ignore[attr-defined]
+        i = _WS.match(text, _WS.match(text, i).end() + 1).end()  # type: ignore[union-attr]
+        end = _RAW.raw_decode(text, i)[1]
+        members.append((key, i, end))
+        i = _WS.match(text, end).end()  # type: ignore[union-attr]
+        if text[i] == ",":
+            i = _WS.match(text, i + 1).end()  # type: ignore[union-attr]
+    return members
+
+
+def _elements(text: str, start: int) -> list[int]:
+    """Start offsets of the elements of the JSON array at text[start] == "["."""
+    starts: list[int] = []
+    i = _WS.match(text, start + 1).end()  # type: ignore[union-attr]
+    while text[i] != "]":
+        starts.append(i)
+        i = _WS.match(text, _RAW.raw_decode(text, i)[1]).end()  # type: ignore[union-attr]
+        if text[i] == ",":
+            i = _WS.match(text, i + 1).end()  # type: ignore[union-attr]
+    return starts
+
+
+def raw_schema_lengths(body: bytes) -> list[int] | None:
+    """len(tool.InputSchema) per tool: a json.RawMessage keeps the bytes as sent, whitespace too.
+
+    Keys match case-insensitively and the last one wins, as Go binds them; None when the body
+    has no tools array (the caller then falls back to the compact form).
+    """
+    try:
+        text = body.decode("utf-8", "replace")
+        text = text[_WS.match(text).end() :]  # type: ignore[union-attr]
+        tools = [(a, b) for key, a, b in _members(text, 0) if key.lower() == "tools"]
+        if not tools or text[tools[-1][0]] != "[":
+            return None
+        lengths: list[int] = []
+        for at in _elements(text, tools[-1][0]):
+            members = _members(text, at) if text[at] == "{" else []
+            schema = [(a, b) for key, a, b in members if key.lower() == "input_schema"]
+            schema_text = text[schema[-1][0] : schema[-1][1]] if schema else ""
+            lengths.append(len(schema_text.encode("utf-8", "surrogatepass")))
+        return lengths
+    except (ValueError, IndexError, AttributeError):
+        return None
+
+
+def estimate_input_tokens(obj: GoObject, schema_lengths: list[int] | None = None) -> int:
+    """anthropic.EstimateCountTokens: len/4 of system, roles, content and tools (min 1).
+
+    `schema_lengths` are the raw input_schema byte lengths (raw_schema_lengths).
+    """
     total = 0
     system = obj.folded.get("system")
     if isinstance(system, str):
@@ -83,11 +142,14 @@ def estimate_input_tokens(obj: GoObject) -> int:
             total += len(content.encode())
         elif isinstance(content, list):
             total += sum(_estimate_block(block) for block in content)
-    for tool in obj.folded.get("tools") or []:
+    tools = obj.folded.get("tools") or []
+    for index, tool in enumerate(tools):
         if isinstance(tool, dict):
             total += len(str(tool.get("name") or "").encode())
             total += len(str(tool.get("description") or "").encode())
-            if tool.get("input_schema") is not None:  # RawMessage: the bytes as sent; compact here
+            if schema_lengths is not None and len(schema_lengths) == len(tools):
+                total += schema_lengths[index]
+            elif tool.get("input_schema") is not None:  # no raw bytes: the compact form
                 total += len(_compact_json(tool["input_schema"]).encode())
     tokens = total // 4
     if tokens == 0 and (messages or system is not None):
@@ -205,7 +267,8 @@ async def handle_anthropic(call: Call) -> web.StreamResponse:
     shape = PromptShape(messages=messages, extra=(_compact_json(tools),) if tools else (), images=images)
     tool = offered_tool(call, tools, "anthropic")
     job = Job("chat", model, entry, shape, _think(entry.thinks, obj), max_tokens, tool=tool)
-    return await run_anthropic(call, job, stream=stream, estimate=estimate_input_tokens(obj))
+    estimate = estimate_input_tokens(obj, raw_schema_lengths(await call.body()) if tools else None)
+    return await run_anthropic(call, job, stream=stream, estimate=estimate)
 
 
 def _stop_reason(done_reason: str, tool_calls: bool) -> str:

@@ -106,11 +106,12 @@ def plan_generation(
     """Thinking tokens (when on), content tokens, then the tool call; cut at `limit` (length).
 
     A limit that cuts into the tool call leaves it unparsed: no call, done_reason "length".
+    With `settings.honour_limit` false the limit is ignored (a backend that overruns it).
     """
     thinking = settings.thinking_tokens if think else 0
     content = settings.completion_tokens
     natural = thinking + content + (tool.tokens if tool is not None else 0)
-    if limit is not None and limit < natural:
+    if limit is not None and limit < natural and settings.honour_limit:
         cut_thinking = min(thinking, limit)
         cut_content = min(content, limit - cut_thinking)
         return Plan(limit, cut_thinking, "length", seed, settings.reply, cut_content)

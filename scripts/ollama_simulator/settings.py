@@ -62,6 +62,11 @@ class SimulatorSettings:
     # When the request offers tools, the model calls the first one (arguments derived from its
     # schema) after its content, as each family's Ollama code reports a tool call.
     tool_call: bool = False
+    # False: the model ignores the request's completion limit (num_predict, max_tokens,
+    # max_completion_tokens, max_output_tokens) and generates its natural completion_tokens with
+    # done_reason "stop", as a backend that does not honour the limit would; the gateway must
+    # then cut the stream itself. The record still shows the requested completion_limit.
+    honour_limit: bool = True
     # Requests kept for `/_sim/requests` (oldest dropped first); benchmarks keep few.
     max_records: int = attrs.field(default=100_000, validator=_at_least_zero)
 
