@@ -271,6 +271,19 @@ class ProxyOptions:
         "TEMPLATE_TOKENS_PER_MESSAGE", 8, minimum=0, help="prompt allowance per message for the chat template"
     )
     image_tokens: int = env("IMAGE_TOKENS", 2048, minimum=0, help="prompt allowance per attached image")
+    model_refresh: float = env(
+        "MODEL_REFRESH",
+        30.0,
+        minimum=0.1,
+        help="seconds between polls of /api/tags for changed model digests",
+    )
+    show_timeout: float = env("SHOW_TIMEOUT", 5.0, minimum=0.001, help="seconds for Ollama's /api/show")
+    fallback_context_tokens: int = env(
+        "FALLBACK_CONTEXT_TOKENS",
+        262_144,
+        minimum=1,
+        help="prompt bound when Ollama does not describe the model: the largest num_ctx it may run",
+    )
     drain_seconds: float = env(
         "PROXY_DRAIN_SECONDS", 5.0, minimum=0, help="seconds stream_proxy's /readyz is 503 before exit"
     )

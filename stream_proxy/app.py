@@ -20,6 +20,7 @@ from shared.limits import LimitScripts
 from shared.redis_keys import RedisKeys
 from stream_proxy.exceptions import Refused
 from stream_proxy.metrics import ProxyMetrics
+from stream_proxy.models import ModelCatalog
 from stream_proxy.proxy import Proxy
 from stream_proxy.usage import UsageReporter
 
@@ -32,6 +33,7 @@ CLOCK: web.AppKey[Clock] = web.AppKey("clock")
 DRAINING = web.AppKey("draining", asyncio.Event)
 REPORTER = web.AppKey("reporter", UsageReporter)
 PROXY = web.AppKey("proxy", Proxy)
+CATALOG = web.AppKey("catalog", ModelCatalog)
 METRICS = web.AppKey("metrics", ProxyMetrics)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -111,10 +113,24 @@ async def _reporter(app: web.Application) -> AsyncIterator[None]:
         await task
 
 
+async def _catalog(app: web.Application) -> AsyncIterator[None]:
+    options = app[CONFIG].options
+    catalog = ModelCatalog(
+        app[SESSION], URL(options.ollama_url), refresh=options.model_refresh, timeout=options.show_timeout
+    )
+    app[CATALOG] = catalog
+    task = asyncio.create_task(catalog.run())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 async def _proxy(app: web.Application) -> AsyncIterator[None]:
     app[PROXY] = Proxy(
         config=app[CONFIG],
         session=app[SESSION],
+        catalog=app[CATALOG],
         scripts=LimitScripts(app[REDIS], app[KEYS]),
         reporter=app[REPORTER],
         draining=app[DRAINING],
@@ -134,7 +150,7 @@ def create_app(config: ProxyConfig, *, clock: Clock = time.time) -> web.Applicat
     app[KEYS] = RedisKeys(config.redis.prefix)
     app[DRAINING] = asyncio.Event()
     app[METRICS] = ProxyMetrics()
-    app.cleanup_ctx.extend([_session, _redis, _reporter, _proxy])
+    app.cleanup_ctx.extend([_session, _redis, _reporter, _catalog, _proxy])
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

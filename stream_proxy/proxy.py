@@ -35,6 +35,8 @@ from stream_proxy import apis, body, grants, meter
 from stream_proxy import policy as body_policy
 from stream_proxy.exceptions import GrantSpent, Refused
 from stream_proxy.metrics import ProxyMetrics
+from stream_proxy.models import ModelCatalog
+from stream_proxy.prompt_bound import TEMPLATED, check_two_passes, prompt_bound
 from stream_proxy.relay import Relay
 from stream_proxy.usage import UsageReporter
 
@@ -100,6 +102,7 @@ class Proxy:
 
     config: ProxyConfig
     session: aiohttp.ClientSession
+    catalog: ModelCatalog
     scripts: LimitScripts
     reporter: UsageReporter
     draining: asyncio.Event
@@ -122,8 +125,7 @@ class Proxy:
         options = self.config.options
         metered = grant.metered and route in policy.METERED and doc is not None
         adapter = apis.adapter(route)
-        size = adapter.prompt(route, doc.document) if metered and doc is not None else None
-        bound = size.bound(options.template_tokens_per_message, options.image_tokens) if size else 0
+        bound = await self._prompt_bound(route, doc) if metered and doc is not None else 0
         try:
             outcome = await self.scripts.reserve(
                 scope_of(grant),
@@ -149,6 +151,21 @@ class Proxy:
         if metered:
             self._register(grant.tenant_id)
         return outcome, bound
+
+    async def _prompt_bound(self, route: policy.Route, doc: body.Body) -> int:
+        """The prompt bound: from the model's template and context (stream_proxy/prompt_bound.py);
+        embeddings, which no template wraps, by their inputs' bytes."""
+        options = self.config.options
+        size = apis.adapter(route).prompt(route, doc.document)
+        if route not in TEMPLATED:
+            return size.bound(options.template_tokens_per_message, options.image_tokens)
+        names = apis.adapter(route).models(route, doc.document) or []
+        name = next((n for n in names if isinstance(n, str)), None)
+        facts = await self.catalog.facts(name) if name is not None else None
+        check_two_passes(route, doc.document, facts)
+        return prompt_bound(
+            route, doc.document, size, facts, fallback_context=options.fallback_context_tokens
+        )
 
     def _register(self, tenant_id: int) -> None:
         """List the tenant where the accountant's sweeper looks for reservations whose lease expired:

@@ -50,7 +50,7 @@ from ollama_simulator.openai import (
     handle_openai_model,
     handle_openai_models,
 )
-from ollama_simulator.recorder import Recorder
+from ollama_simulator.recorder import Recorder, RequestRecord
 from ollama_simulator.responses import handle_responses
 from ollama_simulator.settings import SimulatorSettings, settings_to_json, settings_with
 from ollama_simulator.state import (
@@ -280,17 +280,25 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
 
 
 async def control_requests(request: web.Request) -> web.StreamResponse:
-    """GET /_sim/requests[?path=/api/chat][&wait_finished=N&timeout=S]: the recorded requests."""
+    """GET /_sim/requests[?path=/api/chat][&wait_finished=N&timeout=S][&ignore_agent=UA]: the
+    recorded requests; `ignore_agent` leaves out (and does not wait for) those a client sent with
+    that User-Agent (a gateway's own catalogue polls, say)."""
     recorder = request.app[RECORDER_KEY]
+    ignored = request.query.get("ignore_agent")
+
+    def counted(record: RequestRecord) -> bool:
+        agent = next((v for k, v in record.headers if k.lower() == "user-agent"), None)
+        return ignored is None or agent != ignored
+
     wanted = request.query.get("wait_finished")
     if wanted is not None:
         timeout = float(request.query.get("timeout", "5"))
         try:
             async with asyncio.timeout(timeout):
-                await recorder.wait_finished(int(wanted))
+                await recorder.wait_finished(int(wanted), counted)
         except TimeoutError:
             return web.json_response({"error": "timed out waiting for requests"}, status=504)
-    records = recorder.records
+    records = [r for r in recorder.records if counted(r)]
     if path := request.query.get("path"):
         records = [r for r in records if r.path == path]
     return web.json_response([r.to_json() for r in records])

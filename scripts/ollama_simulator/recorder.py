@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import attrs
@@ -127,8 +127,10 @@ class Recorder:
         async with self._changed:
             self._changed.notify_all()
 
-    async def wait_finished(self, count: int) -> list[RequestRecord]:
-        """Wait until at least `count` records are finished; returns all records.
+    async def wait_finished(
+        self, count: int, counted: Callable[[RequestRecord], bool] = lambda _: True
+    ) -> list[RequestRecord]:
+        """Wait until at least `count` records (of those `counted`) are finished; returns all records.
 
         Callers bound the wait with `asyncio.timeout`.
         """
@@ -138,7 +140,7 @@ class Recorder:
         changed = self._changed
 
         def enough() -> bool:
-            return sum(1 for r in self._records if r.finished) >= count
+            return sum(1 for r in self._records if r.finished and counted(r)) >= count
 
         async with changed:
             await changed.wait_for(enough)

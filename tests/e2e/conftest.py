@@ -23,8 +23,13 @@ import pytest
 
 import localstack
 from shared import admin, keys
+from shared.config import ProxyConfig, load_config
 from shared.db import asyncpg_dsn
 from shared.hashing import Argon2Params
+from stream_proxy import apis
+from stream_proxy.models import USER_AGENT as CATALOGUE
+from stream_proxy.models import facts_from_show
+from stream_proxy.prompt_bound import prompt_bound as bound_of
 from tests import secret_scan
 from tests.conftest import clone_database
 
@@ -234,8 +239,8 @@ class SimulatorControl:
             resp.raise_for_status()
 
     async def requests(self) -> list[dict[str, Any]]:
-        """Every request recorded since the last reset."""
-        async with self.http.get(f"{self.url}/_sim/requests") as resp:
+        """Every request recorded since the last reset, but stream_proxy's model-catalogue polls."""
+        async with self.http.get(f"{self.url}/_sim/requests", params={"ignore_agent": CATALOGUE}) as resp:
             resp.raise_for_status()
             records: list[dict[str, Any]] = await resp.json()
             return records
@@ -297,9 +302,26 @@ async def key_ids(conn: asyncpg.Connection, token: str) -> tuple[int, int]:
 async def finished_records(
     http: aiohttp.ClientSession, stack: Stack, count: int, *, wait_seconds: float = 10.0
 ) -> list[dict[str, Any]]:
-    """The simulator's records once `count` requests have finished (the simulator bounds the wait)."""
-    url = f"{stack.ollama_url}/_sim/requests?wait_finished={count}&timeout={wait_seconds:g}"
-    async with http.get(url) as resp:
+    """The simulator's records once `count` requests have finished (the simulator bounds the wait),
+    stream_proxy's model-catalogue polls left out."""
+    url = f"{stack.ollama_url}/_sim/requests"
+    query = {"wait_finished": str(count), "timeout": f"{wait_seconds:g}", "ignore_agent": CATALOGUE}
+    async with http.get(url, params=query) as resp:
         assert resp.status == 200, await resp.text()
         records: list[dict[str, Any]] = await resp.json()
         return records
+
+
+async def prompt_bound(
+    stack: Stack, http: aiohttp.ClientSession, body: dict[str, Any], route: Any = "chat"
+) -> int:
+    """The prompt bound stream_proxy reserves for a body: its own computation from the model's
+    /api/show answer (the clamp arithmetic is what these tests pin; whether the bound itself holds
+    is pinned against the simulator's record in test_zero_overshoot.py)."""
+    options = load_config(ProxyConfig, stack.env).options
+    ask = {"model": body["model"]}
+    headers = {"User-Agent": CATALOGUE}  # asked as the catalogue asks: not one of the test's requests
+    async with http.post(f"{stack.ollama_url}/api/show", json=ask, headers=headers) as resp:
+        facts = facts_from_show(await resp.json(), None)
+    size = apis.adapter(route).prompt(route, body)
+    return bound_of(route, body, size, facts, fallback_context=options.fallback_context_tokens)

@@ -20,11 +20,9 @@ from multidict import CIMultiDict
 
 from shared import admin
 from shared import keys as key_format
-from shared.config import ProxyConfig, load_config
 from shared.db import asyncpg_dsn
 from shared.redis_keys import RedisKeys
-from stream_proxy import apis
-from tests.e2e.conftest import KeyFactory, SimulatorControl, Stack
+from tests.e2e.conftest import KeyFactory, SimulatorControl, Stack, prompt_bound
 
 pytestmark = pytest.mark.e2e
 
@@ -74,16 +72,6 @@ async def send(http: aiohttp.ClientSession, stack: Stack, path: str, key: str, b
     method = "GET" if body is None else "POST"
     async with http.request(method, f"{stack.gateway_url}{path}", json=body, headers=headers) as resp:
         return Reply(resp.status, CIMultiDict(resp.headers), await resp.read())
-
-
-def prompt_bound(stack: Stack, body: dict[str, Any]) -> int:
-    """The prompt bound stream_proxy reserves for a chat body, with the stack's own allowances."""
-    options = load_config(ProxyConfig, stack.env).options
-    return (
-        apis.adapter("chat")
-        .prompt("chat", body)
-        .bound(options.template_tokens_per_message, options.image_tokens)
-    )
 
 
 @attrs.frozen
@@ -264,8 +252,8 @@ async def test_the_completion_limit_forwarded_is_clamped_to_the_budget_left(
     left - prompt bound (< 40); then a request whose prompt bound + 1 no longer fits gets 429
     insufficient_quota (OpenAI-shaped) and never reaches the simulator."""
     await simulator.settings(completion_tokens=100)
-    bound = prompt_bound(stack, chat("q0001", ASKED))
-    assert prompt_bound(stack, chat("q0002", ASKED)) == bound
+    bound = await prompt_bound(stack, http, chat("q0001", ASKED))
+    assert await prompt_bound(stack, http, openai_chat("q0002", ASKED), "openai_chat") == bound
     budget = bound + 61
     token = await make_key(total_tokens=budget)
     tenant_id, key_id = await store.ids(token)
@@ -318,7 +306,7 @@ async def test_allowed_responses_carry_the_rate_limit_headers(
     token = await make_key(rpm=10, tpm=10_000)
     tenant_id, key_id = await store.ids(token)
     body = chat("q0001", 20, stream=False)
-    reserved = prompt_bound(stack, body) + 20
+    reserved = await prompt_bound(stack, http, body) + 20
 
     first = await send(http, stack, "/api/chat", token, body)
     assert first.status == 200, first.body
@@ -343,7 +331,7 @@ async def test_allowed_responses_carry_the_rate_limit_headers(
     second = await send(http, stack, "/v1/chat/completions", token, second_body)
     assert second.status == 200, second.body
     assert second.headers["x-ratelimit-remaining-requests"] == "8"
-    expected = 10_000 - one.tokens - (prompt_bound(stack, second_body) + 30)
+    expected = 10_000 - one.tokens - (await prompt_bound(stack, http, second_body, "openai_chat") + 30)
     assert second.headers["x-ratelimit-remaining-tokens"] == str(expected)
 
     plain = await make_key()

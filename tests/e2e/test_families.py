@@ -33,6 +33,7 @@ from tests.e2e.conftest import (
     forged_key,
     key_ids,
     openai_client,
+    prompt_bound,
     sent_bytes,
 )
 
@@ -387,7 +388,9 @@ async def test_anthropic_refusals_raise_the_sdks_errors_with_anthropic_bodies(
     assert [r["path"] for r in await finished_records(http, stack, 2)] == [MESSAGES, MESSAGES]
 
     await simulator.reset()
-    thrifty = await make_key(tpm=60)
+    body = {"model": MODEL, "max_tokens": 40, "messages": user}
+    tpm = await prompt_bound(stack, http, body, "anthropic_messages") + 40  # room for one reservation
+    thrifty = await make_key(tpm=tpm)
     async with anthropic_client(stack, thrifty, "bearer") as client:
 
         async def until_refused() -> None:
@@ -400,7 +403,7 @@ async def test_anthropic_refusals_raise_the_sdks_errors_with_anthropic_bodies(
     assert_anthropic_error(over_tpm.value.body, "rate_limit_error")
     used = [r["generation"] for r in await simulator.requests()]
     assert 1 <= len(used) < 5
-    assert sum(g["prompt_eval_count"] + g["eval_count"] for g in used) <= 60, used
+    assert sum(g["prompt_eval_count"] + g["eval_count"] for g in used) <= tpm, used
 
 
 async def test_a_field_of_the_wrong_type_is_an_anthropic_bad_request(

@@ -1,0 +1,177 @@
+"""The prompt bound of one metered request (docs/ARCHITECTURE.md#prompt-bound).
+
+A token is never shorter than one UTF-8 byte, so the bytes Ollama renders (the model's template
+around what the body brings, its Modelfile SYSTEM and MESSAGEs) plus the few tokens a tokenizer
+adds without bytes bound the prompt tokens; and Ollama never evaluates more than the num_ctx in
+effect. The bound is the smaller of the two. Where the rendered bytes cannot be bounded (the model
+is unknown or renders with built-in code, its template cannot be read, images, `context` tokens, a
+client template) the num_ctx bound alone is used, never a guess.
+
+What the body brings is measured coarsely and from above: every string a template can print
+(content, thinking, names, the system prompt) is bounded by all of the body's text together,
+roles by all of the roles, tools and tool calls by their JSON as Go writes it.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Final
+
+from shared import policy
+from stream_proxy import body, meter
+from stream_proxy.exceptions import Refused
+from stream_proxy.models import ModelFacts
+from stream_proxy.template_bound import VARIABLES, evaluate
+
+# Tokens a tokenizer adds that no byte of the prompt accounts for (BOS, EOS, a separator).
+SPECIAL_TOKENS: Final = 8
+# Bytes Ollama's conversion may add per message (a role it names, "\n\n" when it merges turns).
+PER_MESSAGE: Final = 16
+# Fields Go writes for a tool or a tool call although the request left them out.
+PER_TOOL: Final = 128
+# Routes whose prompt goes through the model's template as a chat.
+CHAT: Final = frozenset({"chat", "openai_chat", "anthropic_messages", "openai_responses"})
+TEMPLATED: Final = CHAT | {"generate", "openai_completions"}
+
+_ESCAPED: Final = re.compile(r'[\x00-\x1f<>&\u2028\u2029"\\]')
+
+
+def go_json_size(value: Any) -> int:
+    """An upper bound on the bytes Go's json.Marshal writes for a decoded JSON value: strings
+    escaped as Go escapes them (<, >, &, U+2028, U+2029 and controls as \\u00XX), every number as
+    the longest float64 Go prints."""
+    if isinstance(value, str):
+        return len(value.encode("utf-8", "surrogatepass")) + 2 + 5 * len(_ESCAPED.findall(value))
+    if isinstance(value, bool) or value is None:
+        return 5
+    if isinstance(value, (int, float)):
+        return 24
+    if isinstance(value, list):
+        return 2 + sum(go_json_size(v) + 1 for v in value)
+    if isinstance(value, dict):
+        return 2 + sum(go_json_size(k) + go_json_size(v) + 2 for k, v in value.items())
+    return 24
+
+
+def _objects(value: Any) -> int:
+    if isinstance(value, list):
+        return sum(_objects(v) for v in value)
+    if isinstance(value, dict):
+        return 1 + sum(_objects(v) for v in value.values())
+    return 0
+
+
+def _conversation(document: dict[str, Any]) -> list[Any]:
+    for name in ("messages", "input"):
+        value = body.get(document, name)
+        if isinstance(value, list):
+            return value
+    return []
+
+
+def num_ctx(route: policy.Route, document: dict[str, Any], facts: ModelFacts | None, fallback: int) -> int:
+    """The num_ctx Ollama runs the request with, or more: the request's (native routes), else the
+    Modelfile's, else the trained context length, capped at the trained context length."""
+    requested = None
+    if policy.FAMILY.get(route) == "native":
+        value = body.option(document, "num_ctx")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 1:
+            requested = int(value)
+    if facts is None:
+        return requested or fallback
+    context = requested or facts.num_ctx or facts.context_length or fallback
+    return min(context, facts.context_length) if facts.context_length else context
+
+
+def check_two_passes(route: policy.Route, document: dict[str, Any], facts: ModelFacts | None) -> None:
+    """A structured output from a thinking model is two generations in Ollama (the thinking, then
+    the answer with the prompt and the thinking evaluated again) and only the second is counted in
+    the answer: refused unless thinking is off (docs/DECISIONS.md)."""
+    if route not in CHAT or not _structured(route, document):
+        return
+    if route == "chat" and body.get(document, "think") is False:
+        return
+    if facts is not None and not facts.thinking:
+        return
+    raise Refused(400, "a structured output (format) from a thinking model needs thinking off (think: false)")
+
+
+def _structured(route: policy.Route, document: dict[str, Any]) -> bool:
+    if route == "chat":
+        value = body.get(document, "format")
+        return value not in (None, "", "null")
+    if route == "openai_chat":
+        value = body.get(document, "response_format")
+        return isinstance(value, dict) and body.get(value, "type") in ("json_object", "json_schema")
+    if route == "openai_responses":
+        text = body.get(document, "text")
+        value = body.get(text, "format") if isinstance(text, dict) else None
+        return isinstance(value, dict) and body.get(value, "type") in ("json_object", "json_schema")
+    return False
+
+
+def prompt_bound(
+    route: policy.Route,
+    document: dict[str, Any],
+    size: meter.PromptSize,
+    facts: ModelFacts | None,
+    *,
+    fallback_context: int,
+) -> int:
+    """The most prompt tokens Ollama can count for this request."""
+    context = num_ctx(route, document, facts, fallback_context)
+    rendered = _rendered(route, document, size, facts)
+    return context if rendered is None else min(rendered + SPECIAL_TOKENS, context)
+
+
+def _rendered(
+    route: policy.Route, document: dict[str, Any], size: meter.PromptSize, facts: ModelFacts | None
+) -> int | None:
+    """Bytes of the prompt Ollama renders, or None where they cannot be bounded."""
+    if size.images or size.context_tokens or body.get(document, "context") is not None:
+        return None
+    generate = route in ("generate", "openai_completions")
+    if generate and body.get(document, "raw") is True:
+        return size.text_bytes
+    if facts is None or facts.rendered or (generate and body.get(document, "template") not in (None, "")):
+        return None
+    suffix = (
+        generate
+        and body.get(document, "suffix") not in (None, "")
+        and body.get(document, "prompt") not in (None, "")
+    )
+    poly = facts.template.suffix if suffix else facts.template.messages
+    if poly is None:
+        return None
+    return evaluate(poly, _values(document, size, facts))
+
+
+def _values(document: dict[str, Any], size: meter.PromptSize, facts: ModelFacts) -> dict[str, int]:
+    conversation = _conversation(document)
+    messages = size.messages + len(facts.messages) + 1
+    text = size.text_bytes + facts.system + sum(n for _, n in facts.messages) + 2 * messages
+    roles = sum(
+        len(str(body.get(m, "role") or "").encode("utf-8", "surrogatepass"))
+        for m in conversation
+        if isinstance(m, dict)
+    )
+    roles += sum(len(role.encode()) for role, _ in facts.messages) + PER_MESSAGE * messages
+    tools = body.get(document, "tools")
+    tools = tools if isinstance(tools, list) else []
+    calls = _objects(conversation)
+    values = dict.fromkeys(VARIABLES, text)
+    json_text = 6 * text + 2 * PER_MESSAGE * messages
+    for name in VARIABLES:
+        if name.endswith("J"):
+            values[name] = json_text
+    values.update(
+        R=roles,
+        RJ=6 * roles + 2 * messages,
+        M=messages,
+        TURNS=messages + 1,
+        T=len(tools),
+        J=sum(go_json_size(t) for t in tools) + PER_TOOL * len(tools),
+        K=calls,
+        KJ=go_json_size(conversation) + PER_TOOL * calls,
+    )
+    return values

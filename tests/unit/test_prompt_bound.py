@@ -1,0 +1,165 @@
+"""The prompt bound of a request: the model's template and Modelfile, num_ctx, and the fallbacks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from stream_proxy import apis, prompt_bound
+from stream_proxy.exceptions import Refused
+from stream_proxy.models import ModelFacts, facts_from_show
+from stream_proxy.template_bound import Analysis, analyse
+
+LLAMA3 = (
+    Path(__file__).parent.parent / "fixtures" / "ollama_templates" / "llama3-instruct.gotmpl"
+).read_text()
+
+
+def show(**fields: Any) -> dict[str, Any]:
+    """An /api/show answer shaped as Ollama writes it."""
+    answer: dict[str, Any] = {
+        "template": LLAMA3,
+        "parameters": 'stop                           "<|eot_id|>"',
+        "model_info": {"general.architecture": "llama", "llama.context_length": 131072},
+        "capabilities": ["completion", "tools"],
+    }
+    answer.update(fields)
+    return answer
+
+
+def bound(route: Any, document: dict[str, Any], facts: ModelFacts | None, fallback: int = 262144) -> int:
+    size = apis.adapter(route).prompt(route, document)
+    return prompt_bound.prompt_bound(route, document, size, facts, fallback_context=fallback)
+
+
+def test_facts_from_show_reads_what_bounds_a_prompt() -> None:
+    """System, Modelfile messages, num_ctx from the parameters text, the trained context length,
+    thinking and a renderer are read from the answer as Ollama writes them."""
+    facts = facts_from_show(
+        show(
+            system="You are terse.",
+            messages=[{"role": "user", "content": "hé"}],
+            parameters='num_ctx                        8192\nstop                           "<|eot_id|>"',
+            capabilities=["completion", "thinking"],
+            renderer="qwen3-coder",
+        ),
+        "sha256:abc",
+    )
+    assert (facts.system, facts.messages, facts.num_ctx, facts.context_length) == (
+        14,
+        (("user", 3),),
+        8192,
+        131072,
+    )
+    assert facts.thinking
+    assert facts.rendered
+    assert facts.digest == "sha256:abc"
+
+
+def test_hi_against_llama3_is_bounded_above_what_ollama_renders() -> None:
+    """'hi' through llama3-instruct renders to these 101 bytes (written out by hand from the
+    template); the bound is at least that plus BOS, and not wildly more."""
+    rendered = (
+        "<|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
+    facts = facts_from_show(show(), None)
+    document = {"model": "llama3", "messages": [{"role": "user", "content": "hi"}]}
+    value = bound("chat", document, facts)
+    assert len(rendered.encode()) == 101
+    assert 101 + 1 <= value < 1000
+
+
+def test_a_long_system_prompt_is_in_the_bound() -> None:
+    """A Modelfile SYSTEM of 2,000 bytes is rendered with every chat: the bound grows by it."""
+    short = bound(
+        "chat", {"model": "m", "messages": [{"role": "user", "content": "hi"}]}, facts_from_show(show(), None)
+    )
+    long = bound(
+        "chat",
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+        facts_from_show(show(system="x" * 2000), None),
+    )
+    assert long - short >= 2000
+
+
+def test_num_ctx_caps_the_bound() -> None:
+    """options.num_ctx smaller than the byte bound is the bound; the trained length caps a larger one."""
+    facts = facts_from_show(show(), None)
+    text = "word " * 2000
+    small = {"model": "m", "messages": [{"role": "user", "content": text}], "options": {"num_ctx": 512}}
+    assert bound("chat", small, facts) == 512
+    huge = {"model": "m", "images": ["aGk="], "prompt": "hi", "options": {"num_ctx": 10_000_000}}
+    assert bound("generate", huge, facts) == 131072
+
+
+@pytest.mark.parametrize(
+    ("facts", "expected"),
+    [
+        (None, 262144),  # Ollama did not describe the model: the fallback num_ctx
+        (facts_from_show(show(template="{% for m in messages %}{{ m.content }}{% endfor %}"), None), 131072),
+        (facts_from_show(show(renderer="harmony"), None), 131072),
+        (ModelFacts(None, Analysis(None, None), 0, (), 131072, 4096, False, False), 4096),
+    ],
+)
+def test_without_a_template_bound_num_ctx_is_the_bound(facts: ModelFacts | None, expected: int) -> None:
+    """Unknown model, a Jinja template, a built-in renderer, no template bound: the num_ctx in
+    effect (the Modelfile's when set), never a guess."""
+    document = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    assert bound("chat", document, facts) == expected
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        {"model": "m", "prompt": "hi", "images": ["aGk="]},
+        {"model": "m", "prompt": "hi", "context": [1, 2, 3]},
+        {"model": "m", "prompt": "hi", "template": "{{ range .Messages }}{{ end }}"},
+    ],
+)
+def test_images_context_and_client_templates_are_bounded_by_num_ctx(document: dict[str, Any]) -> None:
+    """Image tokens are not bytes, context tokens are detokenized by Ollama, a client template
+    expands freely: each of these requests reserves the num_ctx in effect."""
+    assert bound("generate", document, facts_from_show(show(), None)) == 131072
+
+
+def test_raw_generate_is_its_prompt() -> None:
+    """raw: true sends the prompt untemplated: its bytes plus the tokenizer's own tokens."""
+    document = {"model": "m", "prompt": "abcdef", "raw": True}
+    assert bound("generate", document, facts_from_show(show(), None)) == 6 + prompt_bound.SPECIAL_TOKENS
+
+
+def test_go_json_size_counts_go_escaping() -> None:
+    """Go's json.Marshal writes <, >, & and U+2028 as 6-byte escapes; a number as up to 24 bytes."""
+    assert prompt_bound.go_json_size("<a&b>") == 2 + 5 + 3 * 5
+    assert prompt_bound.go_json_size("\u2028") == 2 + 3 + 5
+    assert prompt_bound.go_json_size({"n": 1e20}) == 2 + 3 + 24 + 2
+
+
+@pytest.mark.parametrize(
+    ("route", "document"),
+    [
+        ("chat", {"model": "q", "messages": [], "format": "json"}),
+        ("openai_chat", {"model": "q", "messages": [], "response_format": {"type": "json_object"}}),
+        ("openai_responses", {"model": "q", "input": "hi", "text": {"format": {"type": "json_schema"}}}),
+    ],
+)
+def test_structured_output_from_a_thinking_model_is_refused(route: Any, document: dict[str, Any]) -> None:
+    """Ollama's two passes (think, then answer with the thinking as prompt) are counted only once
+    in its answer: refused for a thinking model or an undescribed one; fine with think: false."""
+    thinking = facts_from_show(show(capabilities=["completion", "thinking"]), None)
+    for facts in (thinking, None):
+        with pytest.raises(Refused) as refused:
+            prompt_bound.check_two_passes(route, document, facts)
+        assert refused.value.status == 400
+    prompt_bound.check_two_passes(route, document, facts_from_show(show(), None))
+    if route == "chat":
+        prompt_bound.check_two_passes(route, {**document, "think": False}, thinking)
+
+
+def test_analysis_of_show_template_is_cached_in_facts() -> None:
+    """The facts hold the template's analysis (not the text): one parse per model and digest."""
+    facts = facts_from_show(show(), "d")
+    assert facts.template == analyse(LLAMA3)
