@@ -264,6 +264,7 @@ class Admission:
                 max_keep_alive_seconds=context.max_keep_alive_seconds,
                 prompt_logging=context.prompt_logging,
                 prompt_log_ttl_seconds=context.prompt_log_ttl_seconds,
+                allow_templates=context.allow_templates,
                 key_limits=context.key_limits,
                 tenant_limits=context.tenant_limits,
                 client_addr=address,

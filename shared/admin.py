@@ -339,6 +339,23 @@ async def set_prompt_logging(
     return key_from_row(row), [Invalidation("key", key.tenant_id, key.id, reason="prompt-logging")]
 
 
+async def set_templates(
+    conn: asyncpg.Connection, *, prefix: str, on: bool
+) -> tuple[ApiKey, list[Invalidation]]:
+    """Allow a key /api/generate's `template` and `_debug_render_only` (or take them away): its
+    prompts are then bounded by num_ctx alone, and it can read the model's Modelfile SYSTEM."""
+    async with conn.transaction():
+        key = await _key_by_prefix(conn, prefix, lock=True)
+        row = await _one(
+            conn,
+            "UPDATE api_keys SET allow_templates = $2, updated_at = now() "
+            f"WHERE id = $1 RETURNING {KEY_COLUMNS}",
+            key.id,
+            on,
+        )
+    return key_from_row(row), [Invalidation("key", key.tenant_id, key.id, reason="templates")]
+
+
 @attrs.frozen
 class Usage:
     """Tokens from the ledger for the current day, the current month and all time."""

@@ -153,7 +153,8 @@ class Output:
             return
         table = Table(title=title)
         for column in ("prefix", "tenant", "name", "status", "created", "expires", "last used",
-                       "rpm", "tpm", "streams", "daily", "monthly", "total", "models"):  # fmt: skip
+                       "rpm", "tpm", "streams", "daily", "monthly", "total", "models",
+                       "templates"):  # fmt: skip
             table.add_column(column)
         for key, tenant in rows:
             table.add_row(
@@ -166,6 +167,7 @@ class Output:
                 _when(key.last_used_at),
                 *(_limit(getattr(key.limits, n), key=True) for n in LIMIT_NAMES),
                 _models(key.allowed_models, key=True),
+                "[yellow]allowed[/]" if key.allow_templates else "no",
             )
         self.console.print(table)
 
@@ -256,6 +258,14 @@ async def _set_prompt_logging(
         conn, tenant=args.tenant, prefix=args.prefix, on=args.on, ttl=args.ttl
     )
     await _show_changed(conn, out, changed, "prompt logging changed")
+    return notices
+
+
+async def _set_templates(
+    args: argparse.Namespace, conn: asyncpg.Connection, out: Output, _: AdminConfig
+) -> list[Any]:
+    changed, notices = await admin.set_templates(conn, prefix=args.prefix, on=args.on)
+    await _show_changed(conn, out, changed, "templates changed")
     return notices
 
 
@@ -368,6 +378,7 @@ HANDLERS: dict[str, Handler] = {
     "revoke-key": _revoke_key,
     "set-limits": _set_limits,
     "set-prompt-logging": _set_prompt_logging,
+    "set-templates": _set_templates,
     "usage": _usage,
     "audit": _audit,
     "purge-prompts": _purge_prompts,
@@ -436,6 +447,11 @@ def build_parser() -> argparse.ArgumentParser:
     switch.add_argument("--on", action="store_true", default=None)
     switch.add_argument("--off", dest="on", action="store_false")
     logging_cmd.add_argument("--ttl", type=_duration, help="retention, e.g. 7d (with --on)")
+    templates_cmd = command("set-templates", "allow a key generate's template and _debug_render_only, or not")
+    templates_cmd.add_argument("--prefix", type=_prefix, required=True)
+    templates_switch = templates_cmd.add_mutually_exclusive_group(required=True)
+    templates_switch.add_argument("--on", action="store_true", default=None)
+    templates_switch.add_argument("--off", dest="on", action="store_false")
     target(command("usage", "tokens used today, this month and in total"))
     audit_cmd = command("audit", "show the audit log, newest first")
     audit_cmd.add_argument("--tenant", type=_tenant_name)

@@ -39,7 +39,7 @@ TENANT_COLUMNS = (
 )
 KEY_COLUMNS = (
     f"id, tenant_id, name, prefix, status, created_at, expires_at, revoked_at, last_used_at, "
-    f"{LIMIT_COLUMNS}, allowed_models, prompt_logging, prompt_log_ttl_seconds"
+    f"{LIMIT_COLUMNS}, allowed_models, prompt_logging, prompt_log_ttl_seconds, allow_templates"
 )
 
 
@@ -111,4 +111,5 @@ def key_from_row(row: Row) -> ApiKey:
         allowed_models=_models(row["allowed_models"]),
         prompt_logging=row["prompt_logging"],
         prompt_log_ttl_seconds=row["prompt_log_ttl_seconds"],
+        allow_templates=row["allow_templates"],
     )

@@ -57,6 +57,7 @@ class Grant:
     max_keep_alive_seconds: int | None = None
     prompt_logging: bool = False
     prompt_log_ttl_seconds: int | None = None
+    allow_templates: bool = False  # /api/generate's template and _debug_render_only allowed
     key_limits: Limits = attrs.Factory(Limits)
     tenant_limits: Limits = attrs.Factory(Limits)
     rate: RateInfo = attrs.Factory(RateInfo)

@@ -69,6 +69,7 @@ class ApiKey:
     allowed_models: tuple[str, ...] | None  # None: inherit; ("*",): every model the tenant allows
     prompt_logging: bool | None  # None: inherit
     prompt_log_ttl_seconds: int | None
+    allow_templates: bool = False  # /api/generate's template and _debug_render_only
 
     def is_usable(self, now: dt.datetime) -> bool:
         """Active and not expired."""
@@ -92,6 +93,7 @@ class KeyContext:
     prompt_logging: bool
     prompt_log_ttl_seconds: int | None
     key_expires_at: dt.datetime | None = None
+    allow_templates: bool = False
 
 
 def effective_models(
@@ -124,6 +126,7 @@ def resolve_context(tenant: Tenant, key: ApiKey) -> KeyContext:
         prompt_logging=logging_on and ttl is not None,
         prompt_log_ttl_seconds=ttl if logging_on else None,
         key_expires_at=key.expires_at,
+        allow_templates=key.allow_templates,
     )
 
 

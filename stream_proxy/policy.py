@@ -8,10 +8,11 @@ proxies off-box) are refused unless the allowlist names them explicitly.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Final
 
 from shared.grant import Grant
 from shared.model_names import InvalidModelName, is_cloud, normalise
+from shared.policy import Route
 from stream_proxy import body
 from stream_proxy.exceptions import Refused
 
@@ -81,9 +82,26 @@ def apply_caps(grant: Grant, doc: body.Body) -> None:
             doc.changed = True
 
 
-def check_body(grant: Grant, names: list[Any] | None, doc: body.Body) -> None:
+# Native fields that make a prompt bound meaningless or show what the operator keeps private: a
+# client's Go template (generate) expands without limit; `_debug_render_only` (generate, chat)
+# answers the rendered prompt, the Modelfile SYSTEM included (docs/ARCHITECTURE.md#prompt-bound).
+TEMPLATE_FIELDS: Final = {"generate": ("template", "_debug_render_only"), "chat": ("_debug_render_only",)}
+
+
+def check_templates(grant: Grant, route: Route, document: dict[str, Any]) -> None:
+    """Refuse (403) the template fields unless the key is allowed them (`set-templates --on`)."""
+    if grant.allow_templates:
+        return
+    for name in TEMPLATE_FIELDS.get(route, ()):
+        value = body.get(document, name)
+        if value not in (None, "", False):
+            raise Refused(403, f"{name} is not allowed for this key")
+
+
+def check_body(grant: Grant, route: Route, names: list[Any] | None, doc: body.Body) -> None:
     """Everything the key's policy says about this body: the models it names (`names`, from the
-    route's adapter; None when the route names none) and the caps."""
+    route's adapter; None when the route names none), the template fields and the caps."""
+    check_templates(grant, route, doc.document)
     if names is not None:
         given = [n for n in names if isinstance(n, str) and n.strip()]
         if not given:

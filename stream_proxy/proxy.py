@@ -280,7 +280,7 @@ class Proxy:
         doc = body.Body.read(bytes(raw))
         adapter = apis.adapter(route)
         adapter.refuse(route, doc.document)
-        body_policy.check_body(grant, adapter.models(route, doc.document), doc)
+        body_policy.check_body(grant, route, adapter.models(route, doc.document), doc)
         return doc
 
     async def _relay(

@@ -13,6 +13,8 @@ import asyncpg
 import orjson
 import pytest
 
+from shared import admin, keys
+from shared.db import asyncpg_dsn
 from tests.e2e.conftest import KeyFactory, SimulatorControl, Stack, key_ids
 
 pytestmark = pytest.mark.e2e
@@ -50,6 +52,10 @@ async def _rows(conn: asyncpg.Connection, key_id: int, count: int) -> list[async
         ("/api/chat", {**GOOD, "options": {"num_predict": "5"}}, 400),
         ("/v1/responses", {"model": "llama3.2", "input": "hi", "max_output_tokens": "5"}, 400),
         ("/api/chat", b'{"model":"llama3.2","model":"qwen3:8b"}', 400),
+        ("/api/generate", {"model": "llama3.2", "prompt": "hi", "template": "{{ .Prompt }}"}, 403),
+        ("/api/generate", {"model": "llama3.2", "prompt": "hi", "TEMPLATE": "{{ .Prompt }}"}, 403),
+        ("/api/chat", {**GOOD, "_debug_render_only": True}, 403),
+        ("/api/generate", {"model": "llama3.2", "prompt": "hi", "_DEBUG_RENDER_ONLY": True}, 403),
     ],
 )
 async def test_a_refused_request_does_not_hold_a_concurrency_slot(  # noqa: PLR0917 - pytest fixtures
@@ -93,3 +99,25 @@ async def test_wrong_typed_limit_is_never_replaced_by_the_default(
     assert error["type"] == "invalid_request_error"
     assert "max_output_tokens" in error["message"]
     assert await simulator.requests() == []
+
+
+async def test_a_key_allowed_templates_may_send_them(
+    stack: Stack, http: aiohttp.ClientSession, make_key: KeyFactory, simulator: SimulatorControl
+) -> None:
+    """After `set-templates --on` a generate with its own template reaches Ollama (and is bounded
+    by num_ctx alone), as does a debug render."""
+    key = await make_key()
+    conn = await asyncpg.connect(asyncpg_dsn(stack.database_url))
+    try:
+        await admin.set_templates(conn, prefix=keys.parse_key(key).prefix, on=True)
+    finally:
+        await conn.close()
+    deadline = time.monotonic() + WAIT_SECONDS
+    body = orjson.dumps({"model": "llama3.2", "prompt": "hi", "template": "{{ .Prompt }}", "stream": False})
+    while (status := await _post(http, stack, key, "/api/generate", body)) == 403:
+        assert time.monotonic() < deadline, "the sidecar never saw the key allowed templates"
+        await asyncio.sleep(0.2)
+    assert status == 200
+    debug = orjson.dumps({"model": "llama3.2", "prompt": "hi", "_debug_render_only": True, "stream": False})
+    assert await _post(http, stack, key, "/api/generate", debug) == 200
+    assert [r["path"] for r in await simulator.requests()][-2:] == ["/api/generate", "/api/generate"]

@@ -71,6 +71,7 @@ KEY_FIELDS = {
     "allowed_models",
     "prompt_logging",
     "prompt_log_ttl_seconds",
+    "allow_templates",
     "tenant",
 }
 
@@ -504,6 +505,25 @@ async def test_set_prompt_logging(
         await cli.ok("set-prompt-logging", "--prefix", f"nz_{made.key.prefix}", "--off")
         assert tuple(await db.fetchrow(sql.format("api_keys"), made.key.id) or ()) == (False, None)
         assert await notices.next() == Invalidation("key", tenant.id, made.key.id, reason="prompt-logging")
+
+
+async def test_set_templates(cli: Cli, db: asyncpg.Connection, redis_url: str, redis_prefix: str) -> None:
+    """set-templates --on / --off flips the key's allow_templates column, shows it in the key
+    table, and tells the sidecars; a key starts without it."""
+    tenant = await admin.create_tenant(db, name="acme")
+    made = await admin.create_key(db, tenant="acme", name="one", pepper=PEPPER, params=CHEAP)
+    sql = "SELECT allow_templates FROM api_keys WHERE id = $1"
+    assert await db.fetchval(sql, made.key.id) is False
+    async with listen(redis_url, redis_prefix) as notices:
+        out = await cli.ok("set-templates", "--prefix", made.key.prefix, "--on")
+        assert "templates changed" in out
+        assert cells(out, f"nz_{made.key.prefix}")[-1] == "allowed"
+        assert await db.fetchval(sql, made.key.id) is True
+        assert await notices.next() == Invalidation("key", tenant.id, made.key.id, reason="templates")
+        [doc] = await cli.json("set-templates", "--prefix", f"nz_{made.key.prefix}", "--off")
+        assert doc["allow_templates"] is False
+        assert await db.fetchval(sql, made.key.id) is False
+        assert await notices.next() == Invalidation("key", tenant.id, made.key.id, reason="templates")
 
 
 async def _ledger(

@@ -60,7 +60,7 @@ def _filter(grant: Grant, route: Route, document: Any) -> Any:
 
 
 def _check_body(grant: Grant, route: Route, doc: body.Body) -> None:
-    body_policy.check_body(grant, apis.adapter(route).models(route, doc.document), doc)
+    body_policy.check_body(grant, route, apis.adapter(route).models(route, doc.document), doc)
 
 
 OPTIONS = ProxyOptions()

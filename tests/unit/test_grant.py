@@ -33,6 +33,7 @@ FULL = Grant(
     max_keep_alive_seconds=300,
     prompt_logging=True,
     prompt_log_ttl_seconds=86_400,
+    allow_templates=True,
     key_limits=Limits(
         rpm=5, tpm=1000, max_concurrent=2, daily_tokens=10, monthly_tokens=100, total_tokens=-1
     ),
