@@ -35,6 +35,7 @@ from aiohttp.test_utils import make_mocked_request
 from rich.console import Console
 from rich.table import Table
 
+import bench_bound
 import bench_http
 import localstack
 from authz_sidecar.app import ADMISSION, AUTHENTICATOR, POOL, create_app
@@ -609,6 +610,7 @@ SCENARIOS: dict[str, Callable[..., Awaitable[list[Row]]]] = {
     "accountant": scenario_accountant,
     "sidecar": scenario_sidecar,
     "limits": scenario_limits,
+    "bound": bench_bound.scenario_bound,
 }
 
 
