@@ -29,6 +29,9 @@ pytestmark = pytest.mark.e2e
 MODEL = "llama3.2"
 WAIT_SECONDS = 10.0
 BUDGET = 300
+# Tokens per second the simulator streams in the burst tests: each admitted stream (40 tokens)
+# lasts 2 s, longer than the burst takes to be admitted or refused.
+STREAMED = 20
 ASKED = 40
 RESETS = re.compile(r"^[0-9]+s$")  # x-ratelimit-reset-*: whole seconds
 
@@ -183,11 +186,17 @@ async def assert_no_overshoot(
     replies: dict[str, tuple[str, Reply]],
     scopes: tuple[str, ...],
     counter: tuple[int, str],
+    *,
+    expected: int,
 ) -> None:
     """Allowed streams completed, refused ones never reached the simulator, the simulator's tokens stay
-    within the budget, and the budget counter settles at exactly those tokens."""
+    within the budget, and the budget counter settles at exactly those tokens.
+
+    Every stream outlives the burst, so no reservation is settled while requests are admitted: the
+    budget admits exactly k = BUDGET // (bound + ASKED) full reservations, plus one clamped below
+    ASKED when what is left still holds the prompt bound + 1 (`expected`)."""
     allowed = {c for c, (_, r) in replies.items() if r.status == 200}
-    assert 0 < len(allowed) < len(replies)
+    assert len(allowed) == expected, (len(allowed), expected)
     for content, (_, reply) in replies.items():
         if content in allowed:
             assert reply.body.splitlines()[-1].startswith(b'{"model"'), reply.body[-200:]
@@ -209,18 +218,28 @@ async def assert_no_overshoot(
         await until(settled, f"the budget counter {counter} settles at the {used} tokens used")
 
 
+async def admitted(stack: Stack, http: aiohttp.ClientSession) -> int:
+    """How many of a burst of chat("q…", ASKED) the budget admits before any of them settles."""
+    bound = await prompt_bound(stack, http, chat("q0000", ASKED))
+    full, left = divmod(BUDGET, bound + ASKED)
+    return full + (1 if left >= bound + 1 else 0)
+
+
 async def test_concurrent_streams_never_overshoot_a_key_total_budget(
     stack: Stack, http: aiohttp.ClientSession, make_key: KeyFactory, simulator: SimulatorControl, store: Store
 ) -> None:
-    """30 concurrent streamed /api/chat requests (num_predict 40, streams overlapping at 50 tokens/s)
+    """30 concurrent streamed /api/chat requests (num_predict 40, streams overlapping at 20 tokens/s)
     with a key whose total budget is 300: the tokens the simulator reported (prompt_eval_count +
     eval_count) add up to at most 300, every refused request got 429 for the spent budget and none
     of them reached the simulator, and the key's budget counter settles at the tokens used."""
-    await simulator.settings(tokens_per_second=50, completion_tokens=100)
+    await simulator.settings(tokens_per_second=STREAMED, completion_tokens=100)
     token = await make_key(total_tokens=BUDGET)
     tenant_id, key_id = await store.ids(token)
     replies = await burst(http, stack, [token], per_key=30)
-    await assert_no_overshoot(simulator, store, replies, ("key",), (tenant_id, f"k{key_id}"))
+    expected = await admitted(stack, http)
+    await assert_no_overshoot(
+        simulator, store, replies, ("key",), (tenant_id, f"k{key_id}"), expected=expected
+    )
 
 
 async def test_concurrent_streams_never_overshoot_a_tenant_total_budget_shared_by_three_keys(
@@ -230,7 +249,7 @@ async def test_concurrent_streams_never_overshoot_a_tenant_total_budget_shared_b
     streams per key all at once: at most 300 tokens reach the simulator's counts, refusals are 429
     for the tenant's budget and never reach the simulator, and the tenant counter settles at the
     tokens used."""
-    await simulator.settings(tokens_per_second=50, completion_tokens=100)
+    await simulator.settings(tokens_per_second=STREAMED, completion_tokens=100)
     tenant = f"t-{uuid.uuid4().hex[:10]}"
     first = await make_key(tenant=tenant)
     await admin.set_limits(store.conn, tenant=tenant, limits={"total_tokens": admin.LimitChange(BUDGET)})
@@ -241,7 +260,10 @@ async def test_concurrent_streams_never_overshoot_a_tenant_total_budget_shared_b
     # A key without a budget of its own inherits the tenant's as its own key-level limit too: when
     # one key has used all of the tenant's tokens, both scopes are equally spent and the refusal
     # may name the key.
-    await assert_no_overshoot(simulator, store, replies, ("tenant", "key"), (tenant_id, "t"))
+    expected = await admitted(stack, http)
+    await assert_no_overshoot(
+        simulator, store, replies, ("tenant", "key"), (tenant_id, "t"), expected=expected
+    )
 
 
 async def test_the_completion_limit_forwarded_is_clamped_to_the_budget_left(
