@@ -121,3 +121,65 @@ async def test_a_key_allowed_templates_may_send_them(
     debug = orjson.dumps({"model": "llama3.2", "prompt": "hi", "_debug_render_only": True, "stream": False})
     assert await _post(http, stack, key, "/api/generate", debug) == 200
     assert [r["path"] for r in await simulator.requests()][-2:] == ["/api/generate", "/api/generate"]
+
+
+@pytest.mark.parametrize(
+    ("label", "raw"),
+    [
+        (
+            "ligature key Go does not fold",
+            '{"model":"llama3.2","messages":[{"role":"user","content":"hi"}],"\ufb06ream":false}',
+        ),
+        (
+            "long s folds to options",
+            '{"model":"llama3.2","messages":[{"role":"user","content":"hi"}],"option\u017f":{"num_predict":5},"stream":false}',
+        ),
+        (
+            "options keys are exact",
+            '{"model":"llama3.2","messages":[{"role":"user","content":"hi"}],"OPTIONS":{"NUM_PREDICT":5},"stream":false}',
+        ),
+        (
+            "duplicate key",
+            '{"model":"llama3.2","messages":[{"role":"user","content":"hi"}],"stream":false,"stream":true}',
+        ),
+        (
+            "options of the wrong type",
+            '{"model":"llama3.2","messages":[{"role":"user","content":"hi"}],"options":"fast"}',
+        ),
+        (
+            "absurd num_predict",
+            '{"model":"llama3.2","messages":[{"role":"user","content":"hi"}],"options":{"num_predict":1e30}}',
+        ),
+        (
+            "absurd max_tokens",
+            '{"model":"llama3.2","messages":[{"role":"user","content":"hi"}],"max_tokens":99999999999}',
+        ),
+    ],
+)
+async def test_odd_bodies_never_leave_the_ledger_below_the_simulator(  # noqa: PLR0917 - fixtures
+    label: str,
+    raw: str,
+    stack: Stack,
+    http: aiohttp.ClientSession,
+    make_key: KeyFactory,
+    simulator: SimulatorControl,
+    stack_db: asyncpg.Connection,
+) -> None:
+    """Bodies Go reads differently from Python: whatever the gateway answers, the key's ledger row
+    holds at least the tokens the simulator counted (exactly them when it finished), and a refused
+    body never reached the simulator."""
+    key = await make_key(total_tokens=100_000)
+    path = "/v1/chat/completions" if "max_tokens" in raw else "/api/chat"
+    status = await _post(http, stack, key, path, raw.encode())
+    _, key_id = await key_ids(stack_db, key)
+    (row,) = await _rows(stack_db, key_id, 1)
+    records = await simulator.requests()
+    if status != 200:
+        assert 400 <= status < 500, (label, status)
+        assert records == [], label
+        assert (row["prompt_tokens"], row["completion_tokens"]) == (0, 0), label
+        return
+    (record,) = records
+    generation = record["generation"]
+    counted = (generation["prompt_eval_count"], generation["eval_count"])
+    assert (row["prompt_tokens"], row["completion_tokens"]) == counted, (label, dict(row), generation)
