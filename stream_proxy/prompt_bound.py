@@ -8,8 +8,9 @@ is unknown or renders with built-in code, its template cannot be read, images, `
 client template) the num_ctx bound alone is used, never a guess.
 
 What the body brings is measured coarsely and from above: every string a template can print
-(content, thinking, names, the system prompt) is bounded by all of the body's text together,
-roles by all of the roles, tools and tool calls by their JSON as Go writes it.
+(content, thinking, names, ids, the system prompt) is bounded by all of the body's strings
+together, roles by all of the roles, messages by the JSON objects of the conversation, tools and
+tool calls by their JSON as Go writes it.
 """
 
 from __future__ import annotations
@@ -54,11 +55,28 @@ def go_json_size(value: Any) -> int:
 
 
 def _objects(value: Any) -> int:
+    """JSON objects in a value, and strings that are list elements: every message Ollama's
+    conversion can make of a conversation (a message per content block, per tool result, per
+    text part) and every tool call comes from at least one of them."""
     if isinstance(value, list):
-        return sum(_objects(v) for v in value)
+        return sum(1 if isinstance(v, str) else _objects(v) for v in value)
     if isinstance(value, dict):
         return 1 + sum(_objects(v) for v in value.values())
     return 0
+
+
+def _strings(value: Any) -> tuple[int, int]:
+    """(UTF-8 bytes, count) of every string value anywhere in a document: whatever Ollama's
+    conversion makes of a body, each string a template prints is one of these (or a part)."""
+    if isinstance(value, str):
+        return len(value.encode("utf-8", "surrogatepass")), 1
+    if isinstance(value, (list, dict)):
+        size = count = 0
+        for item in value.values() if isinstance(value, dict) else value:
+            more, n = _strings(item)
+            size, count = size + more, count + n
+        return size, count
+    return 0, 0
 
 
 def _conversation(document: dict[str, Any]) -> list[Any]:
@@ -148,8 +166,12 @@ def _rendered(
 
 def _values(document: dict[str, Any], size: meter.PromptSize, facts: ModelFacts) -> dict[str, int]:
     conversation = _conversation(document)
-    messages = size.messages + len(facts.messages) + 1
-    text = size.text_bytes + facts.system + sum(n for _, n in facts.messages) + 2 * messages
+    calls = _objects(conversation)
+    # The adapter's count, or more when Ollama may split messages (a system prompt adds one).
+    messages = max(size.messages, calls) + len(facts.messages) + 1
+    strings, count = _strings(document)
+    added = facts.system + sum(n for _, n in facts.messages) + 2 * messages  # "\n\n" of merged turns
+    text = max(size.text_bytes, strings) + added
     roles = sum(
         len(str(body.get(m, "role") or "").encode("utf-8", "surrogatepass"))
         for m in conversation
@@ -158,9 +180,8 @@ def _values(document: dict[str, Any], size: meter.PromptSize, facts: ModelFacts)
     roles += sum(len(role.encode()) for role, _ in facts.messages) + PER_MESSAGE * messages
     tools = body.get(document, "tools")
     tools = tools if isinstance(tools, list) else []
-    calls = _objects(conversation)
     values = dict.fromkeys(VARIABLES, text)
-    json_text = 6 * text + 2 * PER_MESSAGE * messages
+    json_text = 6 * text + 2 * (count + messages)
     for name in VARIABLES:
         if name.endswith("J"):
             values[name] = json_text

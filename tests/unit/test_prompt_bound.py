@@ -163,3 +163,25 @@ def test_analysis_of_show_template_is_cached_in_facts() -> None:
     """The facts hold the template's analysis (not the text): one parse per model and digest."""
     facts = facts_from_show(show(), "d")
     assert facts.template == analyse(LLAMA3)
+
+
+def test_every_string_of_the_body_is_in_the_bound() -> None:
+    """A template that prints .ToolCallID: a 3,000-byte tool_call_id no adapter counts as text is
+    still within the bound (every string of the body bounds every printed one)."""
+    template = "{{ range .Messages }}[{{ .ToolCallID }}]{{ .Content }}{{ end }}"
+    facts = facts_from_show(show(template=template), None)
+    document = {
+        "model": "m",
+        "messages": [{"role": "tool", "content": "42", "tool_call_id": "c" * 3000}],
+    }
+    assert bound("chat", document, facts) >= 3000 + 2 + 2
+
+
+def test_messages_ollama_splits_are_each_counted() -> None:
+    """One Anthropic message of five tool results becomes five tool messages in Ollama: a
+    template writing 100 literal bytes per message is bounded for five of them, not one."""
+    template = "{{ range .Messages }}" + "x" * 100 + "{{ .Content }}{{ end }}"
+    facts = facts_from_show(show(template=template), None)
+    results = [{"type": "tool_result", "tool_use_id": f"t{i}", "content": "ok"} for i in range(5)]
+    document = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": results}]}
+    assert bound("anthropic_messages", document, facts) >= 5 * 100 + 5 * 2
