@@ -27,6 +27,9 @@ from stream_proxy.template_bound import Analysis, analyse
 log = logging.getLogger("stream_proxy.models")
 # The catalogue's own requests say who sends them (tests leave them out of what reached Ollama).
 USER_AGENT = "neuronetz-gateway model-catalogue"
+# How long a name Ollama does not describe stays unknown, and how many such names are kept.
+UNKNOWN_SECONDS = 5.0
+MAX_UNKNOWN = 4096
 ERRORS = (aiohttp.ClientError, TimeoutError, OSError, ValueError)
 
 
@@ -114,6 +117,8 @@ class ModelCatalog:
     _digests: dict[str, str] = attrs.field(init=False, factory=dict)
     _digests_at: float = attrs.field(init=False, default=-1e18)
     _inflight: dict[str, asyncio.Future[ModelFacts | None]] = attrs.field(init=False, factory=dict)
+    # Names Ollama did not describe, until when: requests naming them do not each cost a call.
+    _unknown: dict[str, float] = attrs.field(init=False, factory=dict)
 
     async def facts(self, name: str) -> ModelFacts | None:
         """The model's facts, or None when Ollama does not describe it (unknown model, an error):
@@ -124,6 +129,8 @@ class ModelCatalog:
         known = self._facts.get(key)
         if known is not None:
             return known
+        if self._unknown.get(key, -1e18) > self.clock():
+            return None
         pending = self._inflight.get(key)
         if pending is not None:
             return await asyncio.shield(pending)
@@ -145,6 +152,9 @@ class ModelCatalog:
             await self.poll()
         answer = await self._get("/api/show", {"model": name})
         if not isinstance(answer, dict):
+            if len(self._unknown) >= MAX_UNKNOWN:
+                self._unknown.clear()
+            self._unknown[key] = self.clock() + min(self.refresh, UNKNOWN_SECONDS)
             return None
         found = facts_from_show(answer, self._digests.get(key))
         self._facts[key] = found

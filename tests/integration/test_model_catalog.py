@@ -26,6 +26,7 @@ async def test_facts_are_cached_and_dropped_with_the_model() -> None:
             again = await catalog.facts("LLAMA3.2:latest")
             assert again is first
             assert await catalog.facts("no-such-model") is None
+            assert await catalog.facts("no-such-model") is None  # remembered: no second /api/show
             async with session.post(server.make_url("/_sim/settings"), json={"models": ["qwen3:8b"]}) as resp:
                 assert resp.status == 200, await resp.text()
             await catalog.poll()
