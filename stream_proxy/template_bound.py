@@ -14,6 +14,7 @@ error) makes the template unbounded, and the caller falls back to the context-le
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Final
 
@@ -172,6 +173,9 @@ class _Reader:
     defined: Mapping[str, tuple[Node, ...]]
     fresh_n: int = 0
     depth: int = 0
+    # Variables reassigned inside the range being read: name -> (placeholder variable, the most
+    # one assignment adds per element); see _range.
+    accumulating: dict[str, tuple[str, Poly]] = attrs.field(factory=dict)
 
     def fresh(self, stem: str) -> str:
         self.fresh_n += 1
@@ -277,11 +281,24 @@ class _Reader:
         declared, assign, rest = _declaration(words)
         kind = self._commands(_commands(rest), dot, scopes)
         for name in declared:
-            if assign:
+            if assign and name in self.accumulating:
+                self._accumulate(name, kind)
+            elif assign:
                 _reassign(scopes, name, kind)
             else:
                 scopes[-1][name] = kind
         return kind
+
+    def _accumulate(self, name: str, kind: Kind) -> None:
+        """`$x = E` inside the range: E may hold the old value once (`printf "%s…" $x …`) plus
+        what this element adds; the added part is kept (the larger over all assignments)."""
+        placeholder, added = self.accumulating[name]
+        if kind.printed is None:
+            raise Unbounded(f"assignment of an unbounded value to {name}")
+        rest = dict(kind.printed)
+        if rest.pop((placeholder,), 0) > 1 or any(placeholder in m for m in rest):
+            raise Unbounded(f"{name} grows faster than once per element")
+        self.accumulating[name] = (placeholder, larger(added, rest))
 
     def _commands(
         self, commands: list[list[str | list[object]]], dot: Kind, scopes: list[dict[str, Kind]]
@@ -361,9 +378,8 @@ class _Reader:
         if any(p is None for p in printed):
             raise Unbounded(f"{name} of a value without a bound")
         parts = [p for p in printed if p is not None]
-        if name == "printf":  # every verb may quote and escape its argument (%q: ≤ 6 bytes a byte)
-            fmt = parts[0] if parts else {}
-            total = add(fmt, *(scaled(p, 6, 2) for p in parts[1:]), const(NUMBER * len(parts)))
+        if name == "printf":
+            total = _printf(words[0] if words else None, parts)
         elif name in ("html", "js", "urlquery"):  # an escape is at most 6 bytes per byte
             total = scaled(add(*parts), 6, len(parts))
         else:  # print, println: spaces between operands
@@ -374,7 +390,10 @@ class _Reader:
 
     def walk(self, nodes: Sequence[Node], dot: Kind, scopes: list[dict[str, Kind]]) -> Poly:
         total: Poly = {}
-        for node in nodes:
+        for at, node in enumerate(nodes):
+            if isinstance(node, Print) and len(node.words) == 1 and node.words[0] in self.accumulating:
+                _consumed(node.words[0], nodes[at + 1 :])
+                continue  # counted once for the whole range (see _range)
             total = add(total, self._node(node, dot, scopes))
         return total
 
@@ -414,14 +433,32 @@ class _Reader:
             inner[-1][declared[0]] = small(NUMBER)
         if declared:
             inner[-1][declared[-1]] = domain.element
-        body = self.walk(node.body, domain.element, inner)
-        summed: Poly = {}
-        for monomial, coefficient in body.items():
-            if any(v in domain.totals for v in monomial):
-                key = tuple(sorted(domain.totals.get(v, v) for v in monomial))
-            else:
-                key = tuple(sorted((*monomial, domain.count)))
-            summed[key] = summed.get(key, 0) + coefficient
+        names = _assigned(node.body) - set(inner[-1])
+        if names & set(self.accumulating):
+            raise Unbounded("a variable reassigned in nested ranges")
+        starts = {name: _lookup(scopes, name) for name in names}
+        for name in names:
+            placeholder = self.fresh("acc")
+            self.accumulating[name] = (placeholder, {})
+            inner[-1][name] = Kind("leaf", var(placeholder), var(placeholder, 6, 2))
+        try:
+            body = self.walk(node.body, domain.element, inner)
+            grown = {name: self.accumulating[name] for name in names}
+        finally:
+            for name in names:
+                del self.accumulating[name]
+        if any(placeholder in m for placeholder, _ in grown.values() for m in body):
+            raise Unbounded("a reassigned variable printed other than on its own")
+        summed = _summed(body, domain)
+        for name, (_, added) in grown.items():
+            start = starts[name].printed
+            if start is None:
+                raise Unbounded(f"{name} starts unbounded")
+            # The value never exceeds its start plus everything added; every print of it inside
+            # the range is followed by a reset to "", so all of them together print at most that.
+            value = add(start, _summed(added, domain))
+            summed = add(summed, value)
+            _set(scopes, name, Kind("leaf", value, scaled(value, 6, 2)))
         return larger(summed, otherwise)
 
     def _include(self, node: Include, dot: Kind, scopes: list[dict[str, Kind]]) -> Poly:
@@ -436,6 +473,72 @@ class _Reader:
             return self.walk(body, kind, [{"$": kind}])
         finally:
             self.depth -= 1
+
+
+def _summed(body: Poly, domain: Domain) -> Poly:
+    """A range body's bound over all elements: an element's variables become their totals; what
+    does not depend on the element counts once per element."""
+    summed: Poly = {}
+    for monomial, coefficient in body.items():
+        if any(v in domain.totals for v in monomial):
+            key = tuple(sorted(domain.totals.get(v, v) for v in monomial))
+        else:
+            key = tuple(sorted((*monomial, domain.count)))
+        summed[key] = summed.get(key, 0) + coefficient
+    return summed
+
+
+def _assigned(nodes: Sequence[Node]) -> set[str]:
+    """Variables `$x = …` assigns anywhere in these nodes."""
+    names: set[str] = set()
+    for node in nodes:
+        if isinstance(node, Print):
+            declared, assign, _ = _declaration(node.words)
+            if assign:
+                names.update(declared)
+        elif isinstance(node, Branch):
+            names |= _assigned(node.body) | _assigned(node.otherwise)
+    return names
+
+
+def _consumed(name: str, following: Sequence[Node]) -> None:
+    """A print of an accumulating variable must be followed (text aside) by `$x = ""`."""
+    for node in following:
+        if isinstance(node, Text):
+            continue
+        reset = isinstance(node, Print) and node.words[:2] == (name, "=") and len(node.words) == 3
+        if reset and isinstance(node, Print) and literal(node.words[2]) == "":
+            return
+        break
+    raise Unbounded(f"{name} printed without being reset")
+
+
+def _set(scopes: list[dict[str, Kind]], name: str, kind: Kind) -> None:
+    for scope in reversed(scopes):
+        if name in scope:
+            scope[name] = kind
+            return
+    raise Unbounded(f"undefined variable {name}")
+
+
+_VERB: Final = re.compile(r"%[-+# 0]*(?:\d+|\*)?(?:\.(?:\d+|\*))?[a-zA-Z%]")
+
+
+def _printf(fmt: str | list[object] | None, parts: list[Poly]) -> Poly:
+    """printf with a literal format: the literal text, each %s/%v/%d argument as printed, %q and
+    the rest as escaped (≤ 6 bytes a byte + quotes). Any other format: every argument escaped."""
+    quoted = literal(fmt) if isinstance(fmt, str) else None
+    if quoted is None:
+        return add(*(scaled(p, 6, 2) for p in parts), const(NUMBER * len(parts)))
+    verbs = [v for v in _VERB.findall(quoted) if v != "%%"]
+    text = len(_VERB.sub("", quoted).encode("utf-8", "surrogatepass")) + quoted.count("%%")
+    total = const(text + NUMBER * max(0, len(verbs) - len(parts) + 1))
+    for verb, part in zip(verbs, parts[1:], strict=False):
+        plain = verb[-1] in "svd" and not any(c in verb for c in "*#+ ")
+        total = add(total, part if plain else scaled(part, 6, 2))
+    for part in parts[1 + len(verbs) :]:  # extra arguments: %!(EXTRA type=value)
+        total = add(total, scaled(part, 6, NUMBER))
+    return total
 
 
 def _is_function(word: str) -> bool:
