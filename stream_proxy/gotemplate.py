@@ -131,7 +131,14 @@ class Include:
     words: tuple[str, ...]
 
 
-Node = Text | Print | Branch | Include
+@attrs.frozen
+class Jump:
+    """`break` or `continue`: skips what follows in the range body."""
+
+    keyword: str
+
+
+Node = Text | Print | Branch | Include | Jump
 
 
 @attrs.define
@@ -170,6 +177,8 @@ class _Parser:
                 body, stop = self._list()
                 if stop is None or stop[0] != "end":
                     raise Unbounded(f"{head} without end")
+                if name in self.defined or name == "":  # Go's rules for redefinitions differ
+                    raise Unbounded(f"template {name!r} defined twice or replacing the root")
                 self.defined[name] = body
                 if head == "block":
                     nodes.append(Include(name, words[2:]))
@@ -179,7 +188,7 @@ class _Parser:
                     raise Unbounded("template without a name")
                 nodes.append(Include(name, words[2:]))
             elif head in ("break", "continue"):
-                continue
+                nodes.append(Jump(head))
             else:
                 nodes.append(Print(words))
         return tuple(nodes), None
@@ -239,5 +248,7 @@ def identifiers(template: str) -> set[str]:
         if isinstance(item, Action):
             for word in item.words:
                 if word[:1] in (".", "$") and literal(word) is None:
-                    names.update(part.lower() for part in word.lstrip("$").split(".") if part)
+                    # A field's names, or a variable's: `$messages` is "$messages", `$.Messages`
+                    # is "$" and "Messages" (parse.VariableNode.Ident).
+                    names.update(part.lower() for part in word.split(".") if part)
     return names

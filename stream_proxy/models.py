@@ -81,9 +81,12 @@ def facts_from_show(answer: dict[str, Any], digest: str | None) -> ModelFacts:
     parameters = answer.get("parameters")
     capabilities = answer.get("capabilities")
     template = answer.get("template")
+    # Ollama reports its default `{{ .Prompt }}` for a model without a template of its own, which
+    # llama-server then renders with its own chat template: that says nothing.
+    described = isinstance(template, str) and template.strip() not in ("", "{{ .Prompt }}")
     return ModelFacts(
         digest=digest,
-        template=analyse(template) if isinstance(template, str) else Analysis(None, None),
+        template=analyse(template) if described and isinstance(template, str) else Analysis(None, None),
         system=_size(answer.get("system")),
         messages=tuple(
             (str(m.get("role", "")), _size(m.get("content")))

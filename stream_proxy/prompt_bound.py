@@ -65,18 +65,21 @@ def _objects(value: Any) -> int:
     return 0
 
 
-def _strings(value: Any) -> tuple[int, int]:
-    """(UTF-8 bytes, count) of every string value anywhere in a document: whatever Ollama's
-    conversion makes of a body, each string a template prints is one of these (or a part)."""
+def _strings(value: Any) -> tuple[int, int, bool]:
+    """(count, the longest Go JSON form, whether there is audio) of the strings of a document."""
     if isinstance(value, str):
-        return len(value.encode("utf-8", "surrogatepass")), 1
+        return 1, go_json_size(value), False
     if isinstance(value, (list, dict)):
-        size = count = 0
-        for item in value.values() if isinstance(value, dict) else value:
-            more, n = _strings(item)
-            size, count = size + more, count + n
-        return size, count
-    return 0, 0
+        count, longest, audio = 0, 0, False
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            n, size, sound = _strings(item)
+            audio = audio or sound or (isinstance(key, str) and body.fold(key) == "input_audio")
+            count, longest = count + n + isinstance(key, str), max(longest, size)
+            if isinstance(key, str):
+                longest = max(longest, go_json_size(key))
+        return count, longest, audio
+    return 0, 0, False
 
 
 def _conversation(document: dict[str, Any]) -> list[Any]:
@@ -148,6 +151,8 @@ def _rendered(
     """Bytes of the prompt Ollama renders, or None where they cannot be bounded."""
     if size.images or size.context_tokens or body.get(document, "context") is not None:
         return None
+    if _strings(document)[2]:  # audio is stored as an image: its tokens are not bytes either
+        return None
     generate = route in ("generate", "openai_completions")
     if generate and body.get(document, "raw") is True:
         return size.text_bytes
@@ -169,9 +174,11 @@ def _values(document: dict[str, Any], size: meter.PromptSize, facts: ModelFacts)
     calls = _objects(conversation)
     # The adapter's count, or more when Ollama may split messages (a system prompt adds one).
     messages = max(size.messages, calls) + len(facts.messages) + 1
-    strings, count = _strings(document)
+    count, longest, _ = _strings(document)
     added = facts.system + sum(n for _, n in facts.messages) + 2 * messages  # "\n\n" of merged turns
-    text = max(size.text_bytes, strings) + added
+    # Every string a template prints is a string of the body, or a part of it Ollama re-marshals
+    # as JSON (a tool result object, arguments): all of them together are within the body's Go JSON.
+    text = max(size.text_bytes, go_json_size(document)) + added
     roles = sum(
         len(str(body.get(m, "role") or "").encode("utf-8", "surrogatepass"))
         for m in conversation
@@ -193,6 +200,12 @@ def _values(document: dict[str, Any], size: meter.PromptSize, facts: ModelFacts)
         T=len(tools),
         J=sum(go_json_size(t) for t in tools) + PER_TOOL * len(tools),
         K=calls,
-        KJ=go_json_size(conversation) + PER_TOOL * calls,
+        # Arguments sent as a JSON string are decoded and written again: a number of 4 bytes
+        # ("1e20") may come back as 21, hence 6 bytes a byte.
+        KJ=6 * go_json_size(conversation) + PER_TOOL * calls,
+        # A tool message takes its tool name from the call it answers: any message may carry the
+        # longest string of the body as its name.
+        N=text + messages * longest,
+        NJ=6 * (text + messages * longest) + 2 * messages,
     )
     return values

@@ -20,7 +20,18 @@ from typing import Final
 
 import attrs
 
-from stream_proxy.gotemplate import Branch, Include, Node, Print, Text, Unbounded, identifiers, literal, parse
+from stream_proxy.gotemplate import (
+    Branch,
+    Include,
+    Jump,
+    Node,
+    Print,
+    Text,
+    Unbounded,
+    identifiers,
+    literal,
+    parse,
+)
 
 Monomial = tuple[str, ...]
 Poly = dict[Monomial, int]
@@ -148,7 +159,11 @@ class Domain:
 
 
 LEAF_UNKNOWN: Final = Kind("leaf")
-MISSING: Final = Kind("missing", {(): NO_VALUE}, {(): 2})  # nil: prints <no value>, json null
+MISSING: Final = Kind("missing", {(): NO_VALUE}, {(): len("null")})  # nil: <no value>, json null
+# Nodes one reading may visit (templates calling templates can multiply them): beyond, no bound.
+MAX_VISITS: Final = 20_000
+# Templates longer than this are not read (the reading runs on the event loop).
+MAX_TEMPLATE: Final = 256 * 1024
 
 
 def small(n: int) -> Kind:
@@ -176,6 +191,7 @@ class _Reader:
     # Variables reassigned inside the range being read: name -> (placeholder variable, the most
     # one assignment adds per element); see _range.
     accumulating: dict[str, tuple[str, Poly]] = attrs.field(factory=dict)
+    visits: int = 0
 
     def fresh(self, stem: str) -> str:
         self.fresh_n += 1
@@ -234,7 +250,7 @@ class _Reader:
             if name == "Tools":
                 return self.tools()
             if name in ("Prompt", "Suffix"):
-                return small(0)
+                return MISSING  # not in the map the messages path executes with
         elif shape == "turn":
             if name == "System":
                 return text("s.turn", "sj.turn")
@@ -296,8 +312,8 @@ class _Reader:
         if kind.printed is None:
             raise Unbounded(f"assignment of an unbounded value to {name}")
         rest = dict(kind.printed)
-        if rest.pop((placeholder,), 0) > 1 or any(placeholder in m for m in rest):
-            raise Unbounded(f"{name} grows faster than once per element")
+        if rest.pop((placeholder,), 0) > 1 or any(v.startswith("acc.") for m in rest for v in m):
+            raise Unbounded(f"{name} grows faster than once per element, or from another variable")
         self.accumulating[name] = (placeholder, larger(added, rest))
 
     def _commands(
@@ -390,6 +406,9 @@ class _Reader:
 
     def walk(self, nodes: Sequence[Node], dot: Kind, scopes: list[dict[str, Kind]]) -> Poly:
         total: Poly = {}
+        self.visits += len(nodes)
+        if self.visits > MAX_VISITS:
+            raise Unbounded("too much template to read")
         for at, node in enumerate(nodes):
             if isinstance(node, Print) and len(node.words) == 1 and node.words[0] in self.accumulating:
                 _consumed(node.words[0], nodes[at + 1 :])
@@ -410,6 +429,8 @@ class _Reader:
             return kind.printed
         if isinstance(node, Include):
             return self._include(node, dot, scopes)
+        if isinstance(node, Jump):  # only skips output (between a print and its reset: no bound)
+            return {}
         inner = [*scopes, {}]
         if node.keyword == "if":
             if _declaration(node.words)[0]:
@@ -528,6 +549,8 @@ def _printf(fmt: str | list[object] | None, parts: list[Poly]) -> Poly:
     """printf with a literal format: the literal text, each %s/%v/%d argument as printed, %q and
     the rest as escaped (≤ 6 bytes a byte + quotes). Any other format: every argument escaped."""
     quoted = literal(fmt) if isinstance(fmt, str) else None
+    if quoted is not None and re.search(r"%[-+# 0]*(?:\[|\*|\d|\.\d)", quoted):
+        raise Unbounded("printf with a width, a precision or an argument index")
     if quoted is None:
         return add(*(scaled(p, 6, 2) for p in parts), const(NUMBER * len(parts)))
     verbs = [v for v in _VERB.findall(quoted) if v != "%%"]
@@ -568,6 +591,8 @@ def _commands(words: Sequence[str]) -> list[list[str | list[object]]]:
             if len(stack) == 1:
                 raise Unbounded("unbalanced )")
             group = stack.pop()
+            if any(not c for c in group):
+                raise Unbounded("empty parentheses or command")
             stack[-1][-1].append(group)  # type: ignore[arg-type]  # a nested pipeline operand
         elif word == "|":
             stack[-1].append([])
@@ -623,10 +648,12 @@ class Analysis:
 
 def analyse(template: str) -> Analysis:
     """The bounds of a template as `/api/show` reports it."""
+    if len(template) > MAX_TEMPLATE:
+        return Analysis(None, None)
     try:
         nodes, defined = parse(template)
         names = identifiers(template)
-    except Unbounded:
+    except (Unbounded, RecursionError, IndexError):
         return Analysis(None, None)
     if "messages" in names:
         chat = _bound(lambda r: r.walk(nodes, r.root(), [{"$": r.root()}]), "messages", defined)
@@ -647,9 +674,12 @@ def _bound(
     walk: Callable[[_Reader], Poly], mode: str, defined: Mapping[str, tuple[Node, ...]]
 ) -> Poly | None:
     try:
-        return walk(_Reader(mode, defined))
-    except Unbounded:
+        poly = walk(_Reader(mode, defined))
+    except (Unbounded, RecursionError, IndexError):
         return None
+    if any(v.startswith("acc.") for m in poly for v in m):
+        return None  # an accumulator's placeholder escaped its range
+    return poly
 
 
 def _per_turn(poly: Poly) -> Poly:

@@ -185,3 +185,41 @@ def test_messages_ollama_splits_are_each_counted() -> None:
     results = [{"type": "tool_result", "tool_use_id": f"t{i}", "content": "ok"} for i in range(5)]
     document = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": results}]}
     assert bound("anthropic_messages", document, facts) >= 5 * 100 + 5 * 2
+
+
+def test_an_object_ollama_marshals_into_content_is_bounded_by_its_json() -> None:
+    """Found by review: a web_search_tool_result's object content becomes json.Marshal text in a
+    tool message; its 100,000-byte key and its escaped `<`s are within the bound."""
+    facts = facts_from_show(show(), None)
+    result = {"type": "web_search_tool_result", "tool_use_id": "x", "content": {"k" * 100_000: "<" * 1000}}
+    document = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": [result]}]}
+    assert bound("anthropic_messages", document, facts) >= 100_000 + 6 * 1000
+
+
+def test_a_tool_name_copied_into_every_tool_message_is_bounded() -> None:
+    """Found by review: Ollama's OpenAI layer names each tool message after the call it answers,
+    so one 10,000-byte name may be printed once per tool message."""
+    template = (
+        '{{ range .Messages }}{{ if eq .Role "tool" }}<r n="{{ .ToolName }}">{{ .Content }}</r>'
+        "{{ end }}{{ end }}"
+    )
+    facts = facts_from_show(show(template=template, model_info={"x.context_length": 10**8}), None)
+    call = {"id": "c", "type": "function", "function": {"name": "n" * 10_000, "arguments": "{}"}}
+    messages: list[dict[str, Any]] = [{"role": "assistant", "content": "", "tool_calls": [call]}]
+    messages += [{"role": "tool", "tool_call_id": "c", "content": ""}] * 100
+    assert bound("openai_chat", {"model": "m", "messages": messages}, facts) >= 100 * 10_000
+
+
+def test_ollamas_default_template_says_nothing() -> None:
+    """A model without a template of its own shows `{{ .Prompt }}` while llama-server renders it
+    with its built-in chat template: bounded by num_ctx alone."""
+    facts = facts_from_show(show(template="{{ .Prompt }}"), None)
+    document = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    assert bound("chat", document, facts) == 131072
+
+
+def test_audio_is_bounded_by_num_ctx() -> None:
+    """An OpenAI input_audio part is stored as an image by Ollama: its tokens are not bytes."""
+    part = {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}
+    document = {"model": "m", "messages": [{"role": "user", "content": [part]}]}
+    assert bound("openai_chat", document, facts_from_show(show(), None)) == 131072

@@ -140,3 +140,56 @@ def test_a_system_prompt_accumulated_and_reset_counts_once() -> None:
     )
     analysis = tb.analyse(template)
     assert analysis.messages == {("C",): 2, ("M",): 2}
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        '{{ block "s" . }}{{ range .Messages }}{{ .Content }}{{ end }}{{ end }}{{ define "s" }}{{ end }}',
+        '{{ define "" }}{{ range .Messages }}{{ .Content }}{{ end }}{{ end }}',
+        '{{ range .Messages }}{{ printf "%9999999d" 1 }}{{ end }}',
+        '{{ range .Messages }}{{ printf "%[1]s%[1]s%[1]s" .Content }}{{ end }}',
+        '{{ $x := "" }}{{ $y := "" }}{{ range .Messages }}{{ $y = printf "%s%s" $y .Content }}'
+        '{{ $x = printf "%s%s" $x $y }}{{ end }}{{ $x }}',
+        '{{ $x := "" }}{{ range .Messages }}{{ $x = printf "%s%s" $x .Content }}{{ $x }}{{ continue }}'
+        '{{ $x = "" }}{{ end }}',
+        "{{ () }}",
+        "{{ len () }}",
+        "{{ if 1 }}" * 3000 + "{{ end }}" * 3000,
+    ],
+)
+def test_what_go_reads_otherwise_has_no_bound(template: str) -> None:
+    """Found by review: Go keeps a non-empty block over an empty redefinition and lets `define ""`
+    replace the root; printf widths and argument indexes print more than their argument; an
+    accumulator fed from another, or printed before a `continue` that skips its reset, grows
+    quadratically; empty parentheses and deep nesting: none of these gets a bound, none crashes."""
+    assert tb.analyse(template).messages is None
+
+
+def test_templates_calling_templates_stop_being_read() -> None:
+    """Seven defines each calling the next eight times (8^7 executions): the reading gives up
+    within its visit budget instead of stalling the event loop."""
+    parts = ['{{ define "t7" }}{{ range .Messages }}{{ .Content }}{{ end }}{{ end }}']
+    for level in range(6, -1, -1):
+        calls = f'{{{{ template "t{level + 1}" . }}}}' * 8
+        parts.append(f'{{{{ define "t{level}" }}}}{calls}{{{{ end }}}}')
+    parts.append('{{ template "t0" . }}')
+    assert tb.analyse("".join(parts)).messages is None
+
+
+def test_a_variable_named_messages_does_not_make_the_messages_path() -> None:
+    """Go's Vars records `$messages` as "$messages": a template naming only that variable runs
+    the legacy path (once per turn, .Prompt and .Response printed)."""
+    analysis = tb.analyse("{{ $messages := 0 }}[INST] {{ .Prompt }} [/INST]")
+    assert analysis.messages is not None
+    value = tb.evaluate(
+        analysis.messages, {**dict.fromkeys(tb.VARIABLES, 0), "CU": 150_000, "CA": 10, "TURNS": 4}
+    )
+    assert value >= 150_000 + 10
+
+
+def test_prompt_and_suffix_print_no_value_on_the_messages_path() -> None:
+    """On the messages path .Prompt and .Suffix are missing keys: `<no value>`, and `null` as json."""
+    analysis = tb.analyse("{{ range .Messages }}{{ $.Prompt }}{{ json $.Suffix }}{{ end }}")
+    assert analysis.messages is not None
+    assert tb.evaluate(analysis.messages, {**dict.fromkeys(tb.VARIABLES, 0), "M": 3}) >= 14 * 3
