@@ -82,6 +82,20 @@ def _strings(value: Any) -> tuple[int, int, bool]:
     return 0, 0, False
 
 
+_CALL_KEYS: Final = frozenset({"tool_calls", "arguments", "input"})
+
+
+def _has_calls(value: Any) -> bool:
+    """Whether a conversation can hold a tool call at all: every form Ollama reads one from (native
+    and OpenAI `tool_calls`, Anthropic `tool_use` blocks' `input`, Responses `function_call`
+    items' `arguments`) has one of these keys."""
+    if isinstance(value, list):
+        return any(_has_calls(v) for v in value)
+    if isinstance(value, dict):
+        return any(body.fold(k) in _CALL_KEYS or _has_calls(v) for k, v in value.items())
+    return False
+
+
 def _conversation(document: dict[str, Any]) -> list[Any]:
     for name in ("messages", "input"):
         value = body.get(document, name)
@@ -185,6 +199,7 @@ def _values(document: dict[str, Any], size: meter.PromptSize, facts: ModelFacts)
         if isinstance(m, dict)
     )
     roles += sum(len(role.encode()) for role, _ in facts.messages) + PER_MESSAGE * messages
+    with_calls = _has_calls(conversation)
     tools = body.get(document, "tools")
     tools = tools if isinstance(tools, list) else []
     values = dict.fromkeys(VARIABLES, text)
@@ -198,11 +213,12 @@ def _values(document: dict[str, Any], size: meter.PromptSize, facts: ModelFacts)
         M=messages,
         TURNS=messages + 1,
         T=len(tools),
+        TT=1 if tools else 0,
         J=sum(go_json_size(t) for t in tools) + PER_TOOL * len(tools),
-        K=calls,
+        K=calls if with_calls else 0,
         # Arguments sent as a JSON string are decoded and written again: a number of 4 bytes
         # ("1e20") may come back as 21, hence 6 bytes a byte.
-        KJ=6 * go_json_size(conversation) + PER_TOOL * calls,
+        KJ=6 * go_json_size(conversation) + PER_TOOL * calls if with_calls else 0,
         # A tool message takes its tool name from the call it answers: any message may carry the
         # longest string of the body as its name.
         N=text + messages * longest,

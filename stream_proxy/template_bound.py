@@ -109,6 +109,7 @@ def renamed(poly: Poly, names: Mapping[str, str]) -> Poly:
 MESSAGE_VARIABLES: Final = ("R", "RJ", "C", "CJ", "H", "HJ", "N", "NJ", "K", "KJ")
 MESSAGE_TEXT: Final = ("Role", "Content", "Thinking", "ToolName", "ToolCallID")
 VARIABLES: Final = (
+    "TT",  # 1 when the request has tools, else 0
     *MESSAGE_VARIABLES,
     "M",
     "S",
@@ -435,11 +436,40 @@ class _Reader:
         if node.keyword == "if":
             if _declaration(node.words)[0]:
                 self.pipeline(node.words, dot, inner)
-            return larger(self.walk(node.body, dot, inner), self.walk(node.otherwise, dot, [*scopes, {}]))
+            then = self.walk(node.body, dot, inner)
+            gate = self._gate(node.words, dot, scopes)
+            if gate is not None:
+                then = _gated(then, *gate)
+            return larger(then, self.walk(node.otherwise, dot, [*scopes, {}]))
         if node.keyword == "with":
             kind = self.pipeline(node.words, dot, inner)
             return larger(self.walk(node.body, kind, inner), self.walk(node.otherwise, dot, [*scopes, {}]))
         return self._range(node, dot, scopes)
+
+    def _gate(
+        self, words: Sequence[str], dot: Kind, scopes: list[dict[str, Kind]]
+    ) -> tuple[str, frozenset[str]] | None:
+        """`if .Tools`, `if and $.Tools $last`, `if .ToolCalls` hold only for a non-empty
+        collection: (a variable that is 0 when it is empty and ≥ 1 otherwise, the variables that
+        are 0 when it is empty). TT (0 or 1) stands for the request's tools, a count for others."""
+        operands = list(words[1:]) if words[:1] == ("and",) or list(words[:1]) == ["and"] else list(words)
+        if len(operands) != len(words) and words[0] != "and":
+            return None
+        if words[:1] not in (("and",), ["and"]) and len(words) != 1:
+            return None
+        if any(w in ("(", ")", "|", ":=", "=") for w in operands):
+            return None
+        for word in operands:
+            if word.startswith((".", "$")):
+                try:
+                    kind = self._operand(word, dot, scopes)
+                except Unbounded:
+                    continue
+                if kind.ranged is not None:
+                    domain = kind.ranged
+                    empty = frozenset({domain.count, *domain.totals.values()})
+                    return ("TT" if domain.count == "T" else domain.count), empty
+        return None
 
     def _range(self, node: Branch, dot: Kind, scopes: list[dict[str, Kind]]) -> Poly:
         declared, assign, rest = _declaration(node.words)
@@ -494,6 +524,16 @@ class _Reader:
             return self.walk(body, kind, [{"$": kind}])
         finally:
             self.depth -= 1
+
+
+def _gated(poly: Poly, gate: str, empty: frozenset[str]) -> Poly:
+    """A branch that runs only while a collection is non-empty: each term that is not already 0
+    for an empty collection is multiplied by the gate (0 then, ≥ 1 otherwise)."""
+    gated: Poly = {}
+    for monomial, coefficient in poly.items():
+        key = monomial if empty & set(monomial) else tuple(sorted((*monomial, gate)))
+        gated[key] = gated.get(key, 0) + coefficient
+    return gated
 
 
 def _summed(body: Poly, domain: Domain) -> Poly:

@@ -193,3 +193,22 @@ def test_prompt_and_suffix_print_no_value_on_the_messages_path() -> None:
     analysis = tb.analyse("{{ range .Messages }}{{ $.Prompt }}{{ json $.Suffix }}{{ end }}")
     assert analysis.messages is not None
     assert tb.evaluate(analysis.messages, {**dict.fromkeys(tb.VARIABLES, 0), "M": 3}) >= 14 * 3
+
+
+def test_a_branch_that_needs_tools_costs_nothing_without_them() -> None:
+    """`if and $.Tools $last` (llama3.2's tools preamble inside its range) and `if .ToolCalls` run
+    only when there are tools or calls: without them those branches add nothing, with them they
+    count in full."""
+    template = (
+        "{{ range $i, $m := .Messages }}{{ if and $.Tools true }}" + "p" * 300 + "{{ end }}"
+        "{{ if .ToolCalls }}" + "c" * 50 + "{{ range .ToolCalls }}{{ .Function.Name }}{{ end }}{{ end }}"
+        "{{ .Content }}{{ end }}"
+    )
+    analysis = tb.analyse(template)
+    assert analysis.messages is not None
+    base = {**dict.fromkeys(tb.VARIABLES, 0), "M": 2, "C": 10}
+    assert tb.evaluate(analysis.messages, base) == 10
+    with_tools = tb.evaluate(analysis.messages, {**base, "T": 1, "TT": 1, "J": 40})
+    assert with_tools >= 10 + 2 * 300
+    with_calls = tb.evaluate(analysis.messages, {**base, "K": 1, "KJ": 30})
+    assert with_calls >= 10 + 50 + 30
