@@ -82,6 +82,11 @@ def _strings(value: Any) -> tuple[int, int, bool]:
     return 0, 0, False
 
 
+# Top-level fields whose strings a template may print (what else a body holds, model, options,
+# limits, stream flags, tools as their own JSON bound, never reaches the prompt as text).
+RENDERED: Final = frozenset(
+    {"messages", "input", "system", "instructions", "prompt", "suffix", "think", "reasoning"}
+)
 _CALL_KEYS: Final = frozenset({"tool_calls", "arguments", "input"})
 
 
@@ -192,7 +197,8 @@ def _values(document: dict[str, Any], size: meter.PromptSize, facts: ModelFacts)
     added = facts.system + sum(n for _, n in facts.messages) + 2 * messages  # "\n\n" of merged turns
     # Every string a template prints is a string of the body, or a part of it Ollama re-marshals
     # as JSON (a tool result object, arguments): all of them together are within the body's Go JSON.
-    text = max(size.text_bytes, go_json_size(document)) + added
+    rendered = [v for k, v in document.items() if body.fold(k) in RENDERED]
+    text = max(size.text_bytes, go_json_size(rendered)) + added
     roles = sum(
         len(str(body.get(m, "role") or "").encode("utf-8", "surrogatepass"))
         for m in conversation

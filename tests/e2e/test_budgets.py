@@ -269,14 +269,16 @@ async def test_concurrent_streams_never_overshoot_a_tenant_total_budget_shared_b
 async def test_the_completion_limit_forwarded_is_clamped_to_the_budget_left(
     stack: Stack, http: aiohttp.ClientSession, make_key: KeyFactory, simulator: SimulatorControl, store: Store
 ) -> None:
-    """With a total budget of prompt bound + 61: a first chat asking num_predict 40 is forwarded with
+    """With a total budget of the /v1 prompt bound + 61: a first chat asking num_predict 40 is forwarded with
     40; once it is settled, a /v1 stream asking max_tokens 40 is forwarded with max_tokens = budget
     left - prompt bound (< 40); then a request whose prompt bound + 1 no longer fits gets 429
     insufficient_quota (OpenAI-shaped) and never reaches the simulator."""
     await simulator.settings(completion_tokens=100)
-    bound = await prompt_bound(stack, http, chat("q0001", ASKED))
-    assert await prompt_bound(stack, http, openai_chat("q0002", ASKED), "openai_chat") == bound
+    first_bound = await prompt_bound(stack, http, chat("q0001", ASKED))
+    bound = await prompt_bound(stack, http, openai_chat("q0002", ASKED), "openai_chat")
+    assert await prompt_bound(stack, http, openai_chat("q0003", ASKED), "openai_chat") == bound
     budget = bound + 61
+    assert first_bound + ASKED <= budget  # the first request is not clamped
     token = await make_key(total_tokens=budget)
     tenant_id, key_id = await store.ids(token)
     async with store.redis:
