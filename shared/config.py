@@ -268,7 +268,10 @@ class ProxyOptions:
         help="completion limit reserved (and forwarded) when a metered request sets none and limits apply",
     )
     template_tokens_per_message: int = env(
-        "TEMPLATE_TOKENS_PER_MESSAGE", 8, minimum=0, help="prompt allowance per message for the chat template"
+        "TEMPLATE_TOKENS_PER_MESSAGE",
+        8,
+        minimum=0,
+        help="prompt allowance per embedding input (special tokens)",
     )
     image_tokens: int = env("IMAGE_TOKENS", 2048, minimum=0, help="prompt allowance per attached image")
     model_refresh: float = env(
