@@ -160,17 +160,21 @@ def prompt_bound(
 ) -> int:
     """The most prompt tokens Ollama can count for this request."""
     context = num_ctx(route, document, facts, fallback_context)
-    rendered = _rendered(route, document, size, facts)
+    rendered = _rendered(route, document, size, facts, _strings(document))
     return context if rendered is None else min(rendered + SPECIAL_TOKENS, context)
 
 
 def _rendered(
-    route: policy.Route, document: dict[str, Any], size: meter.PromptSize, facts: ModelFacts | None
+    route: policy.Route,
+    document: dict[str, Any],
+    size: meter.PromptSize,
+    facts: ModelFacts | None,
+    strings: tuple[int, int, bool],
 ) -> int | None:
     """Bytes of the prompt Ollama renders, or None where they cannot be bounded."""
     if size.images or size.context_tokens or body.get(document, "context") is not None:
         return None
-    if _strings(document)[2]:  # audio is stored as an image: its tokens are not bytes either
+    if strings[2]:  # audio is stored as an image: its tokens are not bytes either
         return None
     generate = route in ("generate", "openai_completions")
     if generate and body.get(document, "raw") is True:
@@ -185,15 +189,17 @@ def _rendered(
     poly = facts.template.suffix if suffix else facts.template.messages
     if poly is None:
         return None
-    return evaluate(poly, _values(document, size, facts))
+    return evaluate(poly, _values(document, size, facts, strings))
 
 
-def _values(document: dict[str, Any], size: meter.PromptSize, facts: ModelFacts) -> dict[str, int]:
+def _values(
+    document: dict[str, Any], size: meter.PromptSize, facts: ModelFacts, strings: tuple[int, int, bool]
+) -> dict[str, int]:
     conversation = _conversation(document)
     calls = _objects(conversation)
     # The adapter's count, or more when Ollama may split messages (a system prompt adds one).
     messages = max(size.messages, calls) + len(facts.messages) + 1
-    count, longest, _ = _strings(document)
+    count, longest, _ = strings
     added = facts.system + sum(n for _, n in facts.messages) + 2 * messages  # "\n\n" of merged turns
     # Every string a template prints is a string of the body, or a part of it Ollama re-marshals
     # as JSON (a tool result object, arguments): all of them together are within the body's Go JSON.

@@ -156,10 +156,11 @@ class Proxy:
         """The prompt bound: from the model's template and context (stream_proxy/prompt_bound.py);
         embeddings, which no template wraps, by their inputs' bytes."""
         options = self.config.options
-        size = apis.adapter(route).prompt(route, doc.document)
+        adapter = apis.adapter(route)
+        size = adapter.prompt(route, doc.document)
         if route not in TEMPLATED:
             return size.bound(options.template_tokens_per_message, options.image_tokens)
-        names = apis.adapter(route).models(route, doc.document) or []
+        names = adapter.models(route, doc.document) or []
         name = next((n for n in names if isinstance(n, str)), None)
         facts = await self.catalog.facts(name) if name is not None else None
         check_two_passes(route, doc.document, facts)

@@ -3,11 +3,13 @@ test session on the session's Postgres and Valkey, plus a factory for tenants an
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import datetime as dt
 import os
 import secrets
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -325,3 +327,17 @@ async def prompt_bound(
         facts = facts_from_show(await resp.json(), None)
     size = apis.adapter(route).prompt(route, body)
     return bound_of(route, body, size, facts, fallback_context=options.fallback_context_tokens)
+
+
+async def ledger_rows(
+    conn: asyncpg.Connection, key: str, count: int, *, wait_seconds: float = 10.0
+) -> list[asyncpg.Record]:
+    """The key's ledger rows (oldest first) once there are `count` of them; exactly `count`."""
+    _, key_id = await key_ids(conn, key)
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        rows = await conn.fetch("SELECT * FROM usage_ledger WHERE key_id = $1 ORDER BY finished_at", key_id)
+        if len(rows) >= count or time.monotonic() > deadline:
+            assert len(rows) == count, [dict(r) for r in rows]
+            return list(rows)
+        await asyncio.sleep(0.05)

@@ -31,7 +31,7 @@ from tests.e2e.conftest import (
     Stack,
     finished_records,
     forged_key,
-    key_ids,
+    ledger_rows,
     openai_client,
     prompt_bound,
     sent_bytes,
@@ -193,21 +193,6 @@ async def until(check: Callable[[], Awaitable[bool]], what: str, seconds: float 
         if time.monotonic() > deadline:
             raise AssertionError(f"{what}: not within {seconds} s")
         await asyncio.sleep(0.05)
-
-
-async def ledger_rows(conn: asyncpg.Connection, key: str, count: int) -> list[asyncpg.Record]:
-    """The key's ledger rows once there are `count` of them."""
-    _, key_id = await key_ids(conn, key)
-    rows: list[asyncpg.Record] = []
-
-    async def complete() -> bool:
-        nonlocal rows
-        rows = await conn.fetch("SELECT * FROM usage_ledger WHERE key_id = $1", key_id)
-        return len(rows) >= count
-
-    await until(complete, f"{count} ledger rows for the key")
-    assert len(rows) == count, [dict(r) for r in rows]
-    return rows
 
 
 def no_key_reached_ollama(record: dict[str, Any], key: str) -> None:

@@ -5,8 +5,6 @@ simulator's counts without one), and a tool call (charged the simulator's counts
 
 from __future__ import annotations
 
-import asyncio
-import time
 from typing import Any
 
 import aiohttp
@@ -19,7 +17,7 @@ from tests.e2e.conftest import (
     SimulatorControl,
     Stack,
     finished_records,
-    key_ids,
+    ledger_rows,
     prompt_bound,
 )
 
@@ -43,17 +41,6 @@ async def _post(
     headers = {"Authorization": f"Bearer {key}"}
     async with http.post(f"{stack.gateway_url}{path}", json=body, headers=headers) as resp:
         return resp.status, await resp.read()
-
-
-async def _rows(conn: asyncpg.Connection, key: str, count: int) -> list[asyncpg.Record]:
-    _, key_id = await key_ids(conn, key)
-    deadline = time.monotonic() + WAIT_SECONDS
-    while True:
-        rows = await conn.fetch("SELECT * FROM usage_ledger WHERE key_id = $1 ORDER BY finished_at", key_id)
-        if len(rows) >= count or time.monotonic() > deadline:
-            assert len(rows) == count, [dict(r) for r in rows]
-            return list(rows)
-        await asyncio.sleep(0.1)
 
 
 FAILING = [
@@ -89,7 +76,7 @@ async def test_a_stream_failed_mid_way_is_charged_its_bound_and_what_was_relayed
     (record,) = await finished_records(http, stack, 1)
     generation = record["generation"]
     assert (generation["outcome"], generation["tokens_sent"]) == ("failed", 3)
-    (row,) = await _rows(stack_db, key, 1)
+    (row,) = await ledger_rows(stack_db, key, 1)
     assert (row["estimated"], row["estimate_reason"]) == (True, "upstream_failed"), dict(row)
     assert row["completion_tokens"] == 3, dict(row)
     assert row["prompt_tokens"] == await prompt_bound(stack, http, body, route), dict(row)
@@ -127,7 +114,7 @@ async def test_a_full_queue_is_503_in_the_dialect_and_charges_nothing(  # noqa: 
         assert answer == {"error": error}
     else:
         assert answer["error"]["type"] in ("api_error", "server_error"), answer
-    (row,) = await _rows(stack_db, key, 1)
+    (row,) = await ledger_rows(stack_db, key, 1)
     assert (row["http_status"], row["prompt_tokens"], row["completion_tokens"]) == (503, 0, 0), dict(row)
 
 
@@ -157,7 +144,7 @@ async def test_an_image_is_bounded_by_num_ctx_and_charged_the_simulators_count(
     answer = orjson.loads(data)
     assert answer["prompt_eval_count"] >= 600
     (record,) = await finished_records(http, stack, 1)
-    (row,) = await _rows(stack_db, key, 1)
+    (row,) = await ledger_rows(stack_db, key, 1)
     generation = record["generation"]
     assert (row["prompt_tokens"], row["completion_tokens"]) == (
         generation["prompt_eval_count"],
@@ -196,7 +183,7 @@ async def test_a_tool_call_is_charged_the_simulators_counts(  # noqa: PLR0917 - 
     assert message["tool_calls"][0]["function"]["name"] == "get_weather"
     (record,) = await finished_records(http, stack, 1)
     generation = record["generation"]
-    (row,) = await _rows(stack_db, key, 1)
+    (row,) = await ledger_rows(stack_db, key, 1)
     assert (row["prompt_tokens"], row["completion_tokens"]) == (
         generation["prompt_eval_count"],
         generation["eval_count"],

@@ -410,7 +410,8 @@ def response_struct(
 
 
 def usage_struct(input_tokens: int, output_tokens: int) -> str:
-    """ResponsesUsage: the details are always zero (TODO in ToResponse)."""
+    """ResponsesUsage: Ollama's ToResponse leaves the token details at zero (its source marks them
+    as still to do)."""
     return (
         f'{{"input_tokens":{input_tokens},"output_tokens":{output_tokens},'
         f'"total_tokens":{input_tokens + output_tokens},"input_tokens_details":{{"cached_tokens":0}},'
