@@ -36,6 +36,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--queue-full", action="store_true")
     parser.add_argument("--embedding-dimensions", type=int, default=384)
     parser.add_argument(
+        "--tokenizer", choices=("words", "bytes"), default="words", help="how prompt tokens are counted"
+    )
+    parser.add_argument(
+        "--default-num-ctx", type=int, default=4096, help="num_ctx when neither request nor model sets one"
+    )
+    parser.add_argument(
         "--host-check",
         choices=("auto", "on", "off"),
         default="auto",
@@ -68,6 +74,8 @@ def settings_from_args(args: argparse.Namespace) -> SimulatorSettings:
         version=args.ollama_version,
         queue_full=args.queue_full,
         embedding_dimensions=args.embedding_dimensions,
+        tokenizer=args.tokenizer,
+        default_num_ctx=args.default_num_ctx,
         host_check=host_check,
         cors_check=not args.no_cors_check,
     )

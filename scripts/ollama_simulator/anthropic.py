@@ -11,13 +11,34 @@ from typing import Any, Final
 import attrs
 from aiohttp import web
 
+from ollama_simulator.api_types import (
+    Message,
+    PropertyType,
+    Tool,
+    ToolCall,
+    ToolFunctionParameters,
+    ToolProperty,
+    bind_arguments,
+    bind_parameters,
+    go_any,
+    go_text,
+)
 from ollama_simulator.catalog import _lookup
+from ollama_simulator.chat import chat_job
 from ollama_simulator.exceptions import ApiError, ClientGone
-from ollama_simulator.generation import Generation, Job, Piece, _check_queue, offered_tool, tool_call_id
-from ollama_simulator.gojson import Binder, GoObject, _compact_json, go_json
+from ollama_simulator.generation import (
+    Generation,
+    Job,
+    Piece,
+    _check_queue,
+    offered_tool,
+    resolve_think,
+    tool_call_id,
+)
+from ollama_simulator.gojson import Binder, BindError, GoObject, _compact_json, go_json
+from ollama_simulator.govalues import OrderedMap, marshal
 from ollama_simulator.openai import _cloud_passthrough, _openai_json
 from ollama_simulator.state import Call
-from ollama_simulator.tokens import PromptShape
 from ollama_simulator.wire import CT_JSON, CT_SSE, Emitter, _sse_event, _stream_response
 
 _STREAM_HEADERS: Final = {"Cache-Control": "no-cache", "Connection": "keep-alive"}
@@ -157,13 +178,117 @@ def estimate_input_tokens(obj: GoObject, schema_lengths: list[int] | None = None
     return tokens
 
 
-def _convert_messages(obj: GoObject) -> tuple[tuple[tuple[str, ...], ...], int]:
-    """anthropic.FromMessagesRequest's messages, with its conversion errors, as counted texts."""
-    messages: list[tuple[str, ...]] = []
-    images = 0
+def _image(source: Any) -> bytes:
+    """resolveImageSource: only base64 sources."""
+    if not isinstance(source, dict):
+        raise ApiError(400, "invalid image source", middleware=True)
+    if source.get("type") != "base64":
+        message = f"invalid image source type: {source.get('type') or ''}. Only base64 images are supported."
+        raise ApiError(400, message, middleware=True)
+    try:
+        return base64.b64decode(str(source.get("data") or ""), validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, "invalid base64 image data", middleware=True) from None
+
+
+def _tool_result(content: Any) -> tuple[str, tuple[bytes, ...]]:
+    """convertToolResultContent: a string, or the text and images of content blocks."""
+    if isinstance(content, str):
+        return go_text(content), ()
+    if not isinstance(content, list):
+        return "", ()
+    texts: list[str] = []
+    images: list[bytes] = []
+    for block in content:
+        if not isinstance(block, dict):
+            continue
+        if block.get("type") == "text" and isinstance(block.get("text"), str):
+            texts.append(go_text(block["text"]))
+        elif block.get("type") == "image":
+            if not isinstance(block.get("source"), dict):
+                raise ApiError(400, "invalid tool_result image source", middleware=True)
+            images.append(_image(block["source"]))
+    return "".join(texts), tuple(images)
+
+
+def _web_search_result(content: Any) -> str:
+    """formatWebSearchToolResultContent for decoded JSON content."""
+    if isinstance(content, str):
+        return go_text(content)
+    if isinstance(content, list):
+        lines: list[str] = []
+        for item in content:
+            if not isinstance(item, dict):
+                continue
+            if item.get("type") == "web_search_result":
+                lines.append(f"- {item.get('title') or ''}: {item.get('url') or ''}\n")
+            elif item.get("type") == "web_search_tool_result_error":
+                code = item.get("error_code") or ""
+                return f"web_search_tool_result_error: {code}" if code else "web_search_tool_result_error"
+        return go_text("".join(lines))
+    if isinstance(content, dict) and content.get("type") == "web_search_tool_result_error":
+        code = content.get("error_code") or ""
+        return f"web_search_tool_result_error: {code}" if code else "web_search_tool_result_error"
+    return marshal(go_any(content))
+
+
+def _convert_message(raw: Any) -> list[Message]:
+    """anthropic.convertMessage: text, images, tool calls and thinking in one message; tool
+    results as tool messages (before it for a user, after it otherwise)."""
+    message = raw if isinstance(raw, dict) else {}
+    role = str(message.get("role") or "").lower()
+    content = message.get("content")
+    blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content or []
+    texts: list[str] = []
+    images: list[bytes] = []
+    calls: list[ToolCall] = []
+    thinking = ""
+    results: list[Message] = []
+    for block in blocks:
+        if not isinstance(block, dict):
+            continue
+        kind = block.get("type")
+        if kind == "text" and isinstance(block.get("text"), str):
+            texts.append(go_text(block["text"]))
+        elif kind == "image":
+            images.append(_image(block.get("source")))
+        elif kind in ("tool_use", "server_tool_use"):
+            if kind == "tool_use" and not block.get("id"):
+                raise ApiError(400, "tool_use block missing required 'id' field", middleware=True)
+            if kind == "tool_use" and not block.get("name"):
+                raise ApiError(400, "tool_use block missing required 'name' field", middleware=True)
+            arguments = bind_arguments(block["input"]) if isinstance(block.get("input"), GoObject) else None
+            calls.append(
+                ToolCall(
+                    id=go_text(str(block.get("id") or "")),
+                    name=go_text(str(block.get("name") or "")),
+                    arguments=arguments,
+                )
+            )
+        elif kind == "tool_result":
+            text, result_images = _tool_result(block.get("content"))
+            call_id = go_text(str(block.get("tool_use_id") or ""))
+            results.append(Message("tool", text, images=result_images, tool_call_id=call_id))
+        elif kind == "web_search_tool_result":
+            call_id = go_text(str(block.get("tool_use_id") or ""))
+            results.append(Message("tool", _web_search_result(block.get("content")), tool_call_id=call_id))
+        elif kind == "thinking" and isinstance(block.get("thinking"), str):
+            thinking = go_text(block["thinking"])
+    converted = list(results) if role == "user" and results else []
+    text = "".join(texts)
+    if text or images or calls or thinking:
+        converted.append(Message(role, text, thinking, tuple(images), tuple(calls)))
+    if role != "user" or not results:
+        converted.extend(results)
+    return converted
+
+
+def _convert_messages(obj: GoObject) -> list[Message]:
+    """anthropic.FromMessagesRequest's messages: the system first, then each message's."""
+    messages: list[Message] = []
     system = obj.folded.get("system")
     if isinstance(system, str) and system:
-        messages.append((system,))
+        messages.append(Message("system", go_text(system)))
     elif isinstance(system, list):
         joined = "".join(
             b["text"]
@@ -171,67 +296,78 @@ def _convert_messages(obj: GoObject) -> tuple[tuple[tuple[str, ...], ...], int]:
             if isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str)
         )
         if joined:
-            messages.append((joined,))
+            messages.append(Message("system", go_text(joined)))
     for raw in obj.folded.get("messages") or []:
-        message = raw if isinstance(raw, dict) else {}
-        content = message.get("content")
-        blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content or []
-        texts: list[str] = []
-        results: list[tuple[str, ...]] = []
-        for block in blocks:
-            if not isinstance(block, dict):
-                continue
-            kind = block.get("type")
-            if kind == "text" and isinstance(block.get("text"), str):
-                texts.append(block["text"])
-            elif kind == "image":
-                source = block.get("source")
-                if not isinstance(source, dict):
-                    raise ApiError(400, "invalid image source", middleware=True)
-                if source.get("type") != "base64":
-                    message_text = (
-                        f"invalid image source type: {source.get('type') or ''}. "
-                        "Only base64 images are supported."
-                    )
-                    raise ApiError(400, message_text, middleware=True)
-                try:
-                    base64.b64decode(str(source.get("data") or ""), validate=True)
-                except (binascii.Error, ValueError):
-                    raise ApiError(400, "invalid base64 image data", middleware=True) from None
-                images += 1
-            elif kind == "tool_use":
-                if not block.get("id"):
-                    raise ApiError(400, "tool_use block missing required 'id' field", middleware=True)
-                if not block.get("name"):
-                    raise ApiError(400, "tool_use block missing required 'name' field", middleware=True)
-                texts.append(_compact_json(block))
-            elif kind in ("tool_result", "server_tool_use", "web_search_tool_result"):
-                results.append((_compact_json(block),))
-            elif kind == "thinking" and isinstance(block.get("thinking"), str):
-                texts.append(block["thinking"])
-        messages.extend(results)
-        if texts:
-            messages.append(tuple(t for t in texts if t))
-    return tuple(messages), images
+        messages.extend(_convert_message(raw))
+    return messages
 
 
-def _think(entry_thinks: bool, obj: GoObject) -> bool:
-    """thinking.type / output_config.effort, then ChatHandler with relax_thinking set."""
+_WEB_SEARCH: Final = Tool(
+    type="function",
+    name="web_search",
+    description=(
+        "Search the web for current information. Use this to find up-to-date information about any topic."
+    ),
+    parameters=ToolFunctionParameters(
+        type="object",
+        required=("query",),
+        properties=OrderedMap(
+            query=ToolProperty(
+                type=PropertyType("api.PropertyType", ("string",)),
+                description="The search query to look up on the web",
+            )
+        ),
+    ),
+)
+
+
+def _convert_tools(tools: list[Any] | None) -> tuple[Tool, ...] | None:
+    """convertTool per tool: web_search built-ins become Ollama's web_search function, a
+    custom tool named web_search beside one is dropped, input_schema binds as parameters."""
+    if tools is None:
+        return None
+    builtin = any(isinstance(t, dict) and str(t.get("type") or "").startswith("web_search") for t in tools)
+    converted: list[Tool] = []
+    for raw in tools:
+        tool = raw if isinstance(raw, dict) else {}
+        kind = str(tool.get("type") or "")
+        if kind.startswith("web_search"):
+            converted.append(_WEB_SEARCH)
+            continue
+        name = go_text(str(tool.get("name") or ""))
+        if builtin and name == "web_search":
+            continue
+        schema = tool.get("input_schema")
+        try:
+            parameters = (
+                bind_parameters(schema, Binder("ToolFunctionParameters"))
+                if schema is not None
+                else ToolFunctionParameters()
+            )
+        except BindError as e:
+            raise ApiError(
+                400, f"invalid input_schema for tool {json.dumps(name)}: {e}", middleware=True
+            ) from None
+        description = go_text(str(tool.get("description") or ""))
+        converted.append(Tool(type="function", name=name, description=description, parameters=parameters))
+    return tuple(converted)
+
+
+def _think(obj: GoObject) -> bool | str | None:
+    """FromMessagesRequest's think: thinking.type, else output_config.effort as a level."""
     thinking = obj.folded.get("thinking")
     kind = thinking.get("type") if isinstance(thinking, dict) else None
-    requested: bool | None = None
     if kind == "enabled":
-        requested = True
-    elif kind == "disabled":
-        requested = False
-    if requested is None:
-        config = obj.folded.get("output_config")
-        effort = config.get("effort") if isinstance(config, dict) else None
-        if isinstance(effort, str) and effort.strip().lower().replace("xhigh", "high") in _THINK_EFFORTS:
-            requested = True
-    if not entry_thinks:
-        return False  # relax_thinking: a non-thinking model drops think instead of a 400
-    return requested is not False
+        return True
+    if kind == "disabled":
+        return False
+    config = obj.folded.get("output_config")
+    effort = config.get("effort") if isinstance(config, dict) else None
+    if isinstance(effort, str):
+        level = effort.strip().lower().replace("xhigh", "high")
+        if level in _THINK_EFFORTS:
+            return level
+    return None
 
 
 async def handle_anthropic(call: Call) -> web.StreamResponse:
@@ -244,7 +380,7 @@ async def handle_anthropic(call: Call) -> web.StreamResponse:
         max_tokens = bind.integer(obj, "max_tokens") or 0
         raw_messages = bind.array(obj, "messages", "[]anthropic.MessageParam") or []
         stream = bool(bind.boolean(obj, "stream"))
-        tools = bind.array(obj, "tools", "[]anthropic.Tool")
+        raw_tools = bind.array(obj, "tools", "[]anthropic.Tool")
         bind.object(obj, "thinking", "anthropic.ThinkingConfig")
         if not model:
             raise ApiError(400, "model is required", middleware=True)
@@ -252,22 +388,32 @@ async def handle_anthropic(call: Call) -> web.StreamResponse:
             raise ApiError(400, "max_tokens is required and must be positive", middleware=True)
         if not raw_messages:
             raise ApiError(400, "messages is required", middleware=True)
-        messages, images = _convert_messages(obj)
+        messages = _convert_messages(obj)
+        tools = _convert_tools(raw_tools)
     except ApiError as error:
         if error.native:
             raise
         return _refuse(call, error.status, error.message)
     try:
         entry = _lookup(call, model, f"model '{model}' not found")
+        think = resolve_think(entry, model, _think(obj), relax=True)
         _check_queue(call)
+        job = chat_job(
+            call,
+            model=model,
+            entry=entry,
+            messages=messages,
+            tools=tools,
+            think=think,
+            options=None,
+            limit=max_tokens,
+            tool=offered_tool(call, raw_tools, "anthropic"),
+        )
     except ApiError as error:
         if error.native:
             raise
         return _writer_error(call, error.status, error.message, stream=stream)
-    shape = PromptShape(messages=messages, extra=(_compact_json(tools),) if tools else (), images=images)
-    tool = offered_tool(call, tools, "anthropic")
-    job = Job("chat", model, entry, shape, _think(entry.thinks, obj), max_tokens, tool=tool)
-    estimate = estimate_input_tokens(obj, raw_schema_lengths(await call.body()) if tools else None)
+    estimate = estimate_input_tokens(obj, raw_schema_lengths(await call.body()) if raw_tools else None)
     return await run_anthropic(call, job, stream=stream, estimate=estimate)
 
 
@@ -378,7 +524,8 @@ class StreamConverter:
 
 def _tool_calls(call: Call, piece: Piece) -> list[dict[str, Any]]:
     """The native api.ToolCall the chat handler puts in its tool call chunk."""
-    assert piece.tool is not None  # noqa: S101 - callers check
+    if piece.tool is None:
+        raise TypeError("not a tool call piece")
     function = {"index": 0, "name": piece.tool.name, "arguments": piece.tool.arguments}
     return [{"id": tool_call_id(call.state.rng), "function": function}]
 
@@ -399,7 +546,7 @@ async def run_anthropic(call: Call, job: Job, *, stream: bool, estimate: int) ->
 
         if not await gen.run(collect):
             gen.fail()
-            return _writer_error(call, 500, call.settings.failure_message, stream=False)
+            return _writer_error(call, gen.error_status, gen.error_message, stream=False)
         content: list[Any] = []
         if thoughts:
             content.append({"type": "thinking", "thinking": "".join(thoughts)})
@@ -444,7 +591,7 @@ async def run_anthropic(call: Call, job: Job, *, stream: bool, estimate: int) ->
         if not await gen.run(send):
             gen.fail()
             if not emitter.started:
-                return _writer_error(call, 500, call.settings.failure_message, stream=True)
+                return _writer_error(call, gen.error_status, gen.error_message, stream=True)
             # streamResponse encodes {"error":...} into the writer; it unmarshals as an empty
             # ChatResponse, for which Process emits nothing: the stream just ends.
             return emitter.response

@@ -190,7 +190,8 @@ def _host_guard(request: web.Request) -> web.Response | None:
     return empty(403)
 
 
-_LOCAL_ORIGIN_HOSTS: Final = ("localhost", "127.0.0.1", "0.0.0.0")  # noqa: S104 - an allowlist, not a bind
+# An allowlist of Origin hosts, not an address to bind.
+_LOCAL_ORIGIN_HOSTS: Final = ("localhost", "127.0.0.1", "0.0.0.0")  # noqa: S104  # nosec
 
 
 _ORIGIN_SCHEMES: Final = (
@@ -377,7 +378,7 @@ def create_app(
         settings,
         clock if clock is not None else SystemClock(),
         # Ollama's ids come from math/rand too: never secrets, and chatcmpl-N repeats.
-        rng if rng is not None else random.Random(),  # noqa: S311 - see above
+        rng if rng is not None else random.Random(),  # noqa: S311  # nosec B311
     )
     app.on_response_prepare.append(_drop_server_header)
     app.router.add_get("/_sim/requests", control_requests)

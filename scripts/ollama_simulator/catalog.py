@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import re
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 import attrs
@@ -16,6 +16,7 @@ from ollama_simulator.exceptions import (
     MSG_MODEL_REQUIRED,
     ApiError,
 )
+from ollama_simulator.gofmt import fprint, sprintf
 from ollama_simulator.gojson import FOREVER_NS, Binder
 from ollama_simulator.names import (
     ModelName,
@@ -23,6 +24,7 @@ from ollama_simulator.names import (
     is_cloud_model,
     parse_model_name,
 )
+from ollama_simulator.profiles import PROFILES, ModelProfile, profile_for
 from ollama_simulator.wire import gin_json
 
 if TYPE_CHECKING:  # state.py builds on the catalog; handlers only name the Call type
@@ -33,14 +35,10 @@ MODEL_MODIFIED_AT_NS: Final = 1_785_585_600_000_000_000  # 2026-08-01T12:00:00Z
 
 @attrs.frozen
 class ModelEntry:
-    """One installed model, with the details Ollama lists for it."""
+    """One installed model: its name and the profile it was built from."""
 
     name: ModelName
-    family: str
-    parameter_size: str
-    quantization_level: str
-    size: int
-    capabilities: tuple[str, ...]
+    profile: ModelProfile
     modified_at_ns: int = MODEL_MODIFIED_AT_NS
 
     @property
@@ -48,8 +46,25 @@ class ModelEntry:
         return self.name.display()
 
     @property
+    def full_name(self) -> str:
+        """model.Name.String(), as capability errors name the model."""
+        return f"{self.name.host}/{self.name.namespace}/{self.name.model}:{self.name.tag}"
+
+    @property
     def digest(self) -> str:
         return hashlib.sha256(self.name.key.encode()).hexdigest()
+
+    @property
+    def family(self) -> str:
+        return self.profile.architecture
+
+    @property
+    def size(self) -> int:
+        return self.profile.size
+
+    @property
+    def capabilities(self) -> tuple[str, ...]:
+        return self.profile.capabilities
 
     @property
     def thinks(self) -> bool:
@@ -61,31 +76,23 @@ class ModelEntry:
             "format": "gguf",
             "family": self.family,
             "families": [self.family],
-            "parameter_size": self.parameter_size,
-            "quantization_level": self.quantization_level,
+            "parameter_size": self.profile.parameter_size,
+            "quantization_level": self.profile.quantization_level,
         }
 
 
-_THINKING_FAMILIES: Final = ("qwen3", "deepseek-r1", "gpt-oss", "magistral", "phi4-reasoning")
-
-
-_EMBEDDING_MARKERS: Final = ("minilm", "embed", "bge", "e5-")
-
-
-def model_entry(raw: str) -> ModelEntry:
-    """Catalog details for an installed model name, guessed from the name like Ollama shows them."""
+def model_entry(raw: str, profiles: Mapping[str, str] | None = None) -> ModelEntry:
+    """An installed model: the profile `profiles` names for it (settings.model_profiles), else
+    the one the name rule picks (profiles.profile_for)."""
     name = parse_model_name(raw)
     if name is None:
         raise ValueError(f"invalid model name: {raw!r}")
-    base = name.model.lower()
-    if any(marker in base for marker in _EMBEDDING_MARKERS):
-        return ModelEntry(name, "bert", "23M", "F16", 45_960_996, ("embedding",))
-    family_match = re.match(r"[a-z]+", base)
-    family = family_match.group() if family_match else "llama"
-    if base.startswith(_THINKING_FAMILIES):
-        caps = ("completion", "tools", "thinking")
-        return ModelEntry(name, family, "8.2B", "Q4_K_M", 5_225_388_164, caps)
-    return ModelEntry(name, family, "3.2B", "Q4_K_M", 2_019_393_189, ("completion", "tools"))
+    chosen = {
+        parsed.key: PROFILES[profile]
+        for key, profile in (profiles or {}).items()
+        if (parsed := parse_model_name(key)) is not None
+    }
+    return ModelEntry(name, chosen.get(name.key) or profile_for(name.model))
 
 
 def _lookup(call: Call, raw: str, not_found: str) -> ModelEntry:
@@ -116,16 +123,17 @@ async def handle_tags(call: Call) -> web.StreamResponse:
 
 
 async def handle_ps(call: Call) -> web.StreamResponse:
+    """PsHandler: context_length is the num_ctx the runner was loaded with."""
     state = call.state
     wall, now = state.clock.time_ns(), state.clock.monotonic_ns()
-    for key, expires in list(state.loaded.items()):
-        if expires <= now or key not in state.models:
+    for key, loaded in list(state.loaded.items()):
+        if loaded.expires_ns <= now or key not in state.models:
             del state.loaded[key]
-    running = sorted(state.loaded.items(), key=lambda item: item[1], reverse=True)
+    running = sorted(state.loaded.items(), key=lambda item: item[1].expires_ns, reverse=True)
     models = []
-    for key, expires in running:
+    for key, loaded in running:
         entry = state.models[key]
-        remaining = min(expires - now, FOREVER_NS)
+        remaining = min(loaded.expires_ns - now, FOREVER_NS)
         models.append(
             {
                 "name": entry.display,
@@ -135,33 +143,62 @@ async def handle_ps(call: Call) -> web.StreamResponse:
                 "details": entry.details(),
                 "expires_at": rfc3339nano(wall + remaining),
                 "size_vram": entry.size,
-                "context_length": 4096,
+                "context_length": loaded.num_ctx,
             }
         )
     return gin_json(200, {"models": models})
 
 
+def _quote(text: str) -> str:
+    """parser.quote: triple quotes for multi-line text with a quote in it, quotes for spaces."""
+    if "\n" in text or text.startswith(" ") or text.endswith(" "):
+        return f'"""{text}"""' if '"' in text else f'"{text}"'
+    return text
+
+
+def _parameter_values(entry: ModelEntry) -> list[tuple[str, Any]]:
+    """The PARAMETERs one per value (a list repeats its key), as the params layer holds them."""
+    values: list[tuple[str, Any]] = []
+    for key, value in entry.profile.parameters:
+        values.extend((key, item) for item in (value if isinstance(value, list) else [value]))
+    return values
+
+
+def _modelfile(entry: ModelEntry) -> str:
+    """GetModelInfo's modelfile: the header, then Model.String()'s commands in Ollama's order."""
+    profile = entry.profile
+    lines = [
+        '# Modelfile generated by "ollama show"',
+        "# To build a new Modelfile based on this, replace FROM with:",
+        f"# FROM {entry.display}",
+        "",
+        f"FROM /root/.ollama/models/blobs/sha256-{entry.digest}",
+        f"TEMPLATE {_quote(profile.template_text)}",
+    ]
+    if profile.system:
+        lines.append(f"SYSTEM {_quote(profile.system)}")
+    lines.extend(f"PARAMETER {key} {_quote(fprint(value))}" for key, value in _parameter_values(entry))
+    lines.extend(f"MESSAGE {m.role} {_quote(m.content)}" for m in profile.messages)
+    return "\n".join(lines) + "\n"
+
+
 def _show_body(entry: ModelEntry) -> dict[str, Any]:
-    modelfile = (
-        '# Modelfile generated by "ollama show"\n'
-        f"# To build a new Modelfile based on this, replace FROM with:\n# FROM {entry.display}\n\n"
-        f"FROM {entry.display}\n"
-        'TEMPLATE """{{ .Prompt }}"""\n'
-    )
-    return {
-        "modelfile": modelfile,
-        "parameters": 'stop                           "<|eot_id|>"',
-        "template": "<|start_header_id|>user<|end_header_id|>\n\n{{ .Prompt }}<|eot_id|>",
-        "details": entry.details(),
-        "model_info": {
-            "general.architecture": entry.family,
-            "general.file_type": 15,
-            "general.parameter_count": entry.size // 2,
-            "general.quantization_version": 2,
-        },
-        "capabilities": list(entry.capabilities),
-        "modified_at": rfc3339nano(entry.modified_at_ns),
-    }
+    """api.ShowResponse in field order (parameters as fmt's "%-30s %#v" per value)."""
+    profile = entry.profile
+    body: dict[str, Any] = {"modelfile": _modelfile(entry)}
+    parameters = "\n".join(f"{key:<30} {sprintf('%#v', value)}" for key, value in _parameter_values(entry))
+    if parameters:
+        body["parameters"] = parameters
+    body["template"] = profile.template_text
+    if profile.system:
+        body["system"] = profile.system
+    body["details"] = entry.details()
+    if profile.messages:
+        body["messages"] = [{"role": m.role, "content": m.content} for m in profile.messages]
+    body["model_info"] = dict(sorted(profile.model_info().items()))
+    body["capabilities"] = list(entry.capabilities)
+    body["modified_at"] = rfc3339nano(entry.modified_at_ns)
+    return body
 
 
 async def _show(call: Call, raw: str) -> ModelEntry:

@@ -1,4 +1,9 @@
-"""What a model generates: plans, the paced token loop, failure injection, embeddings."""
+"""What a model generates: plans, the paced passes over the prompt, failure injection, embeddings.
+
+A generation runs one pass per runner call, two for structured outputs on a thinking model;
+each pass starts with the runner taking its prompt (runner.py decides the tokens evaluated
+or refuses it) and then emits the plan's tokens one chunk each.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import json
 import math
 import random
 import struct
+import zlib
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, Final, Literal
 
@@ -16,10 +22,12 @@ import attrs
 from ollama_simulator.catalog import ModelEntry
 from ollama_simulator.exceptions import MSG_QUEUE_FULL, ApiError, ClientGone
 from ollama_simulator.gojson import GoObject, _compact_json, _to_float32
-from ollama_simulator.recorder import GenerationRecord
+from ollama_simulator.prompt import Prompt, Think
+from ollama_simulator.recorder import GenerationRecord, PassRecord
+from ollama_simulator.runner import RunnerOptions, evaluated_tokens
 from ollama_simulator.settings import SimulatorSettings
 from ollama_simulator.state import Call
-from ollama_simulator.tokens import PromptShape, count_text_tokens
+from ollama_simulator.tokens import count_text_tokens
 
 _CONTENT_WORDS: Final = (
     " the", " simulated", " model", " answers", " every", " prompt", " with", " the",
@@ -34,7 +42,7 @@ _THINKING_WORDS: Final = (
 
 
 @attrs.frozen
-class ToolCall:
+class ModelCall:
     """The one tool call a `tool_call` model makes: the first tool, with schema-derived arguments."""
 
     name: str
@@ -49,7 +57,7 @@ class Piece:
 
     text: str
     thinking: bool
-    tool: ToolCall | None = None
+    tool: ModelCall | None = None
 
 
 def _word(words: Sequence[str], seed: int, index: int) -> str:
@@ -71,7 +79,9 @@ class Plan:
     seed: int
     reply: tuple[str, ...] = ()
     content: int | None = None
-    tool: ToolCall | None = None
+    tool: ModelCall | None = None
+    # Structured outputs' first pass: it ends on the first content token (an empty chunk).
+    switch: bool = False
 
     @property
     def content_tokens(self) -> int:
@@ -85,6 +95,8 @@ class Plan:
         if index < self.thinking:
             return Piece(_word(_THINKING_WORDS, self.seed, index), thinking=True)
         position = index - self.thinking
+        if self.switch:
+            return Piece("", thinking=False)
         if self.tool is not None and position == self.content_tokens:
             return Piece("", thinking=False, tool=self.tool)
         if self.reply:
@@ -101,14 +113,21 @@ def plan_generation(
     seed: int,
     think: bool,
     limit: int | None,
-    tool: ToolCall | None = None,
+    tool: ModelCall | None = None,
+    switch: bool = False,
 ) -> Plan:
     """Thinking tokens (when on), content tokens, then the tool call; cut at `limit` (length).
 
     A limit that cuts into the tool call leaves it unparsed: no call, done_reason "length".
     With `settings.honour_limit` false the limit is ignored (a backend that overruns it).
+    `switch` plans structured outputs' first pass: the thinking, then the one content token
+    on which ChatHandler cancels it (not when nothing was thought: the format never applies).
     """
     thinking = settings.thinking_tokens if think else 0
+    if switch and thinking:
+        if limit is not None and limit <= thinking and settings.honour_limit:
+            return Plan(limit, limit, "length", seed, settings.reply, 0)
+        return Plan(thinking + 1, thinking, "", seed, settings.reply, 1, switch=True)
     content = settings.completion_tokens
     natural = thinking + content + (tool.tokens if tool is not None else 0)
     if limit is not None and limit < natural and settings.honour_limit:
@@ -143,15 +162,15 @@ def _sample_argument(name: str, schema: Any) -> Any:
     return f"{name}-1"
 
 
-def make_tool_call(name: str, parameters: Any) -> ToolCall:
+def make_tool_call(name: str, parameters: Any) -> ModelCall:
     """The call of tool `name`: one argument per schema property, in the schema's order."""
     properties = parameters.get("properties") if isinstance(parameters, dict) else None
     arguments: dict[str, Any] = {}
     if isinstance(properties, dict):
         for key, schema in properties.items():
             arguments[key] = _sample_argument(key, schema)
-    tokens = count_text_tokens(_compact_json({"name": name, "arguments": arguments}))
-    return ToolCall(name, arguments, tokens)
+    tokens = count_text_tokens(_compact_json({"name": name, "arguments": arguments}), "words")
+    return ModelCall(name, arguments, tokens)
 
 
 _CALL_ID_LETTERS: Final = "abcdefghijklmnopqrstuvwxyz0123456789"
@@ -177,75 +196,123 @@ def _embedding(text: str, dimensions: int) -> tuple[float, ...]:
 
 @attrs.frozen
 class Job:
-    """An inference request after validation: what to generate and how to count it."""
+    """An inference request after validation: the prompt, what to generate, how to run it."""
 
     kind: Literal["generate", "chat"]
     model: str  # as sent, echoed verbatim
     entry: ModelEntry
-    shape: PromptShape
+    prompt: Prompt
     think: bool
     limit: int | None
+    runner: RunnerOptions
     keep_alive_ns: int | None = None
     raw: bool = False
     # Set when the settings say the model calls a tool and the request offered one.
-    tool: ToolCall | None = None
+    tool: ModelCall | None = None
+    # Structured outputs on a thinking model (ChatHandler): pass 2's prompt from pass 1's thinking.
+    second_pass: Callable[[str], Prompt] | None = None
+
+
+def _seed(prompt: Prompt) -> int:
+    return zlib.crc32(prompt.text.encode("utf-8", "surrogatepass"))
 
 
 @attrs.define
 class Generation:
-    """Runs one job's token loop with pacing, failure injection and disconnect detection."""
+    """Runs one job's passes with pacing, failure injection and disconnect detection.
+
+    `plan` and `prompt_eval_count` are the current (at the end: the last) pass's, which is
+    what Ollama reports; the record keeps every pass's evaluated and generated tokens.
+    """
 
     call: Call
     job: Job
     record: GenerationRecord
     plan: Plan = attrs.field(init=False)
-    prompt_eval_count: int = attrs.field(init=False)
+    prompt_eval_count: int = attrs.field(init=False, default=0)
     marks: list[int] = attrs.field(init=False, factory=list)
+    # What to answer when run() returns False (the injected failure, or a prompt refused).
+    error_status: int = attrs.field(init=False, default=500)
+    error_message: str = attrs.field(init=False, default="")
+    # Every generated piece's text, in order (the thinking for pass 2, the output for context).
+    texts: list[str] = attrs.field(init=False, factory=list)
 
     def __attrs_post_init__(self) -> None:
-        settings = self.call.settings
-        self.plan = plan_generation(
-            settings,
-            seed=self.job.shape.seed(),
-            think=self.job.think,
-            limit=self.job.limit,
-            tool=self.job.tool,
-        )
-        self.prompt_eval_count = self.job.shape.prompt_eval_count(settings.tokens_per_image)
+        self.plan = self._plan(self.job.prompt, think=self.job.think, switch=self.job.second_pass is not None)
         self.record.completion_limit = self.job.limit
+        self.record.num_ctx = self.job.runner.num_ctx
         clock = self.call.state.clock
         self.marks = [clock.monotonic_ns(), clock.monotonic_ns()]  # start, model loaded
-        self.call.state.touch(self.job.entry, self.job.keep_alive_ns, self.marks[1])
+        self.call.state.touch(self.job.entry, self.job.keep_alive_ns, self.marks[1], self.job.runner.num_ctx)
+
+    def _plan(self, prompt: Prompt, *, think: bool, switch: bool) -> Plan:
+        return plan_generation(
+            self.call.settings,
+            seed=_seed(prompt),
+            think=think,
+            limit=self.job.limit,
+            tool=self.job.tool,
+            switch=switch,
+        )
 
     def _mark(self) -> None:
         self.marks.append(self.call.state.clock.monotonic_ns())
 
+    def _start_pass(self, prompt: Prompt) -> PassRecord | None:
+        """The runner takes the prompt: its evaluated tokens, or None when it is refused."""
+        try:
+            tokens = evaluated_tokens(prompt, self.job.runner, self.call.settings)
+        except ApiError as e:
+            self.error_status, self.error_message = e.status, e.message
+            return None
+        self.prompt_eval_count = tokens
+        record = PassRecord(tokens)
+        self.record.passes.append(record)
+        return record
+
     async def run(self, on_piece: Callable[[Piece], Awaitable[None]]) -> bool:
-        """Emit every token through `on_piece`; False when the injected failure fires."""
+        """Emit every token through `on_piece`; False when a failure ends the generation."""
         settings = self.call.settings
         loop = asyncio.get_running_loop()
         started = loop.time()
         interval = 1.0 / settings.tokens_per_second if settings.tokens_per_second > 0 else 0.0
         fail_after = settings.fail_after_chunks
-        for index in range(self.plan.chunks):
-            if fail_after is not None and index >= fail_after:
+        prompt = self.job.prompt
+        index = 0
+        while True:
+            current = self._start_pass(prompt)
+            if current is None:
+                return False
+            for position in range(self.plan.chunks):
+                if fail_after is not None and index >= fail_after:
+                    self.error_status, self.error_message = 500, settings.failure_message
+                    return False
+                delay = started + settings.time_to_first_token + index * interval - loop.time()
+                await asyncio.sleep(max(delay, 0.0))
+                transport = self.call.request.transport
+                if transport is None or transport.is_closing():
+                    raise ClientGone
+                if index == 0:
+                    self._mark()
+                piece = self.plan.piece(position)
+                current.completion_tokens += piece.tool.tokens if piece.tool is not None else 1
+                self.texts.append(piece.text)
+                await on_piece(piece)
+                if piece.text or piece.tool is not None:
+                    self.record.tokens_sent += 1
+                index += 1
+            if not (self.plan.switch and self.job.second_pass is not None):
                 break
-            delay = started + settings.time_to_first_token + index * interval - loop.time()
-            await asyncio.sleep(max(delay, 0.0))
-            transport = self.call.request.transport
-            if transport is None or transport.is_closing():
-                raise ClientGone
-            if index == 0:
-                self._mark()
-            await on_piece(self.plan.piece(index))
-            self.record.tokens_sent += 1
-        else:
-            if self.plan.chunks == 0:
-                await asyncio.sleep(settings.time_to_first_token)
-                self._mark()
+            prompt = self.job.second_pass("".join(self.texts[: self.plan.thinking]))
+            self.plan = self._plan(prompt, think=False, switch=False)
+        if index == 0:
+            await asyncio.sleep(settings.time_to_first_token)
             self._mark()
-            return fail_after is None
-        return False
+        self._mark()
+        if fail_after is not None:
+            self.error_status, self.error_message = 500, settings.failure_message
+            return False
+        return True
 
     def metrics(self) -> dict[str, Any]:
         """The six metrics in Go's order; zero values are dropped (omitempty)."""
@@ -278,10 +345,9 @@ class Generation:
         self.record.outcome = "failed"
 
     def context(self) -> list[int]:
-        """Token ids of prompt plus output, as /api/generate returns them."""
-        count = self.prompt_eval_count + self.plan.total
-        seed = self.plan.seed
-        return [(seed + 7919 * index) % 128_000 for index in range(count)]
+        """/api/generate's context: the prompt and the output, tokenized without BOS."""
+        text = self.job.prompt.text + "".join(self.texts)
+        return self.call.state.vocabulary.tokenize(text, self.call.settings.tokenizer)
 
 
 def _limit_from_options(options: GoObject | None) -> int | None:
@@ -305,11 +371,12 @@ def _positive_min(*values: int | None) -> int | None:
 _THINK_LEVELS: Final = ("high", "medium", "low", "max")
 
 
-def _bind_think(value: Any) -> bool | None:
+def _bind_think(value: Any) -> bool | str | None:
+    """api.ThinkValue as bound: a bool or a level."""
     if value is None or isinstance(value, bool):
         return value
     if isinstance(value, str) and value in _THINK_LEVELS:
-        return True
+        return value
     raise ApiError(400, f"invalid think value: {json.dumps(value)}")
 
 
@@ -318,18 +385,22 @@ def _check_queue(call: Call) -> None:
         raise ApiError(503, MSG_QUEUE_FULL)
 
 
-def _resolve_think(entry: ModelEntry, model: str, think: bool | None) -> bool:
-    if think is None:
-        return entry.thinks
-    if think and not entry.thinks:
+def resolve_think(entry: ModelEntry, model: str, think: bool | str | None, *, relax: bool = False) -> Think:
+    """ChatHandler / GenerateHandler: thinking models think unless told not to; others refuse
+    think (the Anthropic route, with relax_thinking set, drops it instead)."""
+    if entry.thinks:
+        return Think(True if think is None else think)
+    if Think(think).enabled:
+        if relax:
+            return Think(None)
         raise ApiError(400, f"{json.dumps(model)} does not support thinking")
-    return think
+    return Think(think)
 
 
 ToolFamily = Literal["native", "anthropic", "responses"]
 
 
-def offered_tool(call: Call, tools: Sequence[Any] | None, family: ToolFamily) -> ToolCall | None:
+def offered_tool(call: Call, tools: Sequence[Any] | None, family: ToolFamily) -> ModelCall | None:
     """The tool a `tool_call` model calls: the first function tool the request offers.
 
     Built-in web search tools are never called: Ollama would run that search on ollama.com,

@@ -10,13 +10,14 @@ from typing import Any, Final
 
 from aiohttp import web
 
+from ollama_simulator.api_types import Message
 from ollama_simulator.catalog import _lookup
+from ollama_simulator.chat import chat_job
 from ollama_simulator.exceptions import MSG_INVALID_NAME, ApiError, ClientGone
-from ollama_simulator.generation import Generation, Job, Piece, _check_queue
+from ollama_simulator.generation import Generation, Piece, _check_queue, resolve_think
 from ollama_simulator.gojson import Binder, go_json
 from ollama_simulator.names import parse_model_name
 from ollama_simulator.state import Call
-from ollama_simulator.tokens import PromptShape
 from ollama_simulator.wire import (
     CT_NDJSON,
     Emitter,
@@ -185,25 +186,43 @@ def _multipart_fields(body: bytes, content_type: str) -> dict[str, bytes]:
     return fields
 
 
+_TRANSCRIBE: Final = (
+    "Transcribe the audio exactly as spoken. Output only the spoken words. "
+    "Do not answer any question in the audio."
+)
+
+
 async def handle_transcriptions(call: Call) -> web.StreamResponse:
+    """TranscriptionMiddleware (openai.FromTranscriptionRequest) then ChatHandler."""
     fields = _multipart_fields(await call.body(), call.request.headers.get("Content-Type", ""))
     if "file" not in fields:
         raise ApiError(400, "file is required", middleware=True)
     model = fields.get("model", b"").decode("utf-8", "replace")
     entry = _lookup(call, model, f"model '{model}' not found")
+    think = resolve_think(entry, model, None)
     _check_queue(call)
-    prompt = fields.get("prompt", b"").decode("utf-8", "replace")
-    shape = PromptShape(messages=((prompt,) if prompt else (),), images=1)
-    job = Job("chat", model, entry, shape, False, None)
+    system = _TRANSCRIBE
+    if language := fields.get("language", b"").decode("utf-8", "replace"):
+        system += f" The audio is in {language}."
+    if prompt := fields.get("prompt", b"").decode("utf-8", "replace"):
+        system += f" Context: {prompt}"
+    messages = [
+        Message("system", system),
+        Message("user", "What exact words are spoken in this audio?", images=(fields["file"],)),
+    ]
+    job = chat_job(
+        call, model=model, entry=entry, messages=messages, tools=None, think=think, options=None, limit=None
+    )
     gen = Generation(call, job, call.begin("/v1/audio/transcriptions", model, stream=False))
     texts: list[str] = []
 
     async def collect(piece: Piece) -> None:
-        texts.append(piece.text)
+        if not piece.thinking:
+            texts.append(piece.text)
 
     if not await gen.run(collect):
         gen.fail()
-        raise ApiError(500, call.settings.failure_message)
+        raise ApiError(gen.error_status, gen.error_message)
     gen.finish()
     if fields.get("response_format", b"json") == b"text":
         return plain(200, "".join(texts), "text/plain; charset=utf-8")

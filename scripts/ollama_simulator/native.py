@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import json
 from typing import Any
 
 from aiohttp import web
 
+from ollama_simulator.api_types import bind_messages, bind_tools, decode_images, go_text
 from ollama_simulator.catalog import _lookup
+from ollama_simulator.chat import chat_job, check_capabilities, counter, today
 from ollama_simulator.exceptions import (
     MSG_CLOUD_DISABLED,
     MSG_INVALID_NAME,
@@ -22,29 +22,25 @@ from ollama_simulator.exceptions import (
 from ollama_simulator.generation import (
     Generation,
     Job,
+    ModelCall,
     Piece,
-    ToolCall,
     _bind_think,
     _check_queue,
     _embedding,
     _limit_from_options,
-    _resolve_think,
     offered_tool,
+    resolve_think,
     tool_call_id,
 )
-from ollama_simulator.gojson import (
-    Binder,
-    BindError,
-    Float32s,
-    GoObject,
-    _compact_json,
-    _json_kind,
-    bind_keep_alive,
-    go_json,
-)
+from ollama_simulator.gojson import Binder, Float32s, GoObject, bind_keep_alive, go_json
+from ollama_simulator.gotemplate import TemplateError
 from ollama_simulator.names import _local_name, is_cloud_model, parse_model_name
+from ollama_simulator.prompt import Prompt, generate_prompt
+from ollama_simulator.prompt_template import PromptTemplate, parse_template
+from ollama_simulator.recorder import PassRecord
+from ollama_simulator.runner import runner_options
 from ollama_simulator.state import Call
-from ollama_simulator.tokens import PromptShape, embed_prompt_tokens
+from ollama_simulator.tokens import embed_prompt_tokens
 from ollama_simulator.wire import (
     CT_JSON,
     CT_NDJSON,
@@ -65,7 +61,7 @@ async def _native_load(call: Call, kind: str, model: str, reason: str) -> web.Re
     return gin_json(200, payload)
 
 
-def native_tool_calls(tool: ToolCall, call_id: str) -> list[dict[str, Any]]:
+def native_tool_calls(tool: ModelCall, call_id: str) -> list[dict[str, Any]]:
     """api.ToolCall as Ollama marshals it: id, then function index, name, arguments."""
     function = {"index": 0, "name": tool.name, "arguments": tool.arguments}
     return [{"id": call_id, "function": function}]
@@ -117,7 +113,7 @@ async def run_native(call: Call, job: Job, *, stream: bool) -> web.StreamRespons
 
         if not await gen.run(collect):
             gen.fail()
-            return gin_json(500, {"error": call.settings.failure_message})
+            return gin_json(gen.error_status, {"error": gen.error_message})
         final = _native_final(gen, call.now(), "".join(texts), "".join(thoughts), calls)
         gen.finish()
         gen.record.chunks_sent = 1
@@ -134,10 +130,10 @@ async def run_native(call: Call, job: Job, *, stream: bool) -> web.StreamRespons
         completed = await gen.run(send)
         if not completed:
             gen.fail()
-            error = {"error": call.settings.failure_message}
-            if not emitter.started:
+            error = {"error": gen.error_message}
+            if not emitter.started:  # streamResponse: c.JSON(status) before anything was written
                 body = go_json(error)
-                return web.Response(status=500, body=body, headers={"Content-Type": CT_JSON})
+                return web.Response(status=gen.error_status, body=body, headers={"Content-Type": CT_JSON})
             await emitter.send(go_json(error) + b"\n")
             return emitter.response
         await emitter.send(go_json(_native_final(gen, call.now(), "", "")) + b"\n")
@@ -151,37 +147,51 @@ def _bind_options(bind: Binder, obj: GoObject) -> GoObject | None:
     return bind.object(obj, "options", "map[string]interface {}")
 
 
-def _bind_images(bind: Binder, obj: GoObject, key: str = "images") -> int:
-    images = bind.array(obj, key, "[]api.ImageData") or []
-    for image in images:
-        if not isinstance(image, str):
-            raise BindError(
-                f"json: cannot unmarshal {_json_kind(image)} into Go struct field "
-                f"{bind.struct}.{bind.path}{key} of type api.ImageData"
-            )
-        try:
-            base64.b64decode(image, validate=True)
-        except (binascii.Error, ValueError):
-            raise BindError("illegal base64 data at input byte 0") from None
-    return len(images)
+def _debug_answer(call: Call, kind: str, model: str, prompt: Prompt) -> web.Response:
+    """_debug_render_only: the rendered prompt in _debug_info instead of a generation."""
+    payload: dict[str, Any] = {"model": model, "created_at": call.now()}
+    if kind == "generate":
+        payload["response"] = ""
+    else:
+        payload["message"] = {"role": "", "content": ""}
+    payload["done"] = False
+    info: dict[str, Any] = {"rendered_template": prompt.text}
+    if prompt.images:
+        info["image_count"] = prompt.images
+    payload["_debug_info"] = info
+    return gin_json(200, payload)
+
+
+def _override(template: str) -> PromptTemplate | None:
+    """A request's `template` parsed like template.Parse (a parse error is a 500)."""
+    if not template:
+        return None
+    try:
+        return parse_template(template)
+    except TemplateError as e:
+        raise ApiError(500, str(e)) from None
 
 
 async def handle_generate(call: Call) -> web.StreamResponse:
+    """GenerateHandler (server/routes.go)."""
     obj = await call.json("api.GenerateRequest")
     bind = Binder("GenerateRequest")
     model = bind.string(obj, "model") or ""
-    prompt = bind.string(obj, "prompt") or ""
-    suffix = bind.string(obj, "suffix") or ""
-    system = bind.string(obj, "system") or ""
+    prompt = go_text(bind.string(obj, "prompt") or "")
+    suffix = go_text(bind.string(obj, "suffix") or "")
+    system = go_text(bind.string(obj, "system") or "")
     template = bind.string(obj, "template") or ""
-    context = bind.array(obj, "context", "[]int") or []
+    context = bind.array(obj, "context", "[]int")
     stream = bind.boolean(obj, "stream")
     raw = bool(bind.boolean(obj, "raw"))
+    truncate = bind.boolean(obj, "truncate")
+    shift = bind.boolean(obj, "shift")
+    debug = bool(bind.boolean(obj, "_debug_render_only"))
     options = _bind_options(bind, obj)
-    images = _bind_images(bind, obj)
+    images = decode_images(bind.array(obj, "images", "[]api.ImageData"), bind)
     keep_alive = bind_keep_alive(obj)
     top_logprobs = bind.integer(obj, "top_logprobs") or 0
-    think = _bind_think(obj.folded.get("think"))
+    think_value = _bind_think(obj.folded.get("think"))
     if is_cloud_model(model):
         raise ApiError(403, MSG_CLOUD_DISABLED)
     if parse_model_name(_local_name(model)) is None:
@@ -192,56 +202,63 @@ async def handle_generate(call: Call) -> web.StreamResponse:
         raise ApiError(400, "top_logprobs must be between 0 and 20")
     entry = _lookup(call, model, f"model '{model}' not found")
     if not prompt and keep_alive == 0:
-        call.state.touch_now(entry, 0)
+        call.state.touch_now(entry, 0, 0)
         return await _native_load(call, "generate", model, "unload")
+    think = resolve_think(entry, model, think_value)
     if "completion" not in entry.capabilities:
         raise ApiError(400, f"{json.dumps(model)} does not support generate")
-    thinking = _resolve_think(entry, model, think)
+    if suffix:
+        check_capabilities(entry, "insert")
     limit = _limit_from_options(options)
+    runner = runner_options(call.settings, entry.profile, options, truncate=truncate, shift=shift)
     _check_queue(call)
     if not prompt:
-        call.state.touch_now(entry, keep_alive)
+        call.state.touch_now(entry, keep_alive, runner.num_ctx)
         return await _native_load(call, "generate", model, "load")
     if raw:
-        shape = PromptShape(extra=(prompt, suffix), images=images, templated=False)
+        rendered = Prompt(prompt, len(images))
     else:
-        messages = ((system,),) if system else ()
-        shape = PromptShape(
-            messages=(*messages, (prompt, suffix)), images=images, context_tokens=len(context)
-        )
-    job = Job("generate", model, entry, shape, thinking, limit, keep_alive, raw)
+        try:
+            rendered = generate_prompt(
+                entry.profile,
+                _override(template),
+                prompt=prompt,
+                system=system,
+                suffix=suffix,
+                images=images,
+                context=None if context is None else call.state.vocabulary.detokenize(context),
+                think=think,
+                num_ctx=runner.num_ctx,
+                truncate=runner.truncate,
+                count=counter(call),
+                projector=call.settings.tokens_per_image > 0,
+                today=today(call),
+            )
+        except TemplateError as e:
+            raise ApiError(500, str(e)) from None
+    if debug:
+        call.state.touch_now(entry, keep_alive, runner.num_ctx)
+        return _debug_answer(call, "generate", model, rendered)
+    thinking = think.enabled and entry.thinks
+    job = Job("generate", model, entry, rendered, thinking, limit, runner, keep_alive, raw)
     return await run_native(call, job, stream=stream is not False)
 
 
-def _bind_native_messages(bind: Binder, obj: GoObject) -> tuple[tuple[tuple[str, ...], ...], int]:
-    """Counted texts per message and the image count of api.ChatRequest.messages."""
-    messages = bind.array(obj, "messages", "[]api.Message") or []
-    inner = bind.nested("Message", "messages")
-    texts: list[tuple[str, ...]] = []
-    images = 0
-    for raw in messages:
-        message = bind.element(raw, "messages", "api.Message")
-        inner.string(message, "role")
-        parts = [inner.string(message, "content") or "", inner.string(message, "thinking") or ""]
-        calls = inner.array(message, "tool_calls", "[]api.ToolCall")
-        if calls:
-            parts.append(_compact_json(calls))
-        images += _bind_images(inner, message)
-        texts.append(tuple(part for part in parts if part))
-    return tuple(texts), images
-
-
 async def handle_chat(call: Call) -> web.StreamResponse:
+    """ChatHandler (server/routes.go)."""
     obj = await call.json("api.ChatRequest")
     bind = Binder("ChatRequest")
     model = bind.string(obj, "model") or ""
-    messages, images = _bind_native_messages(bind, obj)
+    messages = bind_messages(bind.array(obj, "messages", "[]api.Message"), bind)
     stream = bind.boolean(obj, "stream")
     options = _bind_options(bind, obj)
-    tools = bind.array(obj, "tools", "api.Tools")
+    tools = bind_tools(bind.array(obj, "tools", "api.Tools"), bind)
+    truncate = bind.boolean(obj, "truncate")
+    shift = bind.boolean(obj, "shift")
+    debug = bool(bind.boolean(obj, "_debug_render_only"))
     keep_alive = bind_keep_alive(obj)
     top_logprobs = bind.integer(obj, "top_logprobs") or 0
-    think = _bind_think(obj.folded.get("think"))
+    think_value = _bind_think(obj.folded.get("think"))
     if not model.strip():
         raise ApiError(400, MSG_MODEL_REQUIRED)
     if is_cloud_model(model):
@@ -252,20 +269,38 @@ async def handle_chat(call: Call) -> web.StreamResponse:
         raise ApiError(400, "top_logprobs must be between 0 and 20")
     entry = _lookup(call, model, f"model '{model}' not found")
     if not messages and keep_alive == 0:
-        call.state.touch_now(entry, 0)
+        call.state.touch_now(entry, 0, 0)
         return await _native_load(call, "chat", model, "unload")
+    think = resolve_think(entry, model, think_value)
     if "completion" not in entry.capabilities:
         raise ApiError(400, f"{json.dumps(model)} does not support chat")
-    thinking = _resolve_think(entry, model, think)
     limit = _limit_from_options(options)
     _check_queue(call)
     if not messages:
-        call.state.touch_now(entry, keep_alive)
+        runner = runner_options(call.settings, entry.profile, options)
+        call.state.touch_now(entry, keep_alive, runner.num_ctx)
         return await _native_load(call, "chat", model, "load")
-    extra = (_compact_json(tools),) if tools else ()
-    shape = PromptShape(messages=messages, extra=extra, images=images)
-    tool = offered_tool(call, tools, "native")
-    job = Job("chat", model, entry, shape, thinking, limit, keep_alive, tool=tool)
+    try:
+        job = chat_job(
+            call,
+            model=model,
+            entry=entry,
+            messages=messages,
+            tools=tools,
+            think=think,
+            options=options,
+            limit=limit,
+            keep_alive_ns=keep_alive,
+            truncate=truncate,
+            shift=shift,
+            structured="format" in obj.folded,
+            tool=offered_tool(call, obj.folded.get("tools"), "native"),
+        )
+    except TemplateError as e:
+        raise ApiError(500, str(e)) from None
+    if debug:
+        call.state.touch_now(entry, keep_alive, job.runner.num_ctx)
+        return _debug_answer(call, "chat", model, job.prompt)
     return await run_native(call, job, stream=stream is not False)
 
 
@@ -280,7 +315,13 @@ def _embed_inputs(value: Any) -> list[str]:
 
 
 async def _embed(
-    call: Call, model: str, inputs: list[str], dimensions: int, keep_alive: int | None
+    call: Call,
+    model: str,
+    inputs: list[str],
+    *,
+    dimensions: int,
+    keep_alive: int | None,
+    options: GoObject | None = None,
 ) -> dict[str, Any]:
     """The /api/embed answer (also the source of /v1/embeddings)."""
     if is_cloud_model(model):
@@ -288,10 +329,11 @@ async def _embed(
     if parse_model_name(_local_name(model)) is None:
         raise ApiError(404, f"model '{model}' not found")
     entry = _lookup(call, model, f"model {json.dumps(model)} not found, try pulling it first")
+    runner = runner_options(call.settings, entry.profile, options)
     _check_queue(call)
     clock = call.state.clock
     started = clock.monotonic_ns()
-    call.state.touch(entry, keep_alive, started)
+    call.state.touch(entry, keep_alive, started, runner.num_ctx)
     if not inputs:
         return {"model": model, "embeddings": []}
     loaded = clock.monotonic_ns()
@@ -302,6 +344,8 @@ async def _embed(
     vectors = [Float32s(_embedding(text, size)) for text in inputs]
     count = embed_prompt_tokens(inputs)
     generation = call.begin("/api/embed", model, stream=False)
+    generation.num_ctx = runner.num_ctx
+    generation.passes.append(PassRecord(count))
     generation.prompt_eval_count = count
     generation.outcome = "completed"
     generation.chunks_sent = 1
@@ -321,9 +365,11 @@ async def handle_embed(call: Call) -> web.StreamResponse:
     dimensions = bind.integer(obj, "dimensions") or 0
     bind.boolean(obj, "truncate")
     keep_alive = bind_keep_alive(obj)
-    _bind_options(bind, obj)
+    options = _bind_options(bind, obj)
     inputs = _embed_inputs(obj.folded.get("input"))
-    return gin_json(200, await _embed(call, model, inputs, dimensions, keep_alive))
+    return gin_json(
+        200, await _embed(call, model, inputs, dimensions=dimensions, keep_alive=keep_alive, options=options)
+    )
 
 
 async def handle_embeddings(call: Call) -> web.StreamResponse:
@@ -332,14 +378,15 @@ async def handle_embeddings(call: Call) -> web.StreamResponse:
     model = bind.string(obj, "model") or ""
     prompt = bind.string(obj, "prompt") or ""
     keep_alive = bind_keep_alive(obj)
-    _bind_options(bind, obj)
+    options = _bind_options(bind, obj)
     if not model.strip():
         raise ApiError(400, MSG_MODEL_REQUIRED)
     if is_cloud_model(model):
         raise ApiError(403, MSG_CLOUD_DISABLED)
     entry = _lookup(call, model, f"model {json.dumps(model)} not found, try pulling it first")
+    runner = runner_options(call.settings, entry.profile, options)
     _check_queue(call)
-    call.state.touch_now(entry, keep_alive)
+    call.state.touch_now(entry, keep_alive, runner.num_ctx)
     generation = call.begin("/api/embeddings", model, stream=False)
     generation.outcome = "completed"
     generation.chunks_sent = 1

@@ -8,9 +8,12 @@ import json
 import struct
 from typing import Any, Final
 
+import attrs
 from aiohttp import web
 
+from ollama_simulator.api_types import Message, ToolCall, bind_arguments, bind_tools, go_text
 from ollama_simulator.catalog import _lookup, _show
+from ollama_simulator.chat import chat_job, check_capabilities, counter, today
 from ollama_simulator.exceptions import (
     MSG_CLOUD_DISABLED,
     MSG_INVALID_NAME,
@@ -21,16 +24,24 @@ from ollama_simulator.exceptions import (
 from ollama_simulator.generation import (
     Generation,
     Job,
+    ModelCall,
     Piece,
     Plan,
-    ToolCall,
     _check_queue,
     _positive_min,
-    _resolve_think,
     offered_tool,
+    resolve_think,
     tool_call_id,
 )
-from ollama_simulator.gojson import Binder, GoObject, _compact_json, _go_type_name, go_json
+from ollama_simulator.gojson import (
+    Binder,
+    BindError,
+    EmptyBody,
+    GoObject,
+    _go_type_name,
+    go_json,
+    parse_go_json,
+)
 from ollama_simulator.names import (
     DEFAULT_NAMESPACE,
     _local_name,
@@ -38,8 +49,9 @@ from ollama_simulator.names import (
     parse_model_name,
 )
 from ollama_simulator.native import _embed
+from ollama_simulator.prompt import generate_prompt
+from ollama_simulator.runner import runner_options
 from ollama_simulator.state import Call
-from ollama_simulator.tokens import PromptShape
 from ollama_simulator.wire import (
     _SSE_DONE,
     CT_SSE,
@@ -51,7 +63,7 @@ from ollama_simulator.wire import (
 )
 
 
-def openai_tool_calls(tool: ToolCall, call_id: str) -> list[dict[str, Any]]:
+def openai_tool_calls(tool: ModelCall, call_id: str) -> list[dict[str, Any]]:
     """openai.ToToolCalls: id, index, type, and the arguments as a JSON string."""
     function = {"name": tool.name, "arguments": go_json(tool.arguments).decode()}
     return [{"id": call_id, "index": 0, "type": "function", "function": function}]
@@ -96,7 +108,7 @@ async def run_openai_chat(call: Call, job: Job, *, stream: bool, include_usage: 
 
         if not await gen.run(collect):
             gen.fail()
-            return encoder_json(500, openai_error_body(500, call.settings.failure_message))
+            return encoder_json(gen.error_status, openai_error_body(gen.error_status, gen.error_message))
         finished_at = call.state.clock.time_ns() // 1_000_000_000
         message: dict[str, Any] = {"role": "assistant", "content": "".join(texts)}
         if thoughts:
@@ -152,7 +164,7 @@ async def run_openai_chat(call: Call, job: Job, *, stream: bool, include_usage: 
         if not completed:
             gen.fail()
             if not emitter.started:
-                return encoder_json(500, openai_error_body(500, call.settings.failure_message))
+                return encoder_json(gen.error_status, openai_error_body(gen.error_status, gen.error_message))
             # The native {"error"} line parses as an empty ChatResponse: one junk chunk.
             junk = {"index": 0, "delta": delta(""), "finish_reason": None}
             await emitter.send(_sse(_chat_chunk(ident, stamp(), "", [junk])))
@@ -215,7 +227,7 @@ async def run_openai_completion(
 
         if not load and not await gen.run(collect):
             gen.fail()
-            return encoder_json(500, openai_error_body(500, call.settings.failure_message))
+            return encoder_json(gen.error_status, openai_error_body(gen.error_status, gen.error_message))
         choice = {"text": "".join(texts), "index": 0, "finish_reason": gen.plan.done_reason}
         body = {
             "id": ident,
@@ -241,7 +253,7 @@ async def run_openai_completion(
         if not load and not await gen.run(send):
             gen.fail()
             if not emitter.started:
-                return encoder_json(500, openai_error_body(500, call.settings.failure_message))
+                return encoder_json(gen.error_status, openai_error_body(gen.error_status, gen.error_message))
             junk = {"text": "", "index": 0, "finish_reason": None}
             await emitter.send(_sse(_completion_chunk(ident, now_s(), "", [junk], zero)))
             return emitter.response
@@ -277,36 +289,79 @@ def _cloud_passthrough(obj: GoObject) -> None:
 _IMAGE_PREFIXES: Final = tuple(f"data:image/{t};base64," for t in ("jpeg", "jpg", "png", "webp"))
 
 
-def _openai_image(part: dict[str, Any]) -> None:
+def decode_image_url(url: str) -> bytes:
+    """decodeImageURL: a base64 data URI (jpeg, jpg, png, webp or a blank type)."""
+    if url.startswith(("http://", "https://")):
+        message = "image URLs are not currently supported, please use base64 encoded data instead"
+        raise ApiError(400, message, middleware=True)
+    prefix = next((p for p in ("data:;base64,", *_IMAGE_PREFIXES) if url.startswith(p)), None)
+    if prefix is None:
+        raise ApiError(400, "invalid image input", middleware=True)
+    try:
+        return base64.b64decode(url[len(prefix) :], validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, "invalid image input", middleware=True) from None
+
+
+def _openai_image(part: dict[str, Any]) -> bytes:
     value = part.get("image_url")
     url = value.get("url") if isinstance(value, dict) else value
     if not isinstance(url, str):
         raise ApiError(400, "invalid message format", middleware=True)
-    prefix = next((p for p in (*_IMAGE_PREFIXES, "data:;base64,") if url.startswith(p)), None)
-    if prefix is None:
-        raise ApiError(400, "invalid image input", middleware=True)
-    try:
-        base64.b64decode(url[len(prefix) :], validate=True)
-    except (binascii.Error, ValueError):
-        raise ApiError(400, "invalid message format", middleware=True) from None
+    return decode_image_url(url)
 
 
-def _openai_messages(bind: Binder, obj: GoObject) -> tuple[tuple[tuple[str, ...], ...], int]:
-    """openai.FromChatRequest: every content part becomes its own message."""
+def _openai_tool_calls(calls: list[Any] | None) -> tuple[ToolCall, ...]:
+    """FromCompletionToolCall: each call's arguments string parsed into an ordered map."""
+    converted: list[ToolCall] = []
+    for raw in calls or ():
+        call = raw if isinstance(raw, dict) else {}
+        function = call.get("function")
+        if not isinstance(function, dict):
+            function = {}
+        try:
+            arguments = parse_go_json(str(function.get("arguments") or "").encode())
+        except (BindError, EmptyBody):
+            raise ApiError(400, "invalid tool call arguments", middleware=True) from None
+        converted.append(
+            ToolCall(
+                id=go_text(str(call.get("id") or "")),
+                name=go_text(str(function.get("name") or "")),
+                arguments=bind_arguments(arguments),
+            )
+        )
+    return tuple(converted)
+
+
+def _tool_name(messages: list[Any], call_id: str) -> str:
+    """nameFromToolCallID: the last tool call with that id names the tool."""
+    for message in reversed(messages):
+        calls = message.get("tool_calls") if isinstance(message, dict) else None
+        for call in reversed(calls if isinstance(calls, list) else []):
+            if isinstance(call, dict) and call.get("id") == call_id:
+                function = call.get("function")
+                return str(function.get("name") or "") if isinstance(function, dict) else ""
+    return ""
+
+
+def _openai_messages(bind: Binder, obj: GoObject) -> list[Message]:
+    """openai.FromChatRequest: every content part becomes its own message, images included."""
     raw_messages = bind.array(obj, "messages", "[]openai.Message") or []
     inner = bind.nested("Message", "messages")
-    messages: list[tuple[str, ...]] = []
-    images = 0
+    messages: list[Message] = []
     for raw in raw_messages:
         message = bind.element(raw, "messages", "openai.Message")
-        inner.string(message, "role")
-        reasoning = inner.string(message, "reasoning") or ""
-        calls = inner.array(message, "tool_calls", "[]openai.ToolCall")
-        call_text = (_compact_json(calls),) if calls else ()
+        role = go_text(inner.string(message, "role") or "")
+        reasoning = go_text(inner.string(message, "reasoning") or "")
+        call_id = go_text(inner.string(message, "tool_call_id") or "")
+        raw_calls = inner.array(message, "tool_calls", "[]openai.ToolCall")
+        tool_name = ""
+        if role.lower() == "tool":
+            tool_name = go_text(inner.string(message, "name") or "") or _tool_name(raw_messages, call_id)
         content = message.folded.get("content")
         if isinstance(content, str):
-            texts = (content, reasoning, *call_text)
-            messages.append(tuple(t for t in texts if t))
+            calls = _openai_tool_calls(raw_calls)
+            messages.append(Message(role, go_text(content), reasoning, (), calls, tool_name, call_id))
         elif isinstance(content, list):
             for part in content:
                 if not isinstance(part, dict):
@@ -316,36 +371,43 @@ def _openai_messages(bind: Binder, obj: GoObject) -> tuple[tuple[tuple[str, ...]
                     text = part.get("text")
                     if not isinstance(text, str):
                         raise ApiError(400, "invalid message format", middleware=True)
-                    messages.append((text,) if text else ())
+                    messages.append(Message(role, go_text(text)))
                 elif kind == "image_url":
-                    _openai_image(part)
-                    images += 1
-                    messages.append(())
+                    messages.append(Message(role, images=(_openai_image(part),)))
                 else:
                     raise ApiError(400, "invalid message format", middleware=True)
-            if messages and (calls or reasoning):
-                messages[-1] = messages[-1] + tuple(t for t in (reasoning, *call_text) if t)
-        elif calls is None:
+            if messages and raw_calls:
+                messages[-1] = attrs.evolve(
+                    messages[-1],
+                    tool_calls=_openai_tool_calls(raw_calls),
+                    tool_name=tool_name,
+                    tool_call_id=call_id,
+                    thinking=reasoning,
+                )
+        elif raw_calls is None:
             got = _go_type_name(content)
             raise ApiError(400, f"invalid message content type: {got}", middleware=True)
         else:
-            messages.append(tuple(t for t in (reasoning, *call_text) if t))
-    return tuple(messages), images
+            calls = _openai_tool_calls(raw_calls)
+            messages.append(Message(role, "", reasoning, (), calls, "", call_id))
+    # ChatMiddleware re-encodes the request; ChatHandler's Message.UnmarshalJSON lowers roles.
+    return [attrs.evolve(m, role=m.role.lower()) for m in messages]
 
 
-_EFFORTS: Final = {
+# thinkFromReasoningEffort: the api.ThinkValue each reasoning effort becomes.
+_EFFORTS: Final[dict[str, bool | str]] = {
     "none": False,
-    "minimal": True,
-    "low": True,
-    "medium": True,
-    "high": True,
-    "max": True,
-    "xhigh": True,
-    "ultra": True,
+    "minimal": "low",
+    "low": "low",
+    "medium": "medium",
+    "high": "high",
+    "max": "max",
+    "xhigh": "max",
+    "ultra": "max",
 }
 
 
-def _openai_think(bind: Binder, obj: GoObject) -> bool | None:
+def _openai_think(bind: Binder, obj: GoObject) -> bool | str | None:
     effort = bind.string(obj, "reasoning_effort")
     reasoning = bind.object(obj, "reasoning", "openai.Reasoning")
     if effort is None and reasoning is not None:
@@ -366,7 +428,20 @@ def _include_usage(bind: Binder, obj: GoObject, stream: bool) -> bool:
     return stream and bool(include)
 
 
+def _structured(obj: GoObject) -> bool:
+    """FromChatRequest's format: json_object, or json_schema with a schema (even null)."""
+    response_format = obj.folded.get("response_format")
+    if not isinstance(response_format, GoObject):
+        return False
+    kind = str(response_format.folded.get("type") or "").strip().lower()
+    schema = response_format.folded.get("json_schema")
+    return kind == "json_object" or (
+        kind == "json_schema" and isinstance(schema, GoObject) and "schema" in schema.folded
+    )
+
+
 async def handle_openai_chat(call: Call) -> web.StreamResponse:
+    """ChatMiddleware (openai.FromChatRequest) then ChatHandler."""
     obj = await _openai_json(call, "openai.ChatCompletionRequest")
     _cloud_passthrough(obj)
     bind = Binder("ChatCompletionRequest")
@@ -377,42 +452,70 @@ async def handle_openai_chat(call: Call) -> web.StreamResponse:
     raw_messages = bind.array(obj, "messages", "[]openai.Message")
     if not raw_messages:
         raise ApiError(400, "[] is too short - 'messages'", middleware=True)
-    messages, images = _openai_messages(bind, obj)
-    tools = bind.array(obj, "tools", "[]api.Tool")
-    think = _openai_think(bind, obj)
+    messages = _openai_messages(bind, obj)
+    tools = bind_tools(bind.array(obj, "tools", "[]api.Tool"), bind)
+    think_value = _openai_think(bind, obj)
     if not model.strip():
         raise ApiError(400, MSG_MODEL_REQUIRED)
     if parse_model_name(_local_name(model)) is None:
         raise ApiError(400, MSG_INVALID_NAME)
     entry = _lookup(call, model, f"model '{model}' not found")
+    think = resolve_think(entry, model, think_value)
     if "completion" not in entry.capabilities:
         raise ApiError(400, f"{json.dumps(model)} does not support chat")
-    thinking = _resolve_think(entry, model, think)
     _check_queue(call)
-    extra = (_compact_json(tools),) if tools else ()
-    shape = PromptShape(messages=messages, extra=extra, images=images)
-    job = Job("chat", model, entry, shape, thinking, limit, tool=offered_tool(call, tools, "native"))
+    job = chat_job(
+        call,
+        model=model,
+        entry=entry,
+        messages=messages,
+        tools=tools,
+        think=think,
+        options=None,
+        limit=limit,
+        structured=_structured(obj),
+        tool=offered_tool(call, obj.folded.get("tools"), "native"),
+    )
     return await run_openai_chat(call, job, stream=stream, include_usage=include_usage)
 
 
 async def handle_openai_completions(call: Call) -> web.StreamResponse:
+    """CompletionsMiddleware (openai.FromCompleteRequest) then GenerateHandler."""
     obj = await _openai_json(call, "openai.CompletionRequest")
     _cloud_passthrough(obj)
     bind = Binder("CompletionRequest")
     model = bind.string(obj, "model") or ""
-    prompt = bind.string(obj, "prompt") or ""
-    suffix = bind.string(obj, "suffix") or ""
+    prompt = go_text(bind.string(obj, "prompt") or "")
+    suffix = go_text(bind.string(obj, "suffix") or "")
     stream = bool(bind.boolean(obj, "stream"))
     include_usage = _include_usage(bind, obj, stream)
     limit = _positive_min(bind.integer(obj, "max_tokens"), bind.integer(obj, "max_completion_tokens"))
     if parse_model_name(_local_name(model)) is None:
         raise ApiError(404, f"model '{model}' not found")
     entry = _lookup(call, model, f"model '{model}' not found")
+    think = resolve_think(entry, model, None)
     if "completion" not in entry.capabilities:
         raise ApiError(400, f"{json.dumps(model)} does not support generate")
+    if suffix:
+        check_capabilities(entry, "insert")
+    runner = runner_options(call.settings, entry.profile, None)
     _check_queue(call)
-    shape = PromptShape(messages=((prompt, suffix),))
-    job = Job("generate", model, entry, shape, entry.thinks, limit)
+    rendered = generate_prompt(
+        entry.profile,
+        None,
+        prompt=prompt,
+        system="",
+        suffix=suffix,
+        images=(),
+        context=None,
+        think=think,
+        num_ctx=runner.num_ctx,
+        truncate=runner.truncate,
+        count=counter(call),
+        projector=call.settings.tokens_per_image > 0,
+        today=today(call),
+    )
+    job = Job("generate", model, entry, rendered, think.enabled, limit, runner)
     return await run_openai_completion(call, job, stream=stream, include_usage=include_usage, load=not prompt)
 
 
@@ -437,7 +540,7 @@ async def handle_openai_embeddings(call: Call) -> web.StreamResponse:
         inputs = list(value)
     else:
         raise ApiError(400, "invalid input type")
-    native = await _embed(call, model, inputs, dimensions, None)
+    native = await _embed(call, model, inputs, dimensions=dimensions, keep_alive=None)
     if call.record.generation is not None:
         call.record.generation.endpoint = "/v1/embeddings"
     data = []

@@ -14,13 +14,28 @@ from ollama_simulator.clock import rfc3339nano
 
 
 @attrs.define
+class PassRecord:
+    """One runner call: the prompt tokens it evaluated and the tokens generated so far."""
+
+    prompt_tokens: int
+    completion_tokens: int = 0
+
+
+@attrs.define
 class GenerationRecord:
-    """What one inference request produced."""
+    """What one inference request produced.
+
+    `passes` is the truth of the tokens the runner handled, also for a request the client
+    abandoned: a pass's prompt tokens count once the runner takes the prompt, its completion
+    tokens one by one as they are generated. Structured outputs on a thinking model run two
+    passes (the thinking, then the formatted answer); Ollama reports only the last one.
+    """
 
     endpoint: str
     model: str
     stream: bool
     completion_limit: int | None = None
+    num_ctx: int | None = None
     # running, completed, cancelled (client went away), failed (injected failure)
     outcome: str = "running"
     chunks_sent: int = 0
@@ -29,9 +44,23 @@ class GenerationRecord:
     # The counts as reported to the client (None when no final chunk/usage carried them).
     prompt_eval_count: int | None = None
     eval_count: int | None = None
+    passes: list[PassRecord] = attrs.field(factory=list)
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Prompt tokens evaluated over every pass."""
+        return sum(p.prompt_tokens for p in self.passes)
+
+    @property
+    def completion_tokens(self) -> int:
+        """Tokens generated over every pass (delivered or not)."""
+        return sum(p.completion_tokens for p in self.passes)
 
     def to_json(self) -> dict[str, Any]:
-        return attrs.asdict(self)
+        body = attrs.asdict(self)
+        body["prompt_tokens"] = self.prompt_tokens
+        body["completion_tokens"] = self.completion_tokens
+        return body
 
 
 @attrs.define

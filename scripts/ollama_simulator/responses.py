@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, Final
 
 import attrs
 from aiohttp import web
 
+from ollama_simulator.api_types import (
+    Message,
+    PropertyType,
+    Tool,
+    ToolCall,
+    ToolFunctionParameters,
+    ToolProperty,
+    bind_arguments,
+    bind_parameters,
+    go_text,
+)
 from ollama_simulator.catalog import _lookup
+from ollama_simulator.chat import chat_job
 from ollama_simulator.exceptions import MSG_MODEL_REQUIRED, ApiError, ClientGone
 from ollama_simulator.generation import (
     Generation,
@@ -15,14 +28,14 @@ from ollama_simulator.generation import (
     Piece,
     _check_queue,
     _positive_min,
-    _resolve_think,
     offered_tool,
+    resolve_think,
     tool_call_id,
 )
-from ollama_simulator.gojson import Binder, GoObject, _compact_json, go_json
-from ollama_simulator.openai import _cloud_passthrough, _openai_json, _openai_think
+from ollama_simulator.gojson import Binder, BindError, EmptyBody, GoObject, go_json, parse_go_json
+from ollama_simulator.govalues import OrderedMap
+from ollama_simulator.openai import _cloud_passthrough, _openai_json, _openai_think, decode_image_url
 from ollama_simulator.state import Call
-from ollama_simulator.tokens import PromptShape
 from ollama_simulator.wire import CT_JSON, CT_SSE, Emitter, _sse_event, _stream_response, encoder_json
 
 _STREAM_HEADERS: Final = {"Cache-Control": "no-cache", "Connection": "keep-alive"}
@@ -103,7 +116,8 @@ def _text(part: str) -> dict[str, Any]:
 
 
 def _arguments(piece: Piece) -> str:
-    assert piece.tool is not None  # noqa: S101 - callers check
+    if piece.tool is None:
+        raise TypeError("not a tool call piece")
     return go_json(piece.tool.arguments).decode()
 
 
@@ -387,7 +401,7 @@ async def run_responses(call: Call, job: Job, echo: Echo, *, stream: bool) -> we
 
         if not await gen.run(collect):
             gen.fail()
-            return _error(500, call.settings.failure_message, stream=False)
+            return _error(gen.error_status, gen.error_message, stream=False)
         created = call.state.clock.time_ns() // 1_000_000_000
         completed = call.state.clock.time_ns() // 1_000_000_000
         body = to_response(
@@ -413,7 +427,7 @@ async def run_responses(call: Call, job: Job, echo: Echo, *, stream: bool) -> we
         if not await gen.run(send):
             gen.fail()
             if not emitter.started:
-                return _error(500, call.settings.failure_message, stream=True)
+                return _error(gen.error_status, gen.error_message, stream=True)
             # The {"error":...} line unmarshals as an empty ChatResponse: no events, no
             # response.failed, no response.completed; the stream just ends.
             return emitter.response
@@ -432,60 +446,224 @@ def _error(status: int, message: str, *, stream: bool) -> web.Response:
     return web.Response(status=status, body=go_json(body) + b"\n", headers=headers)
 
 
-def _block_texts(value: Any, kinds: tuple[str, ...]) -> tuple[list[str], int]:
-    """Texts and image count of a string or a list of content parts."""
+def _content(value: Any, where: str) -> tuple[str, tuple[bytes, ...]]:
+    """ResponsesInputMessage content (a string or content items) as convertResponsesContent
+    joins it: texts concatenated, images decoded, files refused."""
+    if value is None:
+        return "", ()
     if isinstance(value, str):
-        return [value], 0
+        return go_text(value), ()
+    if not isinstance(value, list):
+        raise ApiError(400, f"{where}content must be a string or array", middleware=True)
     texts: list[str] = []
-    images = 0
-    for block in value if isinstance(value, list) else []:
-        if not isinstance(block, dict):
-            continue
-        kind = block.get("type")
-        if kind in kinds and isinstance(block.get("text"), str):
-            texts.append(block["text"])
+    images: list[bytes] = []
+    for index, item in enumerate(value):
+        kind = item.get("type") if isinstance(item, dict) else None
+        if kind in ("input_text", "output_text"):
+            texts.append(go_text(str(item.get("text") or "")))
         elif kind == "input_image":
-            images += 1
-    return texts, images
+            url = str(item.get("image_url") or "")
+            if url:
+                images.append(decode_image_url(url))
+        elif kind == "input_file":
+            raise ApiError(400, "file inputs are not currently supported", middleware=True)
+        else:
+            raise ApiError(
+                400, f"{where}content[{index}]: unknown content type: {kind or ''}", middleware=True
+            )
+    return "".join(texts), tuple(images)
+
+
+def _call_arguments(text: str) -> OrderedMap | None:
+    if not text:
+        return None
+    try:
+        return bind_arguments(parse_go_json(text.encode()))
+    except (BindError, EmptyBody) as e:
+        raise ApiError(400, f"failed to parse function call arguments: {e}", middleware=True) from None
+
+
+def _input_messages(items: list[Any]) -> list[Message]:
+    """FromResponsesRequest's input items: messages, function calls merged into the assistant
+    message before them, their outputs as tool messages, reasoning carried to the next one."""
+    messages: list[Message] = []
+    pending = ""
+    kinds = [_item_type(item, index) for index, item in enumerate(items)]
+    for index, item in enumerate(items):
+        kind = kinds[index]
+        if kind == "reasoning":
+            pending = go_text(str(item.get("encrypted_content") or ""))
+        elif kind == "message":
+            text, images = _content(item.get("content"), f"input[{index}]: ")
+            message = Message(go_text(str(item.get("role") or "")), text, images=images)
+            if message.role == "assistant" and pending:
+                message, pending = attrs.evolve(message, thinking=pending), ""
+            output_id = ""
+            if index + 1 < len(items) and kinds[index + 1] == "function_call_output":
+                output_id = str(items[index + 1].get("call_id") or "")
+            last = messages[-1] if messages else None
+            if (
+                message.role == "assistant"
+                and output_id
+                and last is not None
+                and last.role == "assistant"
+                and any(call.id == output_id for call in last.tool_calls)
+            ):
+                # An assistant message replayed between a function_call and its output joins
+                # the call's message, so the tool result still follows the call.
+                joiner = "\n" if last.content and message.content else ""
+                messages[-1] = attrs.evolve(
+                    last,
+                    content=last.content + joiner + message.content,
+                    images=last.images + message.images,
+                    thinking=message.thinking or last.thinking,
+                )
+                continue
+            messages.append(message)
+        elif kind == "function_call":
+            call = ToolCall(
+                id=go_text(str(item.get("call_id") or "")),
+                name=go_text(str(item.get("name") or "")),
+                arguments=_call_arguments(str(item.get("arguments") or "")),
+            )
+            if messages and messages[-1].role == "assistant":
+                last = messages[-1]
+                messages[-1] = attrs.evolve(
+                    last, tool_calls=(*last.tool_calls, call), thinking=pending or last.thinking
+                )
+            else:
+                messages.append(Message("assistant", thinking=pending, tool_calls=(call,)))
+            pending = ""
+        elif kind == "function_call_output":
+            output = item.get("output")
+            if isinstance(output, list):
+                text, images = _content(output, f"input[{index}]: output")
+            else:
+                text, images = go_text(str(output or "")), ()
+            call_id = go_text(str(item.get("call_id") or ""))
+            messages.append(Message("tool", text, images=images, tool_call_id=call_id))
+    if pending:
+        messages.append(Message("assistant", thinking=pending))
+    return messages
+
+
+def _item_type(item: Any, index: int) -> str:
+    """unmarshalResponsesInputItem's dispatch: the type, "message" when only a role is given."""
+    if not isinstance(item, dict):
+        raise ApiError(400, "invalid input item", middleware=True)
+    kind = str(item.get("type") or "")
+    if not kind and item.get("role"):
+        kind = "message"
+    if kind not in ("message", "function_call", "function_call_output", "reasoning", "web_search_call"):
+        if not kind:
+            raise ApiError(400, f"input[{index}]: input item missing required 'type' field", middleware=True)
+        raise ApiError(400, f"input[{index}]: unknown input item type: {json.dumps(kind)}", middleware=True)
+    return kind
+
+
+_WEB_SEARCH: Final = Tool(
+    type="function",
+    name="web_search",
+    description="Search the web for current information.",
+    parameters=ToolFunctionParameters(
+        type="object",
+        required=("query",),
+        properties=OrderedMap(
+            query=ToolProperty(
+                type=PropertyType("api.PropertyType", ("string",)), description="The search query."
+            )
+        ),
+    ),
+)
+
+
+def _convert_tool(raw: Any, bind: Binder) -> list[Tool]:
+    """convertTools: a namespace expands to its members with "namespace." names."""
+    tool = raw if isinstance(raw, GoObject) else GoObject()
+    kind = go_text(str(tool.folded.get("type") or ""))
+    name = go_text(str(tool.folded.get("name") or ""))
+    if kind == "namespace":
+        members = [t for member in tool.folded.get("tools") or [] for t in _convert_tool(member, bind)]
+        prefix = name + "."
+        return [
+            t if not name or t.name.startswith(prefix) else attrs.evolve(t, name=prefix + t.name)
+            for t in members
+        ]
+    parameters = tool.folded.get("parameters")
+    bound = bind_parameters(parameters, bind) if parameters is not None else ToolFunctionParameters()
+    description = go_text(str(tool.folded.get("description") or ""))
+    return [Tool(type=kind, name=name, description=description, parameters=bound)]
+
+
+def _tools(raw: list[Any] | None) -> tuple[Tool, ...] | None:
+    """FromResponsesRequest's tools: web_search becomes Ollama's web_search function, and a
+    user function of that name beside it is dropped."""
+    if not raw:
+        return None
+    web_search = any(isinstance(t, dict) and t.get("type") == "web_search" for t in raw)
+    tools: list[Tool] = []
+    for item in raw:
+        if isinstance(item, dict) and item.get("type") == "web_search":
+            tools.append(_WEB_SEARCH)
+            continue
+        tools.extend(
+            t
+            for t in _convert_tool(item, Binder("ResponsesTool"))
+            if not (web_search and t.name == "web_search")
+        )
+    return tuple(tools)
+
+
+def _structured(obj: GoObject) -> bool:
+    """text.format of type json_schema with a schema sets the format."""
+    text = obj.folded.get("text")
+    fmt = text.folded.get("format") if isinstance(text, GoObject) else None
+    return (
+        isinstance(fmt, GoObject)
+        and fmt.folded.get("type") == "json_schema"
+        and fmt.folded.get("schema") is not None
+    )
 
 
 async def handle_responses(call: Call) -> web.StreamResponse:
-    """ResponsesMiddleware then ChatHandler; see middleware/openai.go ResponsesMiddleware."""
+    """ResponsesMiddleware (openai.FromResponsesRequest) then ChatHandler."""
     obj = await _openai_json(call, "openai.ResponsesRequest")
     _cloud_passthrough(obj)
     bind = Binder("ResponsesRequest")
     model = bind.string(obj, "model") or ""
     stream = bool(bind.boolean(obj, "stream"))
     limit = _positive_min(bind.integer(obj, "max_output_tokens"))
-    instructions = bind.string(obj, "instructions") or ""
-    tools = bind.array(obj, "tools", "[]openai.ResponsesTool")
-    think = _openai_think(bind, obj)
-    messages: list[tuple[str, ...]] = [(instructions,)] if instructions else []
-    images = 0
+    instructions = go_text(bind.string(obj, "instructions") or "")
+    raw_tools = bind.array(obj, "tools", "[]openai.ResponsesTool")
+    think_value = _openai_think(bind, obj)
+    messages = [Message("system", instructions)] if instructions else []
     value = obj.folded.get("input")
     if isinstance(value, str):
-        messages.append((value,))
+        if value:
+            messages.append(Message("user", go_text(value)))
     elif isinstance(value, list):
-        for item in value:
-            if not isinstance(item, dict):
-                raise ApiError(400, "invalid input item", middleware=True)
-            if "content" in item:
-                texts, count = _block_texts(item["content"], ("input_text", "output_text", "text"))
-            else:
-                texts, count = [_compact_json(item)], 0
-            images += count
-            messages.append(tuple(t for t in texts if t))
+        messages.extend(_input_messages(value))
+    tools = _tools(raw_tools)
     try:
         if not model.strip():
             raise ApiError(400, MSG_MODEL_REQUIRED)
         entry = _lookup(call, model, f"model '{model}' not found")
-        thinking = _resolve_think(entry, model, think)
+        think = resolve_think(entry, model, think_value)
         _check_queue(call)
+        job = chat_job(
+            call,
+            model=model,
+            entry=entry,
+            messages=[attrs.evolve(m, role=m.role.lower()) for m in messages],
+            tools=tools,
+            think=think,
+            options=None,
+            limit=limit,
+            structured=_structured(obj),
+            tool=offered_tool(call, raw_tools, "responses"),
+        )
     except ApiError as error:
         if error.native:
             raise
         return _error(error.status, error.message, stream=stream)
-    extra = (_compact_json(tools),) if tools else ()
-    shape = PromptShape(messages=tuple(messages), extra=extra, images=images)
-    job = Job("chat", model, entry, shape, thinking, limit, tool=offered_tool(call, tools, "responses"))
     return await run_responses(call, job, _echo(obj), stream=stream)

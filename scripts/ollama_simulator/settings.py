@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import attrs
 import cattrs
 
 from ollama_simulator.names import is_cloud_model, parse_model_name
+
+PROFILE_NAMES: Final = ("llama3.2", "assistant", "qwen3", "embedding")
 
 OLLAMA_VERSION: Final = "0.33.0-rc2"
 
@@ -26,9 +28,28 @@ def _model_names(_instance: object, _attribute: attrs.Attribute[Any], value: Any
         raise ValueError(f"models: invalid model names {bad!r}")
 
 
+def _profiles(_instance: object, _attribute: attrs.Attribute[Any], value: Any) -> None:
+    bad = {name: p for name, p in value.items() if parse_model_name(name) is None or p not in PROFILE_NAMES}
+    if bad:
+        raise ValueError(f"model_profiles: unknown models or profiles {bad!r} (profiles: {PROFILE_NAMES})")
+
+
+def _at_least_four(_instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value < 4:
+        raise ValueError(f"{attribute.name} must be >= 4, got {value!r}")
+
+
 @attrs.frozen(kw_only=True)
 class SimulatorSettings:
-    """How the simulated Ollama behaves; replaceable at runtime through `POST /_sim/settings`."""
+    """How the simulated Ollama behaves; replaceable at runtime through `POST /_sim/settings`.
+
+    The prompt side: `models` are installed with a profile each (profiles.py: template, SYSTEM,
+    MESSAGEs, PARAMETERs, context length), chosen by `model_profiles` or the name rule below;
+    `default_num_ctx` is the server's default context, `tokenizer` how prompts are counted,
+    `tokens_per_image` what an attached image costs. For example
+    `{"models": ["mybot:latest"], "model_profiles": {"mybot:latest": "assistant"},
+    "tokenizer": "bytes", "default_num_ctx": 8192}`.
+    """
 
     # Generation pace: tokens per second after the first (0 = as fast as possible) and the
     # delay before the first chunk (model load plus prompt processing).
@@ -52,9 +73,22 @@ class SimulatorSettings:
     # When non-empty, content tokens are these strings (cycled) instead of the word list.
     reply: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     embedding_dimensions: int = attrs.field(default=384, validator=_at_least_zero)
-    # Prompt tokens per attached image (real vision models use hundreds; 0 keeps the
-    # text-only bound exact).
+    # Prompt tokens per attached image (real vision models use hundreds). A non-zero value
+    # also makes chatPrompt's truncation count 768 per image, as for a model with a projector.
     tokens_per_image: int = attrs.field(default=0, validator=_at_least_zero)
+    # How prompt_eval_count counts the rendered prompt (see tokens.py): "words" (a token per
+    # <|special|> marker, word run or punctuation mark) or "bytes" (a token per UTF-8 byte,
+    # the worst case); either way plus one BOS.
+    tokenizer: Literal["words", "bytes"] = "words"
+    # The server's default context (OLLAMA_CONTEXT_LENGTH): the num_ctx of a request whose
+    # options and Modelfile set none; every num_ctx is capped at the model's context_length.
+    default_num_ctx: int = attrs.field(default=4096, validator=_at_least_four)
+    # Which model profile (profiles.py) an installed model gets, by model name, for example
+    # {"mybot:latest": "assistant"}. Unlisted names follow the name rule: embedders by name
+    # (minilm, embed, bge, e5-) get "embedding", thinking families (qwen3, deepseek-r1,
+    # gpt-oss, magistral, phi4-reasoning) "qwen3", names starting with "assistant" the
+    # long-SYSTEM "assistant" persona, everything else "llama3.2".
+    model_profiles: dict[str, str] = attrs.field(factory=dict, validator=_profiles)
     # The DNS-rebinding Host check Ollama applies when it listens on loopback, and the CORS
     # Origin check.
     host_check: bool = True
@@ -78,7 +112,7 @@ def settings_to_json(settings: SimulatorSettings) -> dict[str, Any]:
     """The settings as plain JSON (tuples become lists)."""
     return {
         key: list(value) if isinstance(value, tuple) else value
-        for key, value in attrs.asdict(settings).items()
+        for key, value in attrs.asdict(settings, recurse=False).items()
     }
 
 

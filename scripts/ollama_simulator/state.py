@@ -22,6 +22,15 @@ from ollama_simulator.gojson import (
 from ollama_simulator.names import ModelName
 from ollama_simulator.recorder import GenerationRecord, Recorder, RequestRecord
 from ollama_simulator.settings import SimulatorSettings
+from ollama_simulator.tokens import Vocabulary
+
+
+@attrs.frozen
+class Loaded:
+    """A loaded runner: when it expires (monotonic) and the num_ctx it runs with."""
+
+    expires_ns: int
+    num_ctx: int
 
 
 @attrs.define
@@ -33,8 +42,10 @@ class SimulatorState:
     rng: random.Random
     settings: SimulatorSettings = attrs.field(init=False)
     models: dict[str, ModelEntry] = attrs.field(init=False, factory=dict)
-    loaded: dict[str, int] = attrs.field(init=False, factory=dict)
+    loaded: dict[str, Loaded] = attrs.field(init=False, factory=dict)
     blobs: set[str] = attrs.field(init=False, factory=set)
+    # Token ids for /api/generate's context; kept across resets so old contexts still decode.
+    vocabulary: Vocabulary = attrs.field(init=False, factory=Vocabulary)
 
     def __attrs_post_init__(self) -> None:
         self.reset()
@@ -45,23 +56,28 @@ class SimulatorState:
         self.blobs.clear()
 
     def apply(self, settings: SimulatorSettings) -> None:
-        changed_models = not hasattr(self, "settings") or settings.models != self.settings.models
+        changed_models = (
+            not hasattr(self, "settings")
+            or settings.models != self.settings.models
+            or settings.model_profiles != self.settings.model_profiles
+        )
         self.settings = settings
         if changed_models:
             self.models = {}
             for raw in settings.models:
-                entry = model_entry(raw)
+                entry = model_entry(raw, settings.model_profiles)
                 self.models[entry.name.key] = entry
 
     def find(self, name: ModelName) -> ModelEntry | None:
         return self.models.get(name.key)
 
     def install(self, raw: str) -> None:
-        entry = model_entry(raw)
+        entry = model_entry(raw, self.settings.model_profiles)
         self.models[entry.name.key] = entry
 
-    def touch(self, entry: ModelEntry, keep_alive_ns: int | None, now_monotonic: int) -> None:
-        """The model was used: (re)load it with its keep_alive (0 unloads it at once).
+    def touch(self, entry: ModelEntry, keep_alive_ns: int | None, now_monotonic: int, num_ctx: int) -> None:
+        """The model was used: (re)load it with its keep_alive (0 unloads it at once) and the
+        request's num_ctx (a different num_ctx reloads the runner).
 
         Expiry is kept on the monotonic clock so that loading reads no extra wall time.
         """
@@ -69,10 +85,10 @@ class SimulatorState:
         if keep == 0:
             self.loaded.pop(entry.name.key, None)
         else:
-            self.loaded[entry.name.key] = now_monotonic + keep
+            self.loaded[entry.name.key] = Loaded(now_monotonic + keep, num_ctx)
 
-    def touch_now(self, entry: ModelEntry, keep_alive_ns: int | None) -> None:
-        self.touch(entry, keep_alive_ns, self.clock.monotonic_ns())
+    def touch_now(self, entry: ModelEntry, keep_alive_ns: int | None, num_ctx: int) -> None:
+        self.touch(entry, keep_alive_ns, self.clock.monotonic_ns(), num_ctx)
 
 
 STATE_KEY: Final = web.AppKey("ollama_simulator_state", SimulatorState)

@@ -33,8 +33,11 @@ CREATED = 1_787_331_600
 RNG_SEED = 7
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 SAY_HI = [{"role": "user", "content": "Say hi"}]
-# "Say hi" in one user message: 2 tokens + 4 for the message + 4 for the assistant turn.
-SAY_HI_PROMPT_TOKENS = 10
+# "Say hi" as llama3.2's template renders it, counted by hand in words mode:
+# <|start_header_id|> system <|end_header_id|> Cutting Knowledge Date : December 2023 <|eot_id|>
+# (10) <|start_header_id|> user <|end_header_id|> Say hi <|eot_id|> (6) <|start_header_id|>
+# assistant <|end_header_id|> (3), plus the BOS.
+SAY_HI_PROMPT_TOKENS = 10 + 6 + 3 + 1
 
 
 @attrs.define
@@ -135,7 +138,7 @@ async def test_native_chat_stream_is_transcript_a() -> None:
         f'{{"model":"llama3.2","created_at":"{STAMP}","message":{{"role":"assistant",'
         '"content":"!"},"done":false}\n'
         f'{{"model":"llama3.2","created_at":"{STAMP}","message":{{"role":"assistant",'
-        f'"content":""}},"done":true,"done_reason":"stop",{metrics(10, 2)}}}\n'
+        f'"content":""}},"done":true,"done_reason":"stop",{metrics(SAY_HI_PROMPT_TOKENS, 2)}}}\n'
     )
     assert body.decode() == expected
 
@@ -168,15 +171,16 @@ async def test_native_generate_non_stream_is_transcript_b() -> None:
         async with s.post("/api/generate", {**request, "raw": True}) as r:
             raw = json.loads(await r.read())
     context = json.loads(body)["context"]
-    assert len(context) == SAY_HI_PROMPT_TOKENS + 2
+    # r.Tokenize(prompt + response): the prompt's tokens without the BOS, then "Hi" and "!".
+    assert len(context) == SAY_HI_PROMPT_TOKENS - 1 + 2
     assert all(isinstance(token, int) for token in context)
     expected = (
         f'{{"model":"llama3.2","created_at":"{STAMP}","response":"Hi!","done":true,'
-        f'"done_reason":"stop","context":[{",".join(map(str, context))}],{metrics(10, 2)}}}'
+        f'"done_reason":"stop","context":[{",".join(map(str, context))}],{metrics(SAY_HI_PROMPT_TOKENS, 2)}}}'
     )
     assert body.decode() == expected
     assert "context" not in raw
-    assert raw["prompt_eval_count"] == 2  # raw: no template tokens at all
+    assert raw["prompt_eval_count"] == 2 + 1  # raw: "Say hi" as sent, plus the BOS
 
 
 async def test_openai_chat_stream_with_usage_is_transcript_c() -> None:
@@ -203,7 +207,7 @@ async def test_openai_chat_stream_with_usage_is_transcript_c() -> None:
         + head
         + '"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'
         + head
-        + '"choices":[],"usage":{"prompt_tokens":10,"completion_tokens":2,"total_tokens":12}}\n\n'
+        + '"choices":[],"usage":{"prompt_tokens":20,"completion_tokens":2,"total_tokens":22}}\n\n'
         "data: [DONE]\n\n"
     )
     assert body.decode() == expected
@@ -237,7 +241,7 @@ async def test_openai_chat_non_stream_is_transcript_d() -> None:
         f'{{"id":"chatcmpl-{rng_ids(1)[0]}","object":"chat.completion","created":{CREATED},'
         '"model":"llama3.2","system_fingerprint":"fp_ollama","choices":[{"index":0,'
         '"message":{"role":"assistant","content":"Hi!"},"finish_reason":"stop"}],'
-        '"usage":{"prompt_tokens":10,"completion_tokens":2,"total_tokens":12}}\n'
+        '"usage":{"prompt_tokens":20,"completion_tokens":2,"total_tokens":22}}\n'
     )
     assert body.decode() == expected
 
@@ -433,7 +437,8 @@ async def test_completions_stream_has_zero_usage_on_every_chunk() -> None:
         [{"text": "", "index": 0, "finish_reason": "stop"}],
     ]
     assert chunks[3]["choices"] == []
-    assert chunks[3]["usage"] == {"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12}
+    # /v1/completions becomes /api/generate: "Say hi" renders as in /api/chat (20 tokens).
+    assert chunks[3]["usage"] == {"prompt_tokens": 20, "completion_tokens": 2, "total_tokens": 22}
     assert "usage" not in plain
 
 
@@ -448,8 +453,8 @@ async def test_completions_non_stream_shape() -> None:
     assert body.decode() == (
         f'{{"id":"cmpl-{rng_ids(1)[0]}","object":"text_completion","created":{CREATED},'
         '"model":"llama3.2","system_fingerprint":"fp_ollama","choices":[{"text":"Hi!",'
-        '"index":0,"finish_reason":"stop"}],"usage":{"prompt_tokens":10,"completion_tokens":2,'
-        '"total_tokens":12}}\n'
+        '"index":0,"finish_reason":"stop"}],"usage":{"prompt_tokens":20,"completion_tokens":2,'
+        '"total_tokens":22}}\n'
     )
 
 
@@ -459,16 +464,17 @@ async def test_include_usage_is_ignored_without_stream() -> None:
     async with running(HI) as s, s.post("/v1/chat/completions", request) as r:
         body = json.loads(await r.read())
     assert body["object"] == "chat.completion"
-    assert body["usage"]["total_tokens"] == 12
+    assert body["usage"]["total_tokens"] == SAY_HI_PROMPT_TOKENS + 2
 
 
 async def test_openai_content_parts_become_separate_messages() -> None:
-    """openai.FromChatRequest turns each text part into its own message (template per part)."""
+    """openai.FromChatRequest turns each text part into its own user message; the template's
+    collate merges them back into one turn, "a b\n\nc" (a, b and c: 3 tokens for 2 for "Say hi")."""
     parts = [{"type": "text", "text": "a b"}, {"type": "text", "text": "c"}]
     request = {"model": "llama3.2", "messages": [{"role": "user", "content": parts}]}
     async with running(HI) as s, s.post("/v1/chat/completions", request) as r:
         usage = json.loads(await r.read())["usage"]
-    assert usage["prompt_tokens"] == 3 + sim.TEMPLATE_TOKENS_PER_MESSAGE * 3
+    assert usage["prompt_tokens"] == SAY_HI_PROMPT_TOKENS - 2 + 3
 
 
 async def test_openai_validation_errors_use_gin_framing() -> None:
@@ -547,16 +553,18 @@ async def test_eval_count_equals_content_chunks() -> None:
         lines = [json.loads(line) for line in (await r.read()).splitlines()]
     assert len(lines) == 8
     assert lines[-1]["eval_count"] == 7
-    assert lines[-1]["prompt_eval_count"] == 2 + 2 * sim.TEMPLATE_TOKENS_PER_MESSAGE
+    assert lines[-1]["prompt_eval_count"] == SAY_HI_PROMPT_TOKENS  # "hello there": 2 tokens too
     assert all(set(line) == {"model", "created_at", "response", "done"} for line in lines[:-1])
 
 
 async def test_generate_counts_system_and_context() -> None:
-    """A system prompt is its own templated message; context ids add their own length."""
+    """The system prompt goes into the template's system block ("be brief": 2 more tokens than
+    "Say hi"'s prompt, "hi" 1 fewer); context ids 1, 2, 3 detokenize to three control bytes
+    prepended to the prompt, one token each."""
     request = {"model": "llama3.2", "prompt": "hi", "system": "be brief", "context": [1, 2, 3]}
     async with running() as s, s.post("/api/generate", {**request, "stream": False}) as r:
         body = json.loads(await r.read())
-    assert body["prompt_eval_count"] == 3 + 3 + 3 * sim.TEMPLATE_TOKENS_PER_MESSAGE
+    assert body["prompt_eval_count"] == SAY_HI_PROMPT_TOKENS + 2 - 1 + 3
 
 
 async def test_text_is_deterministic_per_prompt() -> None:
@@ -838,9 +846,9 @@ async def test_anthropic_and_responses_report_usage() -> None:
             response = json.loads(await r.read())
     delta = next(e for e in events if e.startswith("event: message_delta"))
     usage = json.loads(delta.split("data: ", 1)[1])["usage"]
-    assert usage == {"input_tokens": 10, "output_tokens": 2}
+    assert usage == {"input_tokens": SAY_HI_PROMPT_TOKENS, "output_tokens": 2}
     assert events[-2] == 'event: message_stop\ndata: {"type":"message_stop"}'
-    assert response["usage"]["input_tokens"] == 10
+    assert response["usage"]["input_tokens"] == SAY_HI_PROMPT_TOKENS
     assert response["output"][0]["content"][0]["text"] == "Hi!"
 
 
@@ -971,25 +979,34 @@ async def test_max_records_keeps_only_the_newest_requests() -> None:
 # --------------------------------------------------------------------------- pure pieces
 
 
-@given(st.lists(st.lists(st.text(), max_size=4), max_size=6), st.lists(st.text(), max_size=3))
-def test_prompt_count_never_exceeds_bytes_plus_allowance(messages: list[list[str]], extra: list[str]) -> None:
-    """prompt_eval_count <= UTF-8 bytes + TEMPLATE_TOKENS_PER_MESSAGE * (messages + 1)."""
-    shape = sim.PromptShape(messages=tuple(tuple(m) for m in messages), extra=tuple(extra))
-    size = sum(len(t.encode()) for m in messages for t in m) + sum(len(t.encode()) for t in extra)
-    allowance = sim.TEMPLATE_TOKENS_PER_MESSAGE * (len(messages) + 1)
-    assert shape.prompt_eval_count() <= size + allowance == shape.upper_bound()
-
-
 @given(st.text())
 def test_text_tokens_never_exceed_bytes(text: str) -> None:
-    """Every token is at least one character, hence at least one UTF-8 byte."""
+    """Every words-mode token is at least one character, hence at least one UTF-8 byte."""
     assert sim.count_text_tokens(text) <= len(text.encode())
 
 
+@given(st.text())
+def test_token_ids_round_trip(text: str) -> None:
+    """Token ids decode back to the text (how /api/generate's context is prepended again): in
+    words mode one id per counted token, in bytes mode the byte values themselves."""
+    vocabulary = sim.Vocabulary()
+    ids = vocabulary.tokenize(text, "words")
+    assert len(ids) == sim.count_text_tokens(text)
+    assert vocabulary.detokenize(ids) == text
+    assert vocabulary.tokenize(text, "bytes") == list(text.encode())
+    assert vocabulary.detokenize(list(text.encode())) == text
+
+
 def test_prompt_eval_count_formula() -> None:
-    """Tokens are word runs and single punctuation marks, plus the per-message template."""
-    shape = sim.PromptShape(messages=(("Why is the sky blue?",), ("ok",)))
-    assert shape.prompt_eval_count() == 6 + 1 + 3 * sim.TEMPLATE_TOKENS_PER_MESSAGE
+    """Words mode: a token per <|special|> marker, word run and punctuation mark, whitespace
+    riding along (only-whitespace text is one token); bytes mode: a token per UTF-8 byte; the
+    runner adds a BOS, and each [img-N] marker is the image's tokens instead of its text."""
+    assert sim.count_text_tokens("<|eot_id|>Why is the sky blue?\n\n") == 1 + 5 + 1
+    assert sim.count_text_tokens("   ") == 1
+    assert sim.count_text_tokens("héllo", "bytes") == 6
+    with_images = sim.SimulatorSettings(tokens_per_image=5)
+    assert sim.prompt_tokens(sim.Prompt("[img-0]Look at this", 1), with_images) == 3 + 1 + 5
+    assert sim.prompt_tokens(sim.Prompt("héllo"), sim.SimulatorSettings(tokenizer="bytes")) == 6 + 1
     assert sim.embed_prompt_tokens(["Why is the sky blue?", "hi"]) == 8 + 3
 
 

@@ -2,8 +2,8 @@
 
 Every expected body below is transcribed by hand from Ollama v0.33.0-rc2's Go source or its
 Go tests (the comment beside each fixture names the file and function); none is computed with
-the simulator's own functions. Token counts follow the simulator's documented token model
-(docs/OLLAMA.md): "Say hi" as one user message is 10 prompt tokens, HI's reply "Hi","!" is 2.
+the simulator's own functions. Token counts follow the simulator's token model (tokens.py)
+over the prompt each model's template renders, counted by hand below; HI's reply "Hi","!" is 2.
 Ids come from the seeded random.Random the fixture below also seeds (Go draws math/rand or
 crypto/rand there; only the draw order is Ollama's).
 """
@@ -41,9 +41,21 @@ ARGS_ESCAPED = '{\\"city\\":\\"city-1\\"}'
 # {"name":"get_weather","arguments":{"city":"city-1"}} is 25 tokens of the token model:
 # { " name " : " get_weather " , " arguments " : { " city " : " city - 1 " } }
 TOOL_TOKENS = 25
-# The tools array as sent, counted into the prompt: [{"name":"get_weather","input_schema":
-# {"type":"object","properties":{"city":{"type":"string"}}}}] is 45 tokens (each "key" is 3).
-TOOLS_PROMPT_TOKENS = 45
+# "Say hi" for llama3.2: <|start_header_id|> system <|end_header_id|> Cutting Knowledge Date :
+# December 2023 <|eot_id|> (10), <|start_header_id|> user <|end_header_id|> Say hi <|eot_id|> (6),
+# <|start_header_id|> assistant <|end_header_id|> (3), and the BOS.
+SAY_HI_PROMPT_TOKENS = 20
+# For qwen3 (think on by default): <|im_start|> user Say hi / think <|im_end|> <|im_start|> assistant
+# (9) and the BOS.
+QWEN_SAY_HI_PROMPT_TOKENS = 10
+# With the get_weather tool, llama3.2's template adds to the system block "When you receive ...
+# capabilities." (31 tokens) and puts in the user turn "Given the following functions, ...
+# prompt." (25), "Respond in the format {"name": ... variables." (30) and the tool as
+# templateTool's JSON, {"type":"function","function":{"name":"get_weather","description":"",
+# "parameters":{"type":"object","properties":{"city":{"type":"string"}}}}} (64: every brace,
+# quote, colon and comma is one, every key or value one more). Anthropic, OpenAI and Responses
+# tools all become that api.Tool.
+TOOLS_PROMPT_TOKENS = 31 + 25 + 30 + 64
 
 
 @attrs.define
@@ -113,7 +125,7 @@ async def test_messages_non_stream_text_end_turn() -> None:
     assert body.decode() == (
         f'{{"id":"{ident}","type":"message","role":"assistant","model":"llama3.2",'
         '"content":[{"type":"text","text":"Hi!"}],"stop_reason":"end_turn",'
-        '"usage":{"input_tokens":10,"output_tokens":2}}\n'
+        f'"usage":{{"input_tokens":{SAY_HI_PROMPT_TOKENS},"output_tokens":2}}}}\n'
     )
 
 
@@ -127,7 +139,7 @@ async def test_messages_non_stream_length_is_max_tokens() -> None:
     assert body.decode() == (
         f'{{"id":"{ident}","type":"message","role":"assistant","model":"llama3.2",'
         '"content":[{"type":"text","text":"Hi"}],"stop_reason":"max_tokens",'
-        '"usage":{"input_tokens":10,"output_tokens":1}}\n'
+        f'"usage":{{"input_tokens":{SAY_HI_PROMPT_TOKENS},"output_tokens":1}}}}\n'
     )
 
 
@@ -145,7 +157,8 @@ async def test_messages_non_stream_tool_use() -> None:
         '"content":[{"type":"text","text":"Hi!"},'
         f'{{"type":"tool_use","id":"{call_id}","name":"get_weather","input":{ARGS}}}],'
         '"stop_reason":"tool_use",'
-        f'"usage":{{"input_tokens":{10 + TOOLS_PROMPT_TOKENS},"output_tokens":{2 + TOOL_TOKENS}}}}}\n'
+        f'"usage":{{"input_tokens":{SAY_HI_PROMPT_TOKENS + TOOLS_PROMPT_TOKENS},'
+        f'"output_tokens":{2 + TOOL_TOKENS}}}}}\n'
     )
 
 
@@ -190,7 +203,7 @@ async def test_messages_stream_text_only() -> None:
     block opened with "text":"", one text_delta per chunk, stop, message_delta, message_stop.
 
     message_start's input_tokens is EstimateInputTokens (the chunks carry no prompt_eval_count):
-    len("user") + len("Say hi") = 10 bytes, 10/4 = 2; message_delta has the real count, 10.
+    len("user") + len("Say hi") = 10 bytes, 10/4 = 2; message_delta has the real count.
     """
     request = {"model": "llama3.2", "max_tokens": 10, "messages": SAY_HI, "stream": True}
     async with running(**HI) as s, s.post("/v1/messages", request) as r:
@@ -204,7 +217,7 @@ async def test_messages_stream_text_only() -> None:
         + block_delta(0, '{"type":"text_delta","text":"Hi"}')
         + block_delta(0, '{"type":"text_delta","text":"!"}')
         + block_stop(0)
-        + message_end("end_turn", 10, 2)
+        + message_end("end_turn", SAY_HI_PROMPT_TOKENS, 2)
     )
 
 
@@ -232,7 +245,7 @@ async def test_messages_stream_thinking_then_text() -> None:
         + block_delta(1, '{"type":"text_delta","text":"Hi"}')
         + block_delta(1, '{"type":"text_delta","text":"!"}')
         + block_stop(1)
-        + message_end("end_turn", 10, 4)
+        + message_end("end_turn", QWEN_SAY_HI_PROMPT_TOKENS, 4)
     )
 
 
@@ -260,7 +273,7 @@ async def test_messages_stream_tool_use() -> None:
         + block_start(1, f'{{"type":"tool_use","id":"{call_id}","name":"get_weather","input":{{}}}}')
         + block_delta(1, f'{{"type":"input_json_delta","partial_json":"{ARGS_ESCAPED}"}}')
         + block_stop(1)
-        + message_end("tool_use", 10 + TOOLS_PROMPT_TOKENS, 2 + TOOL_TOKENS)
+        + message_end("tool_use", SAY_HI_PROMPT_TOKENS + TOOLS_PROMPT_TOKENS, 2 + TOOL_TOKENS)
     )
 
 
@@ -436,7 +449,7 @@ async def test_responses_non_stream_text() -> None:
     draws = Draws()
     response_id, item_id = f"resp_{draws.intn(999999)}", f"msg_{draws.intn(999999)}"
     output = f"[{message_struct(item_id, 'Hi!')}]"
-    assert body.decode() == response_struct(response_id, output, usage_struct(10, 2))
+    assert body.decode() == response_struct(response_id, output, usage_struct(SAY_HI_PROMPT_TOKENS, 2))
 
 
 async def test_responses_non_stream_cut_is_still_completed() -> None:
@@ -448,7 +461,9 @@ async def test_responses_non_stream_cut_is_still_completed() -> None:
     draws = Draws()
     response_id, item_id = f"resp_{draws.intn(999999)}", f"msg_{draws.intn(999999)}"
     output = f"[{message_struct(item_id, 'Hi')}]"
-    expected = response_struct(response_id, output, usage_struct(10, 1), max_output_tokens="1")
+    expected = response_struct(
+        response_id, output, usage_struct(SAY_HI_PROMPT_TOKENS, 1), max_output_tokens="1"
+    )
     assert body.decode() == expected
 
 
@@ -470,11 +485,8 @@ async def test_responses_non_stream_function_call_replaces_message() -> None:
         '[{"type":"function","name":"get_weather","description":null,"strict":null,'
         '"parameters":{"properties":{"city":{"type":"string"}},"type":"object"}}]'
     )
-    # The tools array as sent: [ { "type" : "function" , "name" : "get_weather" , "parameters" : S } ]
-    # with each "key" 3 tokens and the schema S 29 ({ "type" : "object" , "properties" : { "city" :
-    # { "type" : "string" } } }): 2 + 7 + 1 + 7 + 1 + 4 + 29 + 2.
-    tools_tokens = 2 + 7 + 1 + 7 + 1 + 4 + 29 + 2
-    usage = usage_struct(10 + tools_tokens, 2 + TOOL_TOKENS)
+    # convertTool makes it the same api.Tool as the other families' get_weather.
+    usage = usage_struct(SAY_HI_PROMPT_TOKENS + TOOLS_PROMPT_TOKENS, 2 + TOOL_TOKENS)
     assert body.decode() == response_struct(response_id, output, usage, tools=tools)
 
 
@@ -590,7 +602,7 @@ async def test_responses_stream_text() -> None:
         opening(response_id)
         + text_events(item_id, 0, 2, ["Hi", "!"])
         + text_done(item_id, 0, 6, "Hi!")
-        + completed(response_id, 9, f"[{message_map(item_id, 'Hi!')}]", usage_map(10, 2))
+        + completed(response_id, 9, f"[{message_map(item_id, 'Hi!')}]", usage_map(SAY_HI_PROMPT_TOKENS, 2))
     )
     assert b"[DONE]" not in body
 
@@ -638,7 +650,12 @@ async def test_responses_stream_reasoning_then_text() -> None:
         )
         + text_events(item_id, 1, 7, ["Hi", "!"])
         + text_done(item_id, 1, 11, "Hi!")
-        + completed(response_id, 14, f"[{reasoning_item},{message_map(item_id, 'Hi!')}]", usage_map(10, 4))
+        + completed(
+            response_id,
+            14,
+            f"[{reasoning_item},{message_map(item_id, 'Hi!')}]",
+            usage_map(QWEN_SAY_HI_PROMPT_TOKENS, 4),
+        )
     )
     assert qwen == expected
 
@@ -665,8 +682,7 @@ async def test_responses_stream_function_call() -> None:
         f'{{"arguments":"{ARGS_ESCAPED}","call_id":"{call_id}","id":"{fc_id}","name":"get_weather",'
         '"status":"completed","type":"function_call"}'
     )
-    # 53 prompt tokens for the tools array (see test_responses_non_stream_function_call_replaces_message).
-    usage = usage_map(10 + 53, 2 + TOOL_TOKENS)
+    usage = usage_map(SAY_HI_PROMPT_TOKENS + TOOLS_PROMPT_TOKENS, 2 + TOOL_TOKENS)
     assert body == (
         opening(response_id, tools)
         + text_events(item_id, 0, 2, ["Hi", "!"])

@@ -1,0 +1,3 @@
+module template_fixtures
+
+go 1.19
