@@ -19,9 +19,10 @@ import re
 from typing import Any, Final
 
 from shared import policy
-from stream_proxy import body, meter
+from shared.config import ProxyOptions
+from stream_proxy import apis, body, meter
 from stream_proxy.exceptions import Refused
-from stream_proxy.models import ModelFacts
+from stream_proxy.models import ModelCatalog, ModelFacts
 from stream_proxy.template_bound import VARIABLES, evaluate
 
 # Tokens a tokenizer adds that no byte of the prompt accounts for (BOS, EOS, a separator).
@@ -150,6 +151,22 @@ def _structured(route: policy.Route, document: dict[str, Any]) -> bool:
     return False
 
 
+async def request_bound(
+    route: policy.Route, document: dict[str, Any], catalog: ModelCatalog, options: ProxyOptions
+) -> int:
+    """The prompt bound the reservation takes: from the model's template and context; embeddings,
+    which no template wraps, by their inputs' bytes. Refuses (400) what Ollama would count twice."""
+    adapter = apis.adapter(route)
+    size = adapter.prompt(route, document)
+    if route not in TEMPLATED:
+        return size.bound(options.template_tokens_per_message, options.image_tokens)
+    names = adapter.models(route, document) or []
+    name = next((n for n in names if isinstance(n, str)), None)
+    facts = await catalog.facts(name) if name is not None else None
+    check_two_passes(route, document, facts)
+    return prompt_bound(route, document, size, facts, fallback_context=options.fallback_context_tokens)
+
+
 def prompt_bound(
     route: policy.Route,
     document: dict[str, Any],
@@ -189,18 +206,40 @@ def _rendered(
     poly = facts.template.suffix if suffix else facts.template.messages
     if poly is None:
         return None
-    return evaluate(poly, _values(document, size, facts, strings))
+    return evaluate(poly, _values(route, document, size, facts, strings))
+
+
+def _replaces_system(route: policy.Route, document: dict[str, Any]) -> bool:
+    """Whether Ollama leaves the Modelfile SYSTEM out: a generate with its own `system`, a chat whose
+    first message is a system message (server/routes.go: `req.Messages[0].Role != "system"`). Only
+    where the body shows it for certain: native chat, and OpenAI chat with a string content (a list
+    may convert to no message at all)."""
+    if route == "generate":
+        system = body.get(document, "system")
+        return isinstance(system, str) and system != ""
+    if route not in ("chat", "openai_chat"):
+        return False
+    messages = body.get(document, "messages")
+    first = messages[0] if isinstance(messages, list) and messages else None
+    if not isinstance(first, dict) or body.get(first, "role") != "system":
+        return False
+    return route == "chat" or isinstance(body.get(first, "content"), str)
 
 
 def _values(
-    document: dict[str, Any], size: meter.PromptSize, facts: ModelFacts, strings: tuple[int, int, bool]
+    route: policy.Route,
+    document: dict[str, Any],
+    size: meter.PromptSize,
+    facts: ModelFacts,
+    strings: tuple[int, int, bool],
 ) -> dict[str, int]:
     conversation = _conversation(document)
     calls = _objects(conversation)
     # The adapter's count, or more when Ollama may split messages (a system prompt adds one).
     messages = max(size.messages, calls) + len(facts.messages) + 1
     count, longest, _ = strings
-    added = facts.system + sum(n for _, n in facts.messages) + 2 * messages  # "\n\n" of merged turns
+    system = 0 if _replaces_system(route, document) else facts.system
+    added = system + sum(n for _, n in facts.messages) + 2 * messages  # "\n\n" of merged turns
     # Every string a template prints is a string of the body, or a part of it Ollama re-marshals
     # as JSON (a tool result object, arguments): all of them together are within the body's Go JSON.
     rendered = [v for k, v in document.items() if body.fold(k) in RENDERED]

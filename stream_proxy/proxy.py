@@ -36,7 +36,7 @@ from stream_proxy import policy as body_policy
 from stream_proxy.exceptions import GrantSpent, Refused
 from stream_proxy.metrics import ProxyMetrics
 from stream_proxy.models import ModelCatalog
-from stream_proxy.prompt_bound import TEMPLATED, check_two_passes, prompt_bound
+from stream_proxy.prompt_bound import request_bound
 from stream_proxy.relay import Relay
 from stream_proxy.usage import UsageReporter
 
@@ -153,20 +153,7 @@ class Proxy:
         return outcome, bound
 
     async def _prompt_bound(self, route: policy.Route, doc: body.Body) -> int:
-        """The prompt bound: from the model's template and context (stream_proxy/prompt_bound.py);
-        embeddings, which no template wraps, by their inputs' bytes."""
-        options = self.config.options
-        adapter = apis.adapter(route)
-        size = adapter.prompt(route, doc.document)
-        if route not in TEMPLATED:
-            return size.bound(options.template_tokens_per_message, options.image_tokens)
-        names = adapter.models(route, doc.document) or []
-        name = next((n for n in names if isinstance(n, str)), None)
-        facts = await self.catalog.facts(name) if name is not None else None
-        check_two_passes(route, doc.document, facts)
-        return prompt_bound(
-            route, doc.document, size, facts, fallback_context=options.fallback_context_tokens
-        )
+        return await request_bound(route, doc.document, self.catalog, self.config.options)
 
     def _register(self, tenant_id: int) -> None:
         """List the tenant where the accountant's sweeper looks for reservations whose lease expired:

@@ -14,9 +14,8 @@
 //   - "ollama" cases run a request's messages and tools (as the client sends the JSON)
 //     through Ollama's Template.Execute: collate, template value conversion, the .Messages
 //     path or the legacy per-turn path, over the simulator's model templates
-//     (scripts/ollama_simulator/templates) and Ollama's own template/*.gotmpl (ollama/,
-//     copied from github.com/ollama/ollama at 6bba484f1a, the last commit touching
-//     template/ before fb30760996, the commit ollama.go ports).
+//     (scripts/ollama_simulator/templates) and Ollama's own template/*.gotmpl (the copies in
+//     tests/fixtures/ollama_templates, from Ollama v0.33.0-rc2; ollama.go ports fb30760996).
 //   - "generic" cases run a template over generic JSON data (map[string]any) with
 //     missingkey=zero and Ollama's FuncMap, for the interpreter's corners.
 //
@@ -190,7 +189,7 @@ func main() {
 	}
 	write(dir, "model_templates.json", modelCases)
 
-	ollama := readTemplates("ollama")
+	ollama := readTemplates(filepath.Join("..", "..", "tests", "fixtures", "ollama_templates"))
 	for name, text := range legacyTemplates {
 		ollama[name] = text
 	}

@@ -28,7 +28,8 @@ pytestmark = pytest.mark.e2e
 
 MODEL = "llama3.2"
 WAIT_SECONDS = 10.0
-BUDGET = 300
+# A prompt of llama3.2's template is bounded at ~400 tokens (a token per byte): this budget holds a few.
+BUDGET = 2000
 # Tokens per second the simulator streams in the burst tests: each admitted stream (40 tokens)
 # lasts 2 s, longer than the burst takes to be admitted or refused.
 STREAMED = 20
@@ -229,8 +230,8 @@ async def test_concurrent_streams_never_overshoot_a_key_total_budget(
     stack: Stack, http: aiohttp.ClientSession, make_key: KeyFactory, simulator: SimulatorControl, store: Store
 ) -> None:
     """30 concurrent streamed /api/chat requests (num_predict 40, streams overlapping at 20 tokens/s)
-    with a key whose total budget is 300: the tokens the simulator reported (prompt_eval_count +
-    eval_count) add up to at most 300, every refused request got 429 for the spent budget and none
+    with a key whose total budget is 2,000: the tokens the simulator reported (prompt_eval_count +
+    eval_count) add up to at most 2,000, every refused request got 429 for the spent budget and none
     of them reached the simulator, and the key's budget counter settles at the tokens used."""
     await simulator.settings(tokens_per_second=STREAMED, completion_tokens=100)
     token = await make_key(total_tokens=BUDGET)
@@ -245,8 +246,8 @@ async def test_concurrent_streams_never_overshoot_a_key_total_budget(
 async def test_concurrent_streams_never_overshoot_a_tenant_total_budget_shared_by_three_keys(
     stack: Stack, http: aiohttp.ClientSession, make_key: KeyFactory, simulator: SimulatorControl, store: Store
 ) -> None:
-    """A tenant total budget of 300 shared by three keys without budgets of their own, 10 concurrent
-    streams per key all at once: at most 300 tokens reach the simulator's counts, refusals are 429
+    """A tenant total budget of 2,000 shared by three keys without budgets of their own, 10 concurrent
+    streams per key all at once: at most 2,000 tokens reach the simulator's counts, refusals are 429
     for the tenant's budget and never reach the simulator, and the tenant counter settles at the
     tokens used."""
     await simulator.settings(tokens_per_second=STREAMED, completion_tokens=100)

@@ -43,7 +43,8 @@ MODEL = "llama3.2"
 MESSAGES: Literal["/v1/messages"] = "/v1/messages"
 RESPONSES: Literal["/v1/responses"] = "/v1/responses"
 WAIT_SECONDS = 10.0
-BUDGET = 300
+# A prompt of llama3.2's template is bounded at ~400 tokens (a token per byte): this budget holds a few.
+BUDGET = 2000
 ASKED = 40
 RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$")
 
@@ -642,8 +643,8 @@ async def test_concurrent_streams_never_overshoot_a_total_budget(
     route: Route, stack: Stack, http: aiohttp.ClientSession, make_key: KeyFactory, simulator: SimulatorControl
 ) -> None:
     """30 concurrent streams (completion limit 40, 50 tokens/s so they overlap) on a key with a total
-    budget of 300: the tokens the simulator delivered (prompt_eval_count + tokens_sent over its
-    records) add up to at most 300; every forwarded completion limit is 1..40; allowed streams end
+    budget of 2,000: the tokens the simulator delivered (prompt_eval_count + tokens_sent over its
+    records) add up to at most 2,000; every forwarded completion limit is 1..40; allowed streams end
     normally; at least one request is refused 429 in the caller's dialect (Anthropic
     rate_limit_error, OpenAI insufficient_quota) and refused requests never reach the simulator."""
     await simulator.settings(tokens_per_second=50, completion_tokens=100)
@@ -695,10 +696,10 @@ async def test_the_completion_limit_is_clamped_to_the_budget_left(
     make_key: KeyFactory,
     simulator: SimulatorControl,
 ) -> None:
-    """With a total budget of 300, a request asking a completion limit of 4000 (or, on
+    """With a total budget of 2,000, a request asking a completion limit of 4000 (or, on
     /v1/responses, none) is forwarded with a limit that fits the budget: at least 1, and the
-    simulator's prompt count plus that limit stays within 300."""
-    await simulator.settings(completion_tokens=1000)
+    simulator's prompt count plus that limit stays within 2,000."""
+    await simulator.settings(completion_tokens=2 * BUDGET)
     key = await make_key(total_tokens=BUDGET)
     body = family_body(route, "clamp me", 4000, stream=False)
     if asked is None:

@@ -5,8 +5,8 @@ docs/OLLAMA.md#token-counts); the key's body policy (model allowlist normalised 
 docs/OLLAMA.md#model-names, num_ctx and keep_alive
 caps, listing filters).
 
-The prompt bound is checked against the Ollama simulator's own prompt_eval_count, computed with
-the simulator's own binding and counting functions on the very same request bytes.
+The prompt bound against the simulator's count of the same request is in
+test_prompt_bound_simulated.py.
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ from typing import Any
 
 import orjson
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import ollama_simulator as sim
 from shared.config import ProxyOptions
@@ -409,158 +407,6 @@ def test_embedding_bounds_ignore_other_routes_fields() -> None:
     """Only the route's own prompt field counts: an /api/embed body's `prompt` is not its input."""
     assert _size("embed", {"model": "m", "prompt": "x" * 500}).text_bytes < 500
     assert _size("embeddings", {"model": "m", "input": "x" * 500}).text_bytes < 500
-
-
-# --- against the simulator's own count -------------------------------------------------------
-
-_text = st.text(max_size=60)
-_b64 = st.binary(max_size=24).map(lambda b: base64.b64encode(b).decode())
-
-
-@st.composite
-def _native_message(draw: st.DrawFn) -> dict[str, Any]:
-    message: dict[str, Any] = {
-        "role": draw(st.sampled_from(["system", "user", "assistant", "tool"])),
-        "content": draw(_text),
-    }
-    if draw(st.booleans()):
-        message["thinking"] = draw(_text)
-    if draw(st.booleans()):
-        message["images"] = draw(st.lists(_b64, max_size=2))
-    return message
-
-
-def _sim_chat_count(document: dict[str, Any], tokens_per_image: int) -> int:
-    """The simulator's prompt_eval_count for this /api/chat body (as handle_chat computes it)."""
-    obj = sim.bind_root(sim.parse_go_json(orjson.dumps(document)), "api.ChatRequest")
-    bind = sim.Binder("ChatRequest")
-    messages, images = sim._bind_native_messages(bind, obj)
-    tools = bind.array(obj, "tools", "api.Tools")
-    extra = (sim._compact_json(tools),) if tools else ()
-    return sim.PromptShape(messages=messages, extra=extra, images=images).prompt_eval_count(tokens_per_image)
-
-
-def _sim_openai_chat_count(document: dict[str, Any], tokens_per_image: int) -> int:
-    """The simulator's prompt_eval_count for this /v1/chat/completions body."""
-    obj = sim.bind_root(sim.parse_go_json(orjson.dumps(document)), "openai.ChatCompletionRequest")
-    bind = sim.Binder("ChatCompletionRequest")
-    messages, images = sim._openai_messages(bind, obj)
-    tools = bind.array(obj, "tools", "[]api.Tool")
-    extra = (sim._compact_json(tools),) if tools else ()
-    return sim.PromptShape(messages=messages, extra=extra, images=images).prompt_eval_count(tokens_per_image)
-
-
-@settings(max_examples=150, deadline=None)
-@given(messages=st.lists(_native_message(), min_size=1, max_size=6), per_image=st.integers(0, PER_IMAGE))
-def test_native_chat_bound_covers_the_simulators_count(
-    messages: list[dict[str, Any]], per_image: int
-) -> None:
-    """For any native chat messages, the reserved prompt bound is at least the prompt_eval_count
-    the simulator reports for the same request (docs/ARCHITECTURE.md#zero-overshoot)."""
-    document = {"model": "llama3.2", "messages": messages}
-    assert _bound("chat", document) >= _sim_chat_count(document, per_image)
-
-
-_part = st.one_of(
-    _text.map(lambda t: {"type": "text", "text": t}),
-    _b64.map(lambda b: {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{b}"}}),
-)
-
-
-@st.composite
-def _openai_message(draw: st.DrawFn) -> dict[str, Any]:
-    content: Any = draw(st.one_of(_text, st.lists(_part, min_size=1, max_size=4)))
-    return {"role": draw(st.sampled_from(["system", "user", "assistant"])), "content": content}
-
-
-@settings(max_examples=150, deadline=None)
-@given(messages=st.lists(_openai_message(), min_size=1, max_size=6), per_image=st.integers(0, PER_IMAGE))
-def test_openai_chat_bound_covers_the_simulators_count(
-    messages: list[dict[str, Any]], per_image: int
-) -> None:
-    """For any OpenAI chat messages (plain text or content parts with text and images), the bound
-    is at least the simulator's prompt_eval_count for the same request."""
-    document = {"model": "llama3.2", "messages": messages}
-    assert _bound("openai_chat", document) >= _sim_openai_chat_count(document, per_image)
-
-
-@settings(max_examples=100, deadline=None)
-@given(
-    prompt=st.text(min_size=1, max_size=80),
-    system=_text,
-    suffix=_text,
-    context=st.lists(st.integers(0, 128_000), max_size=40),
-    images=st.lists(_b64, max_size=2),
-)
-def test_generate_bound_covers_the_simulators_count(
-    prompt: str, system: str, suffix: str, context: list[int], images: list[str]
-) -> None:
-    """For any generate request, the bound is at least the simulator's prompt_eval_count
-    (templated: system and prompt turns plus the assistant turn, context ids, images)."""
-    document = {
-        "model": "llama3.2",
-        "prompt": prompt,
-        "system": system,
-        "suffix": suffix,
-        "context": context,
-        "images": images,
-    }
-    messages = ((system,),) if system else ()
-    shape = sim.PromptShape(
-        messages=(*messages, (prompt, suffix)), images=len(images), context_tokens=len(context)
-    )
-    assert _bound("generate", document) >= shape.prompt_eval_count(PER_IMAGE)
-
-
-@settings(max_examples=100, deadline=None)
-@given(inputs=st.one_of(_text, st.lists(_text, min_size=1, max_size=8)))
-def test_embed_bound_covers_the_simulators_count(inputs: str | list[str]) -> None:
-    """For any /api/embed input, the bound is at least the simulator's prompt_eval_count (tokens
-    plus the two special tokens per input)."""
-    counted = sim.embed_prompt_tokens(sim._embed_inputs(inputs))
-    assert _bound("embed", {"model": "all-minilm", "input": inputs}) >= counted
-    assert _bound("openai_embeddings", {"model": "all-minilm", "input": inputs}) >= counted
-
-
-def _weather_tool(properties: int) -> dict[str, Any]:
-    names = "abcdefghijklmnopqrstuvwxyz"
-    return {
-        "type": "function",
-        "function": {
-            "name": "plot",
-            "description": "Plot a point",
-            "parameters": {
-                "type": "object",
-                "properties": {names[i]: {"type": "number"} for i in range(properties)},
-                "required": [names[i] for i in range(properties)],
-            },
-        },
-    }
-
-
-@pytest.mark.parametrize("properties", [1, 3, 8])
-def test_chat_bound_with_tools_covers_the_simulators_count(properties: int) -> None:
-    """Tool schemas are rendered into the prompt as JSON, which the simulator counts token by
-    token (the way a template renders them): the bound must cover that too, for native and
-    OpenAI chat alike."""
-    tools = [_weather_tool(properties)]
-    native = {"model": "llama3.2", "messages": [{"role": "user", "content": "plot it"}], "tools": tools}
-    assert _bound("chat", native) >= _sim_chat_count(native, 0)
-    assert _bound("openai_chat", native) >= _sim_openai_chat_count(native, 0)
-
-
-def test_chat_bound_with_tool_calls_covers_the_simulators_count() -> None:
-    """An assistant turn's tool calls are part of the prompt (as JSON) on the next request."""
-    call = {"function": {"name": "plot", "arguments": {"x": 1, "y": 2, "z": 3, "w": 4}}}
-    document = {
-        "model": "llama3.2",
-        "messages": [
-            {"role": "user", "content": "plot"},
-            {"role": "assistant", "content": "", "tool_calls": [call]},
-            {"role": "tool", "content": "ok"},
-        ],
-    }
-    assert _bound("chat", document) >= _sim_chat_count(document, 0)
 
 
 # ---------------------------------------------------------------------------------------------

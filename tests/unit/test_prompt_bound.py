@@ -85,6 +85,46 @@ def test_a_long_system_prompt_is_in_the_bound() -> None:
     assert long - short >= 2000
 
 
+@pytest.mark.parametrize(
+    ("route", "document", "replaced"),
+    [
+        (
+            "chat",
+            {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]},
+            True,
+        ),
+        ("chat", {"messages": [{"ROLE": "system", "content": ""}, {"role": "user", "content": "hi"}]}, True),
+        (
+            "chat",
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "system", "content": "x"}]},
+            False,
+        ),
+        ("chat", {"messages": [{"role": "System", "content": "Be brief."}]}, False),  # Go compares exactly
+        ("openai_chat", {"messages": [{"role": "system", "content": "Be brief."}]}, True),
+        # A list may convert to no message at all: the next one is then the first.
+        (
+            "openai_chat",
+            {"messages": [{"role": "system", "content": []}, {"role": "user", "content": "hi"}]},
+            False,
+        ),
+        ("generate", {"prompt": "hi", "system": "Be brief."}, True),
+        ("generate", {"prompt": "hi", "system": ""}, False),
+        ("anthropic_messages", {"max_tokens": 5, "system": "Be brief.", "messages": []}, False),
+    ],
+)
+def test_a_system_of_the_request_replaces_the_modelfile_system(
+    route: Any, document: dict[str, Any], replaced: bool
+) -> None:
+    """Ollama leaves the Modelfile SYSTEM out when the first message is a system message (or a
+    generate has its own `system`): the bound leaves it out exactly where the body shows that."""
+    body = {"model": "m", **document}
+    plain = bound(route, body, facts_from_show(show(), None))
+    with_system = bound(route, body, facts_from_show(show(system="x" * 2000), None))
+    assert (with_system - plain >= 2000) is not replaced
+    if replaced:
+        assert with_system == plain
+
+
 def test_num_ctx_caps_the_bound() -> None:
     """options.num_ctx smaller than the byte bound is the bound; the trained length caps a larger one."""
     facts = facts_from_show(show(), None)
