@@ -87,7 +87,7 @@ for s = 1, 2 do
   redis.call('EXPIRE', KEYS[1 + s], WINDOW + 5)
   if metered then
     redis.call('ZADD', KEYS[5 + s], now + tonumber(ARGV[4]), ARGV[2])
-    redis.call('PEXPIRE', KEYS[5 + s], tonumber(ARGV[4]) + 60000)
+    keep_for(KEYS[5 + s], tonumber(ARGV[4]) + 60000)
   end
 end
 

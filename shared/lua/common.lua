@@ -9,6 +9,13 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
+-- Keep a key alive for at least `ms` more milliseconds; never shortens a longer expiry, never gives
+-- one to a key without (a key that does not exist stays absent).
+local function keep_for(key, ms)
+  local left = redis.call('PTTL', key)
+  if left >= 0 and left < ms then redis.call('PEXPIRE', key, ms) end
+end
+
 -- Sum a bucket window at second `sec`, dropping buckets older than the window; also the oldest
 -- live bucket.
 local function window(key, sec)

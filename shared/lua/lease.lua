@@ -14,6 +14,10 @@ if ARGV[3] == 'release' then
 end
 local touched = redis.call('ZADD', KEYS[1], 'XX', 'CH', expires, ARGV[2])
 touched = touched + redis.call('ZADD', KEYS[2], 'XX', 'CH', expires, ARGV[2])
+-- The sets live as long as any lease in them: a set whose expiry passed while streams renewed
+-- their leases would vanish whole and let the scope admit past its limit.
+keep_for(KEYS[1], tonumber(ARGV[4]) + 60000)
+keep_for(KEYS[2], tonumber(ARGV[4]) + 60000)
 if redis.call('EXISTS', KEYS[3]) == 1 then
   redis.call('HSET', KEYS[3], 'expires', expires)
   redis.call('ZADD', KEYS[4], 'XX', expires, ARGV[2])

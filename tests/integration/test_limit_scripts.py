@@ -5,6 +5,7 @@ hydration signals, budget periods, the tenant hash tag, and zero overshoot as a 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import uuid
@@ -323,6 +324,39 @@ async def test_a_renewed_lease_outlives_its_first_ttl_and_a_released_one_frees_i
         await lab.admitted(who, "d", T0 + 1700, lease_ms=1000)
         assert await lab.scripts.lease(who, "gone", action="renew", ttl_ms=1000, now_ms=T0 + 1700) == 0
         assert await lab.redis.zcard(lab.keys.leases(TENANT_ID, "t")) == 1
+
+
+async def test_renewals_keep_the_lease_sets_alive_as_long_as_a_lease_lives(lab_args: tuple[str, str]) -> None:
+    """A stream that outlives its first lease TTL + 60 s renews its lease: the key's and the tenant's
+    lease sets must not expire under it (else the whole set vanishes and the scope admits past its
+    limit). The set's expiry is aged by hand to what it would be after that long; a renewal pushes it
+    back to at least the lease TTL + 60 s, a later admission never shortens it, and a renewal of a
+    lease in a set that is gone creates nothing."""
+    async with lab_on(*lab_args) as lab:
+        who = scope(Limits(max_concurrent=1), Limits(max_concurrent=1))
+        sets = [lab.keys.leases(TENANT_ID, f"k{KEY_ID}"), lab.keys.leases(TENANT_ID, "t")]
+        await lab.admitted(who, "long", T0, lease_ms=30_000)
+        for key in sets:
+            await lab.redis.pexpire(key, 50)  # what is left of the set's TTL 90 s later, unrenewed
+        await lab.scripts.lease(who, "long", action="renew", ttl_ms=30_000, now_ms=T0 + 90_000)
+        for key in sets:
+            assert await lab.redis.pttl(key) > 89_000, key
+        await asyncio.sleep(0.1)
+        assert await lab.admit(who, "second", T0 + 90_001, lease_ms=30_000) == Refused(
+            "concurrency", 29_999, "key"
+        )
+
+        for key in sets:
+            await lab.redis.pexpire(key, 600_000)
+        await lab.scripts.lease(who, "long", action="renew", ttl_ms=30_000, now_ms=T0 + 91_000)
+        for key in sets:
+            assert await lab.redis.pttl(key) > 590_000, key  # a longer expiry is kept
+
+        for key in sets:
+            await lab.redis.delete([key])
+        await lab.scripts.lease(who, "long", action="renew", ttl_ms=30_000, now_ms=T0 + 92_000)
+        for key in sets:
+            assert not await lab.exists(key)
 
 
 # --- TPM, reservation and settlement -------------------------------------------------------------
