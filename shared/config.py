@@ -261,6 +261,12 @@ class ProxyOptions:
         help="seconds to Ollama's first byte (model load)",
     )
     lease_ttl: float = env("LEASE_TTL", 30.0, minimum=1, help="seconds a stream lease lives unless renewed")
+    body_timeout: float = env(
+        "BODY_TIMEOUT",
+        10.0,
+        minimum=0.001,
+        help="seconds a request body may take to arrive in full (408 after; at most half the lease TTL)",
+    )
     default_completion_tokens: int = env(
         "DEFAULT_COMPLETION_TOKENS",
         2048,
@@ -286,6 +292,13 @@ class ProxyOptions:
         262_144,
         minimum=1,
         help="prompt bound when Ollama does not describe the model: the largest num_ctx it may run",
+    )
+    keep_alive_floor: int = env(
+        "KEEP_ALIVE_FLOOR",
+        300,
+        minimum=0,
+        maximum=2_147_483_647,
+        help="seconds: a keep_alive below it (0 unloads the model for every tenant) is raised to it; 0 = no floor",
     )
     drain_seconds: float = env(
         "PROXY_DRAIN_SECONDS", 5.0, minimum=0, help="seconds stream_proxy's /readyz is 503 before exit"
@@ -326,6 +339,27 @@ class AccountantOptions:
     )
     prompt_purge_interval: float = env(
         "PROMPT_PURGE_INTERVAL", 60.0, minimum=1, help="seconds between purges of expired prompt logs"
+    )
+    audit_retention_days: int = env(
+        "AUDIT_RETENTION_DAYS", 90, minimum=1, help="days audit_log rows are kept before they are deleted"
+    )
+    dead_letter_retention_days: int = env(
+        "DEAD_LETTER_RETENTION_DAYS",
+        14,
+        minimum=1,
+        help="days entries are kept on the usage dead-letter stream",
+    )
+    consumer_idle_max: float = env(
+        "ACCOUNTANT_CONSUMER_IDLE_MAX",
+        86_400.0,
+        minimum=1,
+        help="seconds idle before a consumer with nothing pending is removed from the groups",
+    )
+    retention_interval: float = env(
+        "RETENTION_INTERVAL",
+        3600.0,
+        minimum=1,
+        help="seconds between retention runs (audit rows, dead letters, idle consumers)",
     )
 
 

@@ -257,14 +257,23 @@ class Proxy:
         )
         if request.content_length is not None and request.content_length > cap:
             raise Refused(413, f"request body larger than {cap} bytes")
+        # A body that trickles in must not outlive the admission's lease or the grant: the whole body
+        # within the deadline (at most half the lease TTL), and the grant still valid once it is in.
+        options = self.config.options
+        deadline = min(options.body_timeout, options.lease_ttl / 2)
         raw = bytearray()
         try:
-            async for chunk in request.content.iter_any():
-                raw += chunk
-                if len(raw) > cap:
-                    raise Refused(413, f"request body larger than {cap} bytes")
+            async with asyncio.timeout(deadline):
+                async for chunk in request.content.iter_any():
+                    raw += chunk
+                    if len(raw) > cap:
+                        raise Refused(413, f"request body larger than {cap} bytes")
+        except TimeoutError:
+            raise Refused(408, f"request body not received within {deadline:g} s") from None
         except (web.RequestPayloadError, aiohttp.http_exceptions.HttpProcessingError, ConnectionResetError):
             raise Refused(400, "request body could not be read (malformed or wrongly encoded)") from None
+        if grant.expires_at <= self.clock():
+            raise Refused(403, "request not authorised by the gateway: grant expired while the body was read")
         doc = body.Body.read(bytes(raw))
         adapter = apis.adapter(route)
         adapter.refuse(route, doc.document)
