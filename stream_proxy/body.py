@@ -23,6 +23,11 @@ import orjson
 from stream_proxy.exceptions import Refused
 
 MAX_DEPTH = 64
+# Values (of every kind, keys not counted) in one body: a `context` of 262,144 token ids fits; 660,000
+# empty messages, which cost seconds of parsing, do not.
+MAX_VALUES = 300_000
+# Elements of `messages` or `input` (conversation turns, input items, embedding inputs).
+MAX_ITEMS = 10_000
 _GO_FOLDS = str.maketrans({"\u017f": "s", "\u212a": "k"})  # long s, Kelvin sign
 
 
@@ -35,14 +40,26 @@ def fold(name: str) -> str:
     return "".join(c.lower() if c.isascii() else c for c in folded)
 
 
+class GoObject(dict[str, Any]):
+    """A JSON object of the body with its keys folded once: `index` maps each folded key to the key
+    as the client spelled it, so a lookup by Go's matching costs one fold, not one per key. Kept
+    right by `put`, the only way the gateway changes a body's fields."""
+
+    __slots__ = ("index",)
+    index: dict[str, str]
+
+
 def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """One JSON object, refused when a key repeats or two keys are one field to Go."""
-    document = dict(pairs)
+    document = GoObject(pairs)
+    document.index = {key if key.isascii() and key.islower() else fold(key): key for key in document}
     if len(document) != len(pairs):
-        duplicate = next(k for i, (k, _) in enumerate(pairs) if any(k == j for j, _ in pairs[:i]))
-        raise Refused(400, f"request body repeats the key {duplicate!r}")
-    folded = {fold(key) for key in document}
-    if len(folded) != len(document):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise Refused(400, f"request body repeats the key {key!r}")
+            seen.add(key)
+    if len(document.index) != len(document):
         raise Refused(400, "request body has keys that differ only in case (one field spelled twice)")
     return document
 
@@ -70,10 +87,36 @@ def _depth(value: dict[str, Any] | list[Any], depth: int = 0) -> None:
             raise Refused(400, "request body is nested too deeply")
 
 
+def values_bound(raw: bytes) -> int:
+    """How many values the JSON text can hold, from above, without parsing it (a few passes of
+    C-speed byte counting): each value but the first follows a comma or opens a container. Commas
+    and brackets inside strings count only when the quick count is over the limit: then strings are
+    cut out (escaped backslashes and quotes first, so every quote left delimits a string)."""
+    quick = raw.count(b",") + raw.count(b"{") + raw.count(b"[") + 1
+    if quick <= MAX_VALUES:
+        return quick
+    cleaned = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
+    strings = cleaned.count(b'"') // 2
+    if strings > 2 * MAX_VALUES:  # a key per member at most: more strings than twice the values
+        return strings
+    outside = b"".join(cleaned.split(b'"')[0::2])
+    return outside.count(b",") + outside.count(b"{") + outside.count(b"[") + 1
+
+
+def _items(document: dict[str, Any]) -> None:
+    for name in ("messages", "input"):
+        value = get(document, name)
+        if isinstance(value, list) and len(value) > MAX_ITEMS:
+            raise Refused(400, f"request body has more than {MAX_ITEMS} {name}")
+
+
 def parse(raw: bytes) -> dict[str, Any]:
-    """A JSON object as Go reads it; Refused(400) otherwise."""
+    """A JSON object as Go reads it; Refused(400) otherwise (also for more than MAX_VALUES values,
+    MAX_ITEMS messages or input items, or MAX_DEPTH levels)."""
     if not raw.strip():
         raise Refused(400, "missing request body")
+    if values_bound(raw) > MAX_VALUES:
+        raise Refused(400, f"request body has more than {MAX_VALUES} JSON values")
     try:
         # Decoded strictly as UTF-8 first: json.loads would accept UTF-16 and a byte order mark
         # in bytes, which Go's decoder refuses.
@@ -88,6 +131,7 @@ def parse(raw: bytes) -> dict[str, Any]:
     if not isinstance(document, dict):
         raise Refused(400, "request body must be a JSON object")
     _depth(document)
+    _items(document)
     return document
 
 
@@ -98,6 +142,9 @@ def get(obj: Any, name: str) -> Any:
     if name in obj:
         return obj[name]
     folded = fold(name)
+    if isinstance(obj, GoObject):
+        key = obj.index.get(folded)
+        return None if key is None else obj.get(key)
     for key, value in obj.items():
         if fold(key) == folded:
             return value
@@ -113,6 +160,13 @@ def option(document: dict[str, Any], name: str) -> Any:
 def put(obj: dict[str, Any], name: str, value: Any) -> None:
     """Set a field, replacing whatever spelling the client used."""
     folded = fold(name)
+    if isinstance(obj, GoObject):
+        old = obj.index.pop(folded, None)
+        if old is not None:
+            del obj[old]
+        obj[name] = value
+        obj.index[folded] = name
+        return
     for key in [k for k in obj if fold(k) == folded]:
         del obj[key]
     obj[name] = value

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import time
 
 import aiohttp
@@ -112,3 +113,66 @@ async def test_a_grant_that_lapses_while_its_body_arrives_is_not_served(
         "error": "request not authorised by the gateway: grant expired while the body was read"
     }
     assert not [r for r in await simulator.requests() if r["path"] == "/api/chat"]
+
+
+async def test_bodies_of_too_many_values_or_messages_are_400_in_the_callers_dialect(
+    stack: Stack, http: aiohttp.ClientSession, make_key: KeyFactory, simulator: SimulatorControl
+) -> None:
+    """660,000 empty messages (2 MB) on /api/chat and 10,001 messages on /v1/chat/completions and
+    /v1/messages: 400 in each caller's dialect, nothing relayed; a 290,000-value tool schema (the
+    largest body still read) is served while a stream on the same stream_proxy goes on."""
+    key = await make_key()
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    turn = {"role": "user", "content": "x"}
+    cases = [
+        ("/api/chat", {"model": MODEL, "messages": [{}] * 660_000}, "more than 300000 JSON values"),
+        ("/v1/chat/completions", {"model": MODEL, "messages": [turn] * 10_001}, "more than 10000 messages"),
+        ("/v1/messages", {"model": MODEL, "max_tokens": 5, "messages": [turn] * 10_001}, "more than 10000"),
+    ]
+    for path, document, message in cases:
+        async with http.post(
+            f"{stack.gateway_url}{path}", data=io.BytesIO(orjson.dumps(document)), headers=headers
+        ) as resp:
+            answer = orjson.loads(await resp.read())
+        assert resp.status == 400, (path, answer)
+        if path == "/api/chat":
+            assert message in answer["error"]
+        elif path == "/v1/messages":
+            assert answer["type"] == "error"
+            assert message in answer["error"]["message"]
+        else:
+            assert message in answer["error"]["message"]
+            assert answer["error"]["type"] == "invalid_request_error"
+    assert not await simulator.requests()
+
+    await simulator.settings(tokens_per_second=50, completion_tokens=100)
+    schema = {f"p{i}": {"type": "string"} for i in range(140_000)}
+    tool = {
+        "type": "function",
+        "function": {"name": "f", "parameters": {"type": "object", "properties": schema}},
+    }
+    big = {
+        "model": MODEL,
+        "messages": [turn],
+        "tools": [tool],
+        "stream": False,
+        "options": {"num_predict": 1},
+    }
+    streamed = {"model": MODEL, "messages": [turn], "options": {"num_predict": 40}}
+
+    async def stream() -> list[bytes]:
+        async with http.post(f"{stack.gateway_url}/api/chat", json=streamed, headers=headers) as resp:
+            assert resp.status == 200
+            return [line async for line in resp.content]
+
+    async def heavy() -> int:
+        async with http.post(
+            f"{stack.gateway_url}/api/chat", data=io.BytesIO(orjson.dumps(big)), headers=headers
+        ) as resp:
+            await resp.read()
+            return resp.status
+
+    lines, status = await asyncio.gather(stream(), heavy())
+    assert status == 200
+    assert len(lines) == 41
+    assert orjson.loads(lines[-1])["done"] is True
