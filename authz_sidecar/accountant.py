@@ -8,7 +8,9 @@ pending by a dead consumer are claimed after `claim_idle`. An event that cannot 
 the dead-letter stream with its reason and never blocks the stream. Only the accountant trims the
 stream, and only below the oldest pending entry. Reservations whose lease expired without a usage
 event (stream_proxy died) are charged in full, flagged estimated. Denial batches from the sidecars
-become audit rows. Expired prompt logs are purged.
+become audit rows. Expired prompt logs are purged. Retention: audit rows and dead letters older
+than their settings are deleted, consumers idle for long with nothing pending leave the groups.
+Every step survives any single bad item or failure: it is logged once and the next goes on.
 """
 
 from __future__ import annotations
@@ -16,14 +18,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import logging
+import math
 import os
 import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import asyncpg
 import attrs
@@ -52,8 +56,30 @@ from shared.redis_keys import RedisKeys
 
 log = logging.getLogger("authz_sidecar.accountant")
 GROUP = "accountant"
+T = TypeVar("T")
 STORE_ERRORS = (coredis.exceptions.RedisError, OSError, TimeoutError)
 STORE_AND_DB_ERRORS: tuple[type[BaseException], ...] = (*STORE_ERRORS, *DB_ERRORS)
+# A store that is down (not one that refused this item): wait for it rather than skip the item.
+POSTGRES_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.PostgresSystemError,
+    asyncpg.exceptions.TransactionRollbackError,
+    asyncpg.exceptions.ReadOnlySQLTransactionError,
+)
+UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    coredis.exceptions.ConnectionError,
+    coredis.exceptions.BusyLoadingError,
+    coredis.exceptions.ClusterError,
+    coredis.exceptions.TryAgainError,
+    coredis.exceptions.ReadOnlyError,
+    coredis.exceptions.AuthenticationError,
+    *POSTGRES_UNAVAILABLE,
+)
 
 
 @attrs.define
@@ -113,6 +139,8 @@ class Accountant:
     consumer: str = attrs.field(factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     scripts: LimitScripts = attrs.field(init=False)
     applied: int = 0
+    failures: int = 0
+    _failing: set[tuple[str, str]] = attrs.field(factory=set)
 
     def __attrs_post_init__(self) -> None:
         self.scripts = LimitScripts(self.redis, self.keys)
@@ -156,7 +184,10 @@ class Accountant:
         good: list[tuple[bytes, UsageEvent]] = []
         for entry in entries:
             try:
-                good.append((entry.identifier, usage_wire.decode(entry.field_values)))
+                event = usage_wire.decode(entry.field_values)
+                ledger.check(event)  # budget periods the ledger and the settle can read
+                scope_of(event)
+                good.append((entry.identifier, event))
             except Exception as exc:  # noqa: BLE001 - any undecodable entry is dead-lettered
                 await self._dead_letter(
                     entry.identifier, dict(entry.field_values), f"undecodable: {type(exc).__name__}"
@@ -166,7 +197,9 @@ class Accountant:
         try:
             async with self.pool.acquire() as conn:
                 await ledger.apply_usage(conn, events)
-        except asyncpg.PostgresError:
+        except UNAVAILABLE:
+            raise
+        except Exception:  # noqa: BLE001 - refused as a whole: find the bad event one by one
             good = await self._one_by_one(good)
             events = [e for _, e in good]
         await self._settle(events)
@@ -187,24 +220,19 @@ class Accountant:
         too many connections, a lost connection, a read-only standby): that error is raised, so the
         events stay pending and are applied once Postgres is back (scripts/chaos found them lost).
         """
-        unavailable = (
-            asyncpg.PostgresConnectionError,
-            asyncpg.exceptions.OperatorInterventionError,
-            asyncpg.exceptions.InsufficientResourcesError,
-            asyncpg.exceptions.PostgresSystemError,
-            asyncpg.exceptions.TransactionRollbackError,
-            asyncpg.exceptions.ReadOnlySQLTransactionError,
-        )
         kept: list[tuple[bytes, UsageEvent]] = []
         for identifier, event in batch:
             try:
                 async with self.pool.acquire() as conn:
                     await ledger.apply_usage(conn, [event])
-            except unavailable:
+            except UNAVAILABLE:
                 raise
-            except asyncpg.PostgresError as exc:
+            except Exception as exc:  # noqa: BLE001 - whatever refuses one event dead-letters it
+                refused = (
+                    "refused by Postgres" if isinstance(exc, asyncpg.PostgresError) else "not applicable"
+                )
                 await self._dead_letter(
-                    identifier, usage_wire.encode(event), f"refused by Postgres: {type(exc).__name__}"
+                    identifier, usage_wire.encode(event), f"{refused}: {type(exc).__name__}"
                 )
                 await self.redis.xack(self.keys.usage_stream, GROUP, [identifier])
                 continue
@@ -247,7 +275,10 @@ class Accountant:
     async def trim(self) -> int:
         """Trim acknowledged entries of the usage and the denial-audit stream: never at or above the
         oldest pending one (both streams would otherwise grow forever)."""
-        return sum([await self._trim(stream) for stream in (self.keys.usage_stream, self.keys.audit_stream)])
+        trimmed = 0
+        for stream in (self.keys.usage_stream, self.keys.audit_stream):
+            trimmed += await self._isolated(f"trim {stream}", functools.partial(self._trim, stream), 0)
+        return trimmed
 
     async def _trim(self, stream: str) -> int:
         pending: Any = await self.redis.xpending(stream, GROUP)
@@ -270,44 +301,9 @@ class Accountant:
         cutoff = now_ms - int(self.options.sweep_grace * 1000)
         charged: list[UsageEvent] = []
         for tenant_id in await self.scripts.reserving_tenants():
-            index = self.keys.reservation_index(tenant_id)
-            due = await self.redis.zrange(
-                index, "-inf", cutoff, sortby=coredis.PureToken.BYSCORE, offset=0, count=500
+            charged += await self._isolated(
+                f"sweep tenant {tenant_id}", functools.partial(self._due, tenant_id, cutoff), []
             )
-            if not due and not await self.redis.zcard(index):
-                await self.scripts.forget_tenant(tenant_id)
-                continue
-            for raw_id in due:
-                request_id = raw_id.decode("utf-8", "replace") if isinstance(raw_id, bytes) else str(raw_id)
-                raw = await self.redis.hgetall(self.keys.reservation(tenant_id, request_id))
-                record = counters.reservation(request_id, raw) if raw else None
-                if record is None:  # gone, or unreadable (logged): never block the sweep on it
-                    await self.redis.zrem(index, [request_id])
-                    continue
-                expires = record.expires_ms / 1000
-                charged.append(
-                    UsageEvent(
-                        request_id=request_id,
-                        tenant_id=tenant_id,
-                        key_id=record.key_id,
-                        key_prefix="",
-                        endpoint="(lease expired)",
-                        model=None,
-                        prompt_tokens=record.amount,
-                        completion_tokens=0,
-                        reserved_tokens=record.amount,
-                        estimated=True,
-                        estimate_reason="lease_expired",
-                        http_status=0,
-                        upstream_status=None,
-                        started_at=expires,
-                        first_byte_at=None,
-                        finished_at=expires,
-                        bytes_relayed=0,
-                        client_disconnected=False,
-                        periods={"day": record.day, "month": record.month},
-                    )
-                )
         if charged:
             async with self.pool.acquire() as conn:
                 await ledger.apply_usage(conn, charged)
@@ -315,6 +311,49 @@ class Accountant:
             self.metrics.charged_expired.inc(len(charged))
             log.warning("charged reservations whose lease expired", extra={"count": len(charged)})
         return len(charged)
+
+    async def _due(self, tenant_id: int, cutoff: int) -> list[UsageEvent]:
+        """One tenant's reservations whose lease expired before `cutoff`, as usage events."""
+        charged: list[UsageEvent] = []
+        index = self.keys.reservation_index(tenant_id)
+        due = await self.redis.zrange(
+            index, "-inf", cutoff, sortby=coredis.PureToken.BYSCORE, offset=0, count=500
+        )
+        if not due and not await self.redis.zcard(index):
+            await self.scripts.forget_tenant(tenant_id)
+            return charged
+        for raw_id in due:
+            request_id = raw_id.decode("utf-8", "replace") if isinstance(raw_id, bytes) else str(raw_id)
+            raw = await self.redis.hgetall(self.keys.reservation(tenant_id, request_id))
+            record = counters.reservation(request_id, raw) if raw else None
+            if record is None:  # gone, or unreadable (logged): never block the sweep on it
+                await self.redis.zrem(index, [request_id])
+                continue
+            expires = record.expires_ms / 1000
+            charged.append(
+                UsageEvent(
+                    request_id=request_id,
+                    tenant_id=tenant_id,
+                    key_id=record.key_id,
+                    key_prefix="",
+                    endpoint="(lease expired)",
+                    model=None,
+                    prompt_tokens=record.amount,
+                    completion_tokens=0,
+                    reserved_tokens=record.amount,
+                    estimated=True,
+                    estimate_reason="lease_expired",
+                    http_status=0,
+                    upstream_status=None,
+                    started_at=expires,
+                    first_byte_at=None,
+                    finished_at=expires,
+                    bytes_relayed=0,
+                    client_disconnected=False,
+                    periods={"day": record.day, "month": record.month},
+                )
+            )
+        return charged
 
     # --- denials and prompt logs -------------------------------------------------------------------------
 
@@ -327,43 +366,149 @@ class Accountant:
         rows: list[dict[str, Any]] = []
         for entry in entries:
             try:
-                rows.extend(orjson.loads(entry.field_values[b"rows"]))
+                batch = orjson.loads(entry.field_values[b"rows"])
             except (KeyError, orjson.JSONDecodeError):
+                batch = None
+            if not isinstance(batch, list):
                 log.warning("ignored a malformed denial batch")
+                continue
+            rows.extend(row for row in batch if isinstance(row, dict))
+        rows, bad = ledger.denial_rows(rows)
+        if bad:
+            log.warning("ignored malformed denial rows", extra={"rows": bad})
         if rows:
-            async with self.pool.acquire() as conn:
-                await ledger.apply_denials(conn, rows)
+            try:
+                async with self.pool.acquire() as conn:
+                    await ledger.apply_denials(conn, rows)
+            except UNAVAILABLE:
+                raise  # pending; read again once Postgres is back (never lost to an outage)
+            except Exception:  # noqa: BLE001 - one row Postgres refuses must not lose the batch
+                rows = await self._denials_one_by_one(rows)
         if entries:
             await self.redis.xack(self.keys.audit_stream, GROUP, [e.identifier for e in entries])
         return len(rows)
+
+    async def _denials_one_by_one(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        kept: list[dict[str, Any]] = []
+        refused: str | None = None
+        for row in rows:
+            try:
+                async with self.pool.acquire() as conn:
+                    await ledger.apply_denials(conn, [row])
+            except UNAVAILABLE:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the refused row is dropped, the rest written
+                refused = type(exc).__name__
+                continue
+            kept.append(row)
+        if refused is not None:
+            log.warning(
+                "dropped denial rows Postgres refused",
+                extra={"rows": len(rows) - len(kept), "error": refused},
+            )
+        return kept
 
     async def purge(self) -> int:
         """Delete expired prompt logs."""
         async with self.pool.acquire() as conn:
             return await admin.purge_prompts(conn, now=dt.datetime.fromtimestamp(self.clock(), dt.UTC))
 
+    # --- retention -----------------------------------------------------------------------------------
+
+    async def retention(self) -> dict[str, int]:
+        """Enforce the retention settings: audit rows and dead letters older than theirs are
+        deleted; consumers of the groups idle longer than `consumer_idle_max` with nothing pending
+        are removed (their pending entries, if any, are claimed first by `claim`)."""
+        now = self.clock()
+        done = {"audit_rows": 0, "dead_letters": 0, "consumers": 0}
+        audit_cutoff = dt.datetime.fromtimestamp(now - self.options.audit_retention_days * 86_400, dt.UTC)
+
+        async def audit() -> int:
+            async with self.pool.acquire() as conn:
+                return await ledger.purge_audit(conn, before=audit_cutoff)
+
+        async def dead_letters() -> int:
+            cutoff_ms = int((now - self.options.dead_letter_retention_days * 86_400) * 1000)
+            minid: Any = f"{max(0, cutoff_ms)}-0"  # MINID takes a stream id; coredis types it as int
+            return int(await self.redis.xtrim(self.keys.dead_letters, coredis.PureToken.MINID, minid))
+
+        done["audit_rows"] = await self._isolated("audit retention", audit, 0)
+        done["dead_letters"] = await self._isolated("dead-letter retention", dead_letters, 0)
+        for stream in (self.keys.usage_stream, self.keys.audit_stream):
+            done["consumers"] += await self._isolated(
+                "consumer retention", functools.partial(self._idle_consumers, stream), 0
+            )
+        if any(done.values()):
+            log.info("retention enforced", extra=done)
+        return done
+
+    async def _idle_consumers(self, stream: str) -> int:
+        idle_ms = int(self.options.consumer_idle_max * 1000)
+        removed = 0
+        for consumer in await self.redis.xinfo_consumers(stream, GROUP):
+            name, pending, idle = (consumer.get(f) for f in (b"name", b"pending", b"idle"))
+            if name is None or name in (self.consumer, self.consumer.encode()):
+                continue
+            # pending is 0 only once `claim` took over what a dead consumer left behind.
+            if pending == 0 and isinstance(idle, int) and idle > idle_ms:
+                await self.redis.xgroup_delconsumer(stream, GROUP, name)
+                removed += 1
+        return removed
+
+    # --- failure isolation -------------------------------------------------------------------------
+
+    async def _isolated(self, step: str, work: Callable[[], Awaitable[T]], fallback: T) -> T:
+        """Run one step or item; on any failure but an unavailable store, log it once (its type and
+        place, never its message, which may quote input) and answer `fallback`, so the next item and
+        the next step go on. A store that is down is raised: the loop pauses and retries."""
+        try:
+            result = await work()
+        except asyncio.CancelledError:
+            raise
+        except UNAVAILABLE:
+            raise
+        except Exception as exc:
+            self.failures += 1
+            failure = (step, type(exc).__name__)
+            if failure not in self._failing:  # once, not on every retry of a lasting fault
+                self._failing.add(failure)
+                log.exception("accountant step failed; going on", extra={"step": step})
+            return fallback
+        self._failing = {f for f in self._failing if f[0] != step}
+        return result
+
     # --- the loop --------------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Forever: read, claim, sweep, trim, purge; survive Redis and Postgres outages."""
-        last_maintenance = last_purge = 0.0
+        """Forever: read, claim, sweep, trim, purge, retention; survive Redis and Postgres outages
+        and any single failing step (each step is isolated: one failing never skips the others)."""
+        last_maintenance = last_purge = last_retention = -math.inf
         groups_ready = False
         while True:
             try:
                 if not groups_ready:
                     await self.ensure_groups()
                     groups_ready = True
-                await self.read_batch()
+                failures = self.failures
+                await self._isolated("read", self.read_batch, 0)
+                if self.failures > failures:
+                    # The read itself failed (NOGROUP after a FLUSHDB, say): recreate the groups,
+                    # and do not spin on a read that fails at once.
+                    groups_ready = False
+                    await asyncio.sleep(1.0)
                 now = time.monotonic()
                 if now - last_maintenance >= 2.0:
                     last_maintenance = now
-                    await self.read_denials()
-                    await self.claim()
-                    await self.sweep()
-                    await self.trim()
+                    await self._isolated("denials", self.read_denials, 0)
+                    await self._isolated("claim", self.claim, 0)
+                    await self._isolated("sweep", self.sweep, 0)
+                    await self._isolated("trim", self.trim, 0)
                 if now - last_purge >= self.options.prompt_purge_interval:
                     last_purge = now
-                    await self.purge()
+                    await self._isolated("purge", self.purge, 0)
+                if now - last_retention >= self.options.retention_interval:
+                    last_retention = now
+                    await self._isolated("retention", self.retention, dict[str, int]())
             except asyncio.CancelledError:
                 raise
             except STORE_AND_DB_ERRORS:
@@ -405,7 +550,9 @@ async def _metrics_listener(registry: CollectorRegistry, options: AccountantOpti
 async def _standalone(config: AccountantConfig) -> None:
     pool = await create_pool(config.postgres)
     try:
-        async with store.connect(config.redis.url) as client:
+        async with store.connect(
+            config.redis.url, connect_timeout=config.redis.connect_timeout, reply_timeout=config.redis.timeout
+        ) as client:
             registry = CollectorRegistry()
             accountant = Accountant(
                 redis=client,

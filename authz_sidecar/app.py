@@ -22,6 +22,7 @@ from authz_sidecar.invalidations import InvalidationListener
 from authz_sidecar.keys import Authenticator, Clock, KeyCache
 from authz_sidecar.limiter import FailedAuthLimiter
 from authz_sidecar.metrics import SidecarMetrics
+from authz_sidecar.prefix_limiter import PrefixLimiter
 from shared import store
 from shared.config import SidecarConfig
 from shared.db import create_pool
@@ -66,7 +67,11 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _redis(app: web.Application) -> AsyncIterator[None]:
-    async with store.connect(app[CONFIG].redis.url) as client:
+    async with store.connect(
+        app[CONFIG].redis.url,
+        connect_timeout=app[CONFIG].redis.connect_timeout,
+        reply_timeout=app[CONFIG].redis.timeout,
+    ) as client:
         app[REDIS] = client
         yield
 
@@ -79,6 +84,15 @@ async def _authenticator(app: web.Application) -> AsyncIterator[None]:
         cache=KeyCache(ttl=config.options.key_cache_ttl),
         concurrency=config.options.argon2_concurrency,
         wall_clock=app[CLOCK],
+        guesses=PrefixLimiter(
+            redis=app[REDIS],
+            keys=app[KEYS],
+            pepper=config.hashing.pepper,
+            limit=config.options.key_mismatches_per_window,
+            window=config.options.key_mismatch_window,
+            verified_ttl=config.options.verified_key_ttl,
+            on_error=app[METRICS].redis_errors.inc,
+        ),
     )
     app[AUTHENTICATOR] = authenticator
     yield
@@ -124,6 +138,8 @@ async def _admission(app: web.Application) -> AsyncIterator[None]:
             "key_cache_entries": len(authenticator.cache),
             "argon2_verifications": authenticator.argon2_calls,
             "key_db_lookups": authenticator.db_lookups,
+            "key_guess_refusals": authenticator.guesses.refusals if authenticator.guesses else 0,
+            "key_verified_digest_hits": authenticator.guesses.known_hits if authenticator.guesses else 0,
             "invalidation_subscribed": float(listener.subscribed),
         }
     )

@@ -2,8 +2,8 @@
 
 Order (docs/ARCHITECTURE.md#request-path), stopping at the first denial: endpoint policy; the key (format and
 checksum before any I/O, then the cache, then one Postgres query and one Argon2id check, with a
-failed-authentication limiter per client address in front of the expensive part); then the
-signed grant. The body never reaches the sidecar.
+failed-authentication limiter per client address and one per key prefix in front of the expensive
+part); then the signed grant. The body never reaches the sidecar.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from authz_sidecar.exceptions import Denied
 from authz_sidecar.keys import Authenticator
 from authz_sidecar.limiter import FailedAuthLimiter
 from authz_sidecar.metrics import SidecarMetrics
+from authz_sidecar.prefix_limiter import PrefixLocked
 from shared import grant as grants
 from shared import keys, policy
 from shared.config import SidecarConfig
@@ -36,6 +37,7 @@ from shared.keystore import Verdict
 from shared.limits import Admitted, LimitScripts, Refused, Scope
 from shared.models import KeyContext, Limits
 from shared.periods import periods_at
+from shared.untrusted import printable
 
 log = logging.getLogger("authz_sidecar.authz")
 
@@ -79,12 +81,24 @@ def method_override(request: web.Request) -> str | None:
     return None
 
 
+CLIENT_IP_HEADER = "X-Gw-Client-Ip"
+
+
 def client_address(request: web.Request) -> str | None:
-    """The client address Caddy saw (Caddy replaces any client-sent X-Forwarded-For)."""
-    forwarded = request.headers.get("X-Forwarded-For")
-    if forwarded:
-        return forwarded.split(",")[0].strip()[:64]
-    return request.remote
+    """The client address: Caddy's `{client_ip}`, which forward_auth sets as X-Gw-Client-Ip over
+    anything a client sent under that name (and `request_header -X-Gw-*` strips client copies
+    first). Never X-Forwarded-For: behind a trusted proxy Caddy appends to it, so its left-most
+    entry is whatever the client wrote. Without the header (a direct call, not through Caddy) the
+    peer address."""
+    given = request.headers.get(CLIENT_IP_HEADER, "").strip()
+    if given:
+        return printable(given, 64)
+    return printable(request.remote, 64)
+
+
+def request_id_of(request: web.Request) -> str | None:
+    """Caddy's request id (it replaces any the client sent), made printable all the same."""
+    return printable(request.headers.get("X-Request-Id"), 100)
 
 
 def presented_key(request: web.Request, uri: str) -> keys.ParsedKey:
@@ -216,6 +230,15 @@ class Admission:
                 )
             try:
                 verdict = await self.authenticator.resolve(parsed.token)
+            except PrefixLocked as locked:
+                self.limiter.failed(address)
+                raise Denied(
+                    429,
+                    "too many failed authentications for this API key",
+                    reason="key_guesses",
+                    code="rate_limit_exceeded",
+                    headers={"Retry-After": str(locked.retry_after)},
+                ) from None
             except DB_ERRORS:
                 raise Denied(
                     503, "key store unavailable", reason="postgres_error", headers=UNAVAILABLE
@@ -239,7 +262,7 @@ class Admission:
         context: KeyContext,
         address: str | None,
     ) -> web.Response:
-        request_id = request.headers.get("X-Request-Id") or str(uuid.uuid4())
+        request_id = request_id_of(request) or str(uuid.uuid4())
         metered = route in policy.METERED
         scope = Scope(
             tenant_id=context.tenant_id,
@@ -265,6 +288,7 @@ class Admission:
                 prompt_logging=context.prompt_logging,
                 prompt_log_ttl_seconds=context.prompt_log_ttl_seconds,
                 allow_templates=context.allow_templates,
+                allow_reload_options=context.allow_reload_options,
                 key_limits=context.key_limits,
                 tenant_limits=context.tenant_limits,
                 client_addr=address,
@@ -310,7 +334,7 @@ class Admission:
                 denied.message,
                 code=denied.code,
                 headers=denied.headers,
-                request_id=request.headers.get("X-Request-Id"),
+                request_id=request_id_of(request),
             )
         self._finish(request, status=200, reason="allowed", started=started, context=context, address=address)
         return response
@@ -328,18 +352,22 @@ class Admission:
         elapsed = time.perf_counter() - started
         self.metrics.decisions.labels("allow" if status == 200 else "deny", reason).inc()
         self.metrics.latency.observe(elapsed)
-        path = (request.headers.get("X-Forwarded-Uri") or "").split("?", 1)[0][:200]
+        # Everything taken from the request is made printable here, at the edge: a byte above 0x7F
+        # arrives as a lone surrogate that no log line, audit row or JSON encoder takes.
+        path = printable((request.headers.get("X-Forwarded-Uri") or "").split("?", 1)[0], 200)
+        method = printable(request.headers.get("X-Forwarded-Method"), 20)
+        request_id = request_id_of(request)
         if status != 200:
             self.auditor.record(
                 Denial(
                     at=self.clock(),
-                    request_id=request.headers.get("X-Request-Id"),
+                    request_id=request_id,
                     status=status,
                     reason=reason,
-                    method=request.headers.get("X-Forwarded-Method"),
+                    method=method,
                     path=path,
                     client_addr=address,
-                    user_agent=(request.headers.get("User-Agent") or "")[:200] or None,
+                    user_agent=printable(request.headers.get("User-Agent") or "", 200) or None,
                     tenant_id=context.tenant_id if context else None,
                     key_id=context.key_id if context else None,
                     key_prefix=context.prefix if context else None,
@@ -348,8 +376,8 @@ class Admission:
         (log.info if status != 200 else log.debug)(
             "authz",
             extra={
-                "request_id": request.headers.get("X-Request-Id"),
-                "method": request.headers.get("X-Forwarded-Method"),
+                "request_id": request_id,
+                "method": method,
                 "path": path,
                 "status": status,
                 "reason": reason,

@@ -2,7 +2,10 @@
 
 The cache is keyed by an HMAC of the token under a per-process random secret, so the process never
 holds a table of raw tokens. Verified keys keep their context for a short TTL; failures are cached
-too (negative cache), so a repeated bad token costs neither Postgres nor Argon2.
+too (negative cache), so a repeated bad token costs neither Postgres nor Argon2. Wrong secrets
+for one real prefix are limited across replicas by `authz_sidecar/prefix_limiter.py`, checked here
+before Postgres and again under the Argon2 slot (so a concurrent burst cannot overshoot the limit
+by more than the number of slots).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 import asyncpg
 import attrs
 
+from authz_sidecar.prefix_limiter import OPEN, Gate, PrefixLimiter
+from shared import keys
 from shared.hashing import verify_key
 from shared.keystore import Verdict, authenticate
 
@@ -111,6 +116,7 @@ class Authenticator:
     cache: KeyCache
     concurrency: int = 2
     wall_clock: Clock = time.time
+    guesses: PrefixLimiter | None = None
     argon2_calls: int = 0
     db_lookups: int = 0
     _executor: ThreadPoolExecutor = attrs.field(init=False)
@@ -125,11 +131,24 @@ class Authenticator:
         """Stop the Argon2 worker threads."""
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def _verify(self, token: str, phc: str, pepper: str) -> bool:
+    async def _verify(self, token: str, phc: str, pepper: str, gate: Gate = OPEN) -> bool:
+        if gate.known:
+            return True  # the prefix is locked, and this is the token Argon2 last accepted for it
+        prefix = keys.parse_key(token).prefix
         async with self._slots:
+            if self.guesses is not None:
+                # Again under the slot: guesses queued behind a burst see the count it left.
+                now = await self.guesses.gate(prefix, token)
+                if now.known:
+                    return True
+                if now.refuses():
+                    raise self.guesses.refuse(now)
             self.argon2_calls += 1
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._executor, lambda: verify_key(token, phc, pepper=pepper))
+            ok = await loop.run_in_executor(self._executor, lambda: verify_key(token, phc, pepper=pepper))
+            if self.guesses is not None:
+                await (self.guesses.verified(prefix, token) if ok else self.guesses.mismatch(prefix))
+            return ok
 
     def cached(self, token: str) -> Verdict | None:
         """A live cached verdict for the token, without any I/O."""
@@ -146,13 +165,22 @@ class Authenticator:
         self._inflight[fingerprint] = future
         generation = self.cache.generation
         try:
+            gate = OPEN
+            if self.guesses is not None:
+                gate = await self.guesses.gate(keys.parse_key(token).prefix, token)
+                if gate.refuses():
+                    raise self.guesses.refuse(gate)  # neither Postgres nor Argon2
+
+            async def verifier(token: str, phc: str, pepper: str) -> bool:
+                return await self._verify(token, phc, pepper, gate)
+
             self.db_lookups += 1
             verdict = await authenticate(
                 self.pool,
                 token,
                 pepper=self.pepper,
                 now=dt.datetime.fromtimestamp(self.wall_clock(), dt.UTC),
-                verifier=self._verify,
+                verifier=verifier,
             )
             self.cache.put(fingerprint, verdict, generation)
             future.set_result(verdict)

@@ -12,7 +12,9 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from authz_sidecar.audit import bucket_of
 from shared.models import UsageEvent
+from shared.untrusted import printable
 
 if TYPE_CHECKING:
     from shared.db import Conn
@@ -86,6 +88,12 @@ def _budget_rows(events: Sequence[UsageEvent]) -> list[list[Any]]:
     return columns
 
 
+def check(event: UsageEvent) -> None:
+    """Raise (ValueError, KeyError) when an event's budget periods cannot be read: such an event
+    would fail every batch it is in, so it is dead-lettered before the batch is written."""
+    _budget_rows([event])
+
+
 async def apply_usage(conn: Conn, events: Sequence[UsageEvent]) -> set[str]:
     """Write a batch in one transaction; returns the request ids that were new."""
     if not events:
@@ -154,11 +162,93 @@ async def apply_usage(conn: Conn, events: Sequence[UsageEvent]) -> set[str]:
     return new
 
 
+_AUDIT_BUCKET_SQL = """
+INSERT INTO audit_log (at, client_addr, method, path, status, reason, user_agent, count, bucket, tenant_id,
+    key_id, key_prefix)
+SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::int[], $6::text[],
+    $7::text[], $8::int[], $9::text[], $10::bigint[], $11::bigint[], $12::text[])
+ON CONFLICT (bucket) WHERE bucket IS NOT NULL DO UPDATE SET count = audit_log.count + EXCLUDED.count
+"""
+
+_AUDIT_RETENTION_SQL = """
+DELETE FROM audit_log WHERE id IN (SELECT id FROM audit_log WHERE at < $1 ORDER BY at LIMIT $2)
+"""
+
+
+def _denial_row(row: dict[str, Any]) -> dict[str, Any]:
+    """One denial row as the audit log takes it: text printable (no NUL, no lone surrogate),
+    numbers numbers (a malformed field raises here, for this row only)."""
+    clean = {k: printable(v, 2000) if isinstance(v, str) else v for k, v in row.items()}
+    clean["status"] = int(clean["status"])
+    clean["count"] = max(1, int(clean.get("count") or 1))
+    clean["at"] = float(clean["at"])
+    for name in ("tenant_id", "key_id"):
+        clean[name] = None if clean.get(name) is None else int(clean[name])
+    return clean
+
+
+def denial_rows(rows: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+    """The rows that can be written, and how many could not (logged by the caller)."""
+    good: list[dict[str, Any]] = []
+    for row in rows:
+        try:
+            good.append(_denial_row(row))
+        except (KeyError, TypeError, ValueError, OverflowError, AttributeError):
+            continue
+    return good, len(rows) - len(good)
+
+
 async def apply_denials(conn: Conn, rows: Sequence[dict[str, Any]]) -> int:
-    """Audit rows for denial batches from the sidecars (aggregated rows carry a count)."""
+    """Audit rows for denial batches from the sidecars. Aggregated rows (no request id) add their
+    count to the one row of their (address, reason, status, minute) bucket."""
+    rows, _ = denial_rows(rows)
     if not rows:
         return 0
+    buckets: dict[str, dict[str, Any]] = {}
+    single: list[dict[str, Any]] = []
+    for row in rows:
+        bucket = bucket_of(row)
+        if bucket is None:
+            single.append(row)
+        elif bucket in buckets:  # one statement may touch a row once: merge first
+            buckets[bucket]["count"] += row["count"]
+        else:
+            buckets[bucket] = dict(row)
+    async with conn.transaction():
+        if single:
+            await _insert_single(conn, single)
+        if buckets:
+            merged = list(buckets.values())
+            await conn.execute(
+                _AUDIT_BUCKET_SQL,
+                [_ts(r["at"]) for r in merged],
+                [r.get("client_addr") for r in merged],
+                [r.get("method") for r in merged],
+                [r.get("path") for r in merged],
+                [r["status"] for r in merged],
+                [r.get("reason") for r in merged],
+                [r.get("user_agent") for r in merged],
+                [r["count"] for r in merged],
+                list(buckets),
+                [r.get("tenant_id") for r in merged],
+                [r.get("key_id") for r in merged],
+                [r.get("key_prefix") for r in merged],
+            )
+    return len(rows)
 
+
+async def purge_audit(conn: Conn, *, before: dt.datetime, chunk: int = 10_000) -> int:
+    """Delete audit rows older than `before`, in chunks (no long lock on a big table)."""
+    total = 0
+    while True:
+        status = await conn.execute(_AUDIT_RETENTION_SQL, before, chunk)
+        deleted = int(status.split()[-1])
+        total += deleted
+        if deleted < chunk:
+            return total
+
+
+async def _insert_single(conn: Conn, rows: Sequence[dict[str, Any]]) -> None:
     def col(name: str) -> list[Any]:
         return [r.get(name) for r in rows]
 
@@ -178,6 +268,5 @@ async def apply_denials(conn: Conn, rows: Sequence[dict[str, Any]]) -> int:
         [0] * len(rows),
         [None] * len(rows),
         col("user_agent"),
-        [int(r.get("count") or 1) for r in rows],
+        col("count"),
     )
-    return len(rows)

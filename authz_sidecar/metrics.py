@@ -20,7 +20,14 @@ class _Readings(Collector):
 
     def collect(self) -> Iterator[Metric]:
         values = self._read()
-        for name in ("key_cache_hits", "key_cache_misses", "argon2_verifications", "key_db_lookups"):
+        for name in (
+            "key_cache_hits",
+            "key_cache_misses",
+            "argon2_verifications",
+            "key_db_lookups",
+            "key_guess_refusals",
+            "key_verified_digest_hits",
+        ):
             family = CounterMetricFamily(f"authz_{name}", name.replace("_", " "))
             family.add_metric([], values.get(name, 0.0))
             yield family

@@ -36,6 +36,7 @@ from rich.console import Console
 from rich.table import Table
 
 import bench_bound
+import bench_hostile
 import bench_http
 import localstack
 from authz_sidecar.app import ADMISSION, AUTHENTICATOR, POOL, create_app
@@ -100,7 +101,7 @@ def _authz_request(app: web.Application, token: str, address: str) -> web.Reques
             "Authorization": f"Bearer {token}",
             "X-Forwarded-Method": "POST",
             "X-Forwarded-Uri": "/api/chat",
-            "X-Forwarded-For": address,
+            "X-Gw-Client-Ip": address,
             "X-Request-Id": str(uuid.uuid4()),
         },
         app=app,
@@ -611,6 +612,7 @@ SCENARIOS: dict[str, Callable[..., Awaitable[list[Row]]]] = {
     "sidecar": scenario_sidecar,
     "limits": scenario_limits,
     "bound": bench_bound.scenario_bound,
+    "hostile": bench_hostile.scenario_hostile,
 }
 
 

@@ -236,6 +236,7 @@ http://127.0.0.1:{$AUTH_PORT} {
 			uri /authz
 			header_up X-Request-Id {http.request.uuid}
 			copy_headers X-Gw-Request-Id X-Gw-Grant
+			header_up X-Gw-Client-Ip {client_ip}
 			header_up -Content-Encoding
 			header_up X-Gw-Body-Encoding {http.request.header.Content-Encoding}
 		}

@@ -380,7 +380,7 @@ class LocalStack:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env={**os.environ, **extra_env},
+                env={**os.environ, **self.environ, **extra_env},
                 cwd=str(ROOT),
                 start_new_session=self.detach,
             )

@@ -31,7 +31,11 @@ MAX_DURATION = dt.timedelta(days=36500)  # 100 years: beyond it a date would be 
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _TENANT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 MAX_LIMIT = 2**62
-INT32_LIMITS = {"rpm", "max_concurrent"}  # 32-bit columns
+INT32_LIMITS = {"rpm", "max_concurrent", "max_num_ctx", "max_keep_alive_seconds"}  # 32-bit columns
+# The tenant's model caps (columns of `tenants` only): num_ctx above max_num_ctx is refused,
+# keep_alive above max_keep_alive_seconds lowered to it (stream_proxy/policy.py).
+CAP_NAMES = ("max_num_ctx", "max_keep_alive_seconds")
+CAP_FLAGS = {"max_num_ctx": "max-num-ctx", "max_keep_alive_seconds": "max-keep-alive"}
 INT32_MAX = 2**31 - 1
 
 
@@ -64,11 +68,15 @@ class LimitChange:
 
 
 def parse_limit(name: str, text: str) -> LimitChange:
-    """Validate one limit argument before any I/O."""
+    """Validate one limit argument before any I/O (a keep_alive cap also as a duration: 30m)."""
     lowered = text.strip().lower()
     if lowered in ("inherit", "unlimited"):
         return LimitChange(lowered)  # type: ignore[arg-type]
-    flag = "concurrency" if name == "max_concurrent" else name.replace("_", "-")
+    flag = "concurrency" if name == "max_concurrent" else CAP_FLAGS.get(name, name.replace("_", "-"))
+    if name == "max_keep_alive_seconds" and _DURATION_RE.match(lowered):
+        lowered = str(int(parse_duration(lowered).total_seconds()))
+    if name == "max_num_ctx" and re.fullmatch(r"0+", lowered):
+        raise AdminError(f"--{flag} must be at least 1")
     if not re.fullmatch(r"[0-9]{1,19}", lowered):
         raise AdminError(f"bad number for --{flag}: {text!r}")
     ceiling = INT32_MAX if name in INT32_LIMITS else MAX_LIMIT
@@ -267,9 +275,12 @@ async def set_limits(
     if (tenant is None) == (prefix is None):
         raise AdminError("name exactly one of --tenant or --prefix")
     limits = dict(limits or {})
-    unknown = set(limits) - set(LIMIT_NAMES)
+    unknown = set(limits) - set(LIMIT_NAMES) - set(CAP_NAMES)
     if unknown:
         raise AdminError(f"unknown limits: {', '.join(sorted(unknown))}")
+    caps = sorted(set(limits) & set(CAP_NAMES))
+    if caps and prefix is not None:
+        raise AdminError(f"--{CAP_FLAGS[caps[0]]} only applies to a tenant (--tenant)")
     if not limits and models is None:
         raise AdminError("nothing to change: give at least one limit or --models")
     scope: Literal["tenant", "key"] = "tenant" if tenant is not None else "key"
@@ -354,6 +365,24 @@ async def set_templates(
             on,
         )
     return key_from_row(row), [Invalidation("key", key.tenant_id, key.id, reason="templates")]
+
+
+async def set_reload_options(
+    conn: asyncpg.Connection, *, prefix: str, on: bool
+) -> tuple[ApiKey, list[Invalidation]]:
+    """Allow a key the options that make Ollama reload a model (num_gpu, num_batch, main_gpu,
+    use_mmap, num_thread; native `shift`), or take them away: a reload evicts the model for every
+    tenant using it, so only a trusted key should have them."""
+    async with conn.transaction():
+        key = await _key_by_prefix(conn, prefix, lock=True)
+        row = await _one(
+            conn,
+            "UPDATE api_keys SET allow_reload_options = $2, updated_at = now() "
+            f"WHERE id = $1 RETURNING {KEY_COLUMNS}",
+            key.id,
+            on,
+        )
+    return key_from_row(row), [Invalidation("key", key.tenant_id, key.id, reason="reload-options")]
 
 
 @attrs.frozen

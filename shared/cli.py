@@ -45,6 +45,7 @@ LIMIT_FLAGS = {
     "monthly-tokens": "monthly_tokens",
     "total-tokens": "total_tokens",
 }
+CAP_FLAGS = {flag: name for name, flag in admin.CAP_FLAGS.items()}  # tenant-only model caps
 
 
 class _Parser(argparse.ArgumentParser):
@@ -76,6 +77,10 @@ def _limit(value: int | None, *, key: bool) -> str:
     if value == UNLIMITED:
         return "unlimited"
     return f"{value:,}"
+
+
+def _cap(value: int | None, unit: str = "") -> str:
+    return "—" if value is None else f"{value:,}{unit}"
 
 
 def _models(value: tuple[str, ...] | None, *, key: bool) -> str:
@@ -131,7 +136,7 @@ class Output:
             return
         table = Table(title=title)
         for column in ("name", "id", "status", "keys", "rpm", "tpm", "streams", "daily", "monthly",
-                       "total", "models", "prompt logs"):  # fmt: skip
+                       "total", "models", "num_ctx cap", "keep_alive cap", "prompt logs"):  # fmt: skip
             table.add_column(column)
         for tenant, count in rows:
             lim = tenant.limits
@@ -142,6 +147,8 @@ class Output:
                 "—" if count is None else str(count),
                 *(_limit(getattr(lim, n), key=False) for n in LIMIT_NAMES),
                 _models(tenant.allowed_models, key=False),
+                _cap(tenant.max_num_ctx),
+                _cap(tenant.max_keep_alive_seconds, "s"),
                 f"on, {tenant.prompt_log_ttl_seconds}s" if tenant.prompt_logging else "off",
             )
         self.console.print(table)
@@ -154,7 +161,7 @@ class Output:
         table = Table(title=title)
         for column in ("prefix", "tenant", "name", "status", "created", "expires", "last used",
                        "rpm", "tpm", "streams", "daily", "monthly", "total", "models",
-                       "templates"):  # fmt: skip
+                       "reload options", "templates"):  # fmt: skip
             table.add_column(column)
         for key, tenant in rows:
             table.add_row(
@@ -167,6 +174,7 @@ class Output:
                 _when(key.last_used_at),
                 *(_limit(getattr(key.limits, n), key=True) for n in LIMIT_NAMES),
                 _models(key.allowed_models, key=True),
+                "[yellow]allowed[/]" if key.allow_reload_options else "no",
                 "[yellow]allowed[/]" if key.allow_templates else "no",
             )
         self.console.print(table)
@@ -269,6 +277,14 @@ async def _set_templates(
     return notices
 
 
+async def _set_reload_options(
+    args: argparse.Namespace, conn: asyncpg.Connection, out: Output, _: AdminConfig
+) -> list[Any]:
+    changed, notices = await admin.set_reload_options(conn, prefix=args.prefix, on=args.on)
+    await _show_changed(conn, out, changed, "reload options changed")
+    return notices
+
+
 async def _usage(
     args: argparse.Namespace, conn: asyncpg.Connection, out: Output, _: AdminConfig
 ) -> list[Any]:
@@ -348,7 +364,9 @@ async def _rebuild_counters(
         if not tenant_ids:
             raise NotFoundError(f"no tenant named {args.tenant!r}")
     try:
-        async with store.connect(cfg.redis.url) as client:
+        async with store.connect(
+            cfg.redis.url, connect_timeout=cfg.redis.connect_timeout, reply_timeout=cfg.redis.timeout
+        ) as client:
             result = await counters.rebuild(
                 conn,
                 client,
@@ -379,6 +397,7 @@ HANDLERS: dict[str, Handler] = {
     "set-limits": _set_limits,
     "set-prompt-logging": _set_prompt_logging,
     "set-templates": _set_templates,
+    "set-reload-options": _set_reload_options,
     "usage": _usage,
     "audit": _audit,
     "purge-prompts": _purge_prompts,
@@ -441,6 +460,14 @@ def build_parser() -> argparse.ArgumentParser:
     for flag in LIMIT_FLAGS:
         limits.add_argument(f"--{flag}", metavar="N|inherit|unlimited")
     limits.add_argument("--models", metavar="a,b|all|inherit")
+    limits.add_argument(
+        "--max-num-ctx", metavar="N|unlimited", help="tenant only: a larger options.num_ctx is refused"
+    )
+    limits.add_argument(
+        "--max-keep-alive",
+        metavar="SECONDS|30m|unlimited",
+        help="tenant only: a longer (or negative) keep_alive is lowered to it (the floor still wins)",
+    )
     logging_cmd = command("set-prompt-logging", "opt a tenant or key in or out of prompt logging")
     target(logging_cmd)
     switch = logging_cmd.add_mutually_exclusive_group(required=True)
@@ -452,6 +479,13 @@ def build_parser() -> argparse.ArgumentParser:
     templates_switch = templates_cmd.add_mutually_exclusive_group(required=True)
     templates_switch.add_argument("--on", action="store_true", default=None)
     templates_switch.add_argument("--off", dest="on", action="store_false")
+    reload_cmd = command(
+        "set-reload-options", "allow a key the options that reload a shared model (num_gpu, …), or not"
+    )
+    reload_cmd.add_argument("--prefix", type=_prefix, required=True)
+    reload_switch = reload_cmd.add_mutually_exclusive_group(required=True)
+    reload_switch.add_argument("--on", action="store_true", default=None)
+    reload_switch.add_argument("--off", dest="on", action="store_false")
     target(command("usage", "tokens used today, this month and in total"))
     audit_cmd = command("audit", "show the audit log, newest first")
     audit_cmd.add_argument("--tenant", type=_tenant_name)
@@ -477,6 +511,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                 for flag in LIMIT_FLAGS
                 if (text := getattr(args, flag.replace("-", "_"))) is not None
             }
+            caps = {
+                name: admin.parse_limit(name, text)
+                for flag, name in CAP_FLAGS.items()
+                if (text := getattr(args, flag.replace("-", "_"))) is not None
+            }
+            if caps and args.prefix is not None:
+                raise AdminError(f"--{admin.CAP_FLAGS[min(caps)]} only applies to a tenant (--tenant)")
+            args.limits.update(caps)
             args.models = None if args.models is None else admin.parse_models(args.models)
             if not args.limits and args.models is None:
                 raise AdminError("nothing to change: give at least one limit or --models")
@@ -505,7 +547,9 @@ async def _publish(config: AdminConfig, notices: Sequence[invalidation.Invalidat
         return None
     channel = RedisKeys(config.redis.prefix).invalidations
     try:
-        async with store.connect(config.redis.url) as client:
+        async with store.connect(
+            config.redis.url, connect_timeout=config.redis.connect_timeout, reply_timeout=config.redis.timeout
+        ) as client:
             for notice in notices:
                 # A cluster client may hand a failure back instead of raising it.
                 if isinstance(

@@ -39,6 +39,10 @@ def env(
     return attrs.field(default=default, metadata=meta, repr=not secret)
 
 
+# Characters of GATEWAY_GRANT_SECRET and GATEWAY_KEY_PEPPER at least (`secrets.token_urlsafe(32)`
+# makes 43).
+MIN_SECRET = 32
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -167,6 +171,12 @@ class PostgresConfig:
     url: str = env("DATABASE_URL", secret=True, help="Postgres URL (asyncpg / dbmate form)")
     pool_min: int = env("DATABASE_POOL_MIN", 1, minimum=1, help="asyncpg pool minimum size")
     pool_max: int = env("DATABASE_POOL_MAX", 10, minimum=1, help="asyncpg pool maximum size")
+    connect_timeout: float = env(
+        "DATABASE_CONNECT_TIMEOUT", 5.0, minimum=0.1, help="seconds to open a Postgres connection"
+    )
+    command_timeout: float = env(
+        "DATABASE_COMMAND_TIMEOUT", 10.0, minimum=0.1, help="seconds one Postgres statement may take"
+    )
 
     def check(self) -> list[str]:
         """Rules that involve more than one variable."""
@@ -185,23 +195,55 @@ class RedisConfig:
         help="redis://, rediss:// or unix:// URL of Redis / Valkey, or redis+cluster://h1:p1,h2:p2",
     )
     prefix: str = env("REDIS_PREFIX", "nz:", help="prefix of every Redis key name")
+    connect_timeout: float = env(
+        "REDIS_CONNECT_TIMEOUT", 2.0, minimum=0.01, help="seconds to open a Redis connection before giving up"
+    )
+    timeout: float = env(
+        "REDIS_TIMEOUT",
+        5.0,
+        minimum=1.5,
+        help="seconds a Redis reply may take (a hung Redis answers 503 after at most 3 tries of it)",
+    )
 
 
 @attrs.frozen
 class GrantSecrets:
     """The HMAC secrets that sign grants; the previous one is accepted during a rotation."""
 
-    current: str = env("GRANT_SECRET", secret=True, help="HMAC-SHA256 secret signing grants")
+    current: str = env(
+        "GRANT_SECRET",
+        secret=True,
+        help=f"HMAC-SHA256 secret signing grants (at least {MIN_SECRET} characters)",
+    )
     previous: str = env(
         "GRANT_SECRET_PREVIOUS", "", secret=True, help="previous grant secret, accepted while rotating"
     )
+
+    def check(self) -> list[str]:
+        """Secrets long enough that guessing them is out of reach (their values never shown)."""
+        problems = []
+        if len(self.current) < MIN_SECRET:
+            problems.append(f"GATEWAY_GRANT_SECRET: at least {MIN_SECRET} characters")
+        if self.previous and len(self.previous) < MIN_SECRET:
+            problems.append(f"GATEWAY_GRANT_SECRET_PREVIOUS: at least {MIN_SECRET} characters")
+        return problems
 
 
 @attrs.frozen
 class KeyHashing:
     """The pepper mixed into every key hash (Argon2id's secret input)."""
 
-    pepper: str = env("KEY_PEPPER", secret=True, help="server-side pepper for key hashes")
+    pepper: str = env(
+        "KEY_PEPPER",
+        secret=True,
+        help=f"server-side pepper for key hashes (at least {MIN_SECRET} characters)",
+    )
+
+    def check(self) -> list[str]:
+        """A pepper long enough to be a secret of its own."""
+        if len(self.pepper) < MIN_SECRET:
+            return [f"GATEWAY_KEY_PEPPER: at least {MIN_SECRET} characters"]
+        return []
 
 
 @attrs.frozen
@@ -234,6 +276,21 @@ class SidecarOptions:
     auth_failures_per_minute: int = env(
         "AUTH_FAILURES_PER_MINUTE", 60, minimum=0, help="failed authentications per client address (0 = off)"
     )
+    key_mismatches_per_window: int = env(
+        "KEY_MISMATCHES_PER_WINDOW",
+        10,
+        minimum=0,
+        help="wrong secrets per key prefix and window before guesses skip Argon2 and get 429 (0 = off)",
+    )
+    key_mismatch_window: float = env(
+        "KEY_MISMATCH_WINDOW", 60.0, minimum=1, help="seconds of the per-prefix mismatch window"
+    )
+    verified_key_ttl: float = env(
+        "VERIFIED_KEY_TTL",
+        86400.0,
+        minimum=1,
+        help="seconds a verified key still passes without Argon2 while its prefix is locked",
+    )
     drain_seconds: float = env(
         "SIDECAR_DRAIN_SECONDS", 5.0, minimum=0, help="seconds the sidecar's /readyz is 503 before exit"
     )
@@ -261,6 +318,12 @@ class ProxyOptions:
         help="seconds to Ollama's first byte (model load)",
     )
     lease_ttl: float = env("LEASE_TTL", 30.0, minimum=1, help="seconds a stream lease lives unless renewed")
+    max_upstream_body_bytes: int = env(
+        "MAX_UPSTREAM_BODY_BYTES",
+        128 * 1024 * 1024,
+        minimum=1024,
+        help="bytes of a non-streamed Ollama answer held at once (listings, chats, embeddings); 502 above",
+    )
     body_timeout: float = env(
         "BODY_TIMEOUT",
         10.0,
@@ -298,10 +361,13 @@ class ProxyOptions:
         300,
         minimum=0,
         maximum=2_147_483_647,
-        help="seconds: a keep_alive below it (0 unloads the model for every tenant) is raised to it; 0 = no floor",
+        help="seconds: a shorter keep_alive (0 unloads a model all tenants share) is raised to it; 0 = off",
     )
     drain_seconds: float = env(
-        "PROXY_DRAIN_SECONDS", 5.0, minimum=0, help="seconds stream_proxy's /readyz is 503 before exit"
+        "PROXY_DRAIN_SECONDS",
+        10.0,
+        minimum=0,
+        help="seconds stream_proxy serves with /readyz 503 before it stops (> Caddy's health checks)",
     )
     idle_timeout: float = env("UPSTREAM_IDLE_TIMEOUT", 120.0, minimum=0.001, help="seconds between chunks")
 

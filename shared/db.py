@@ -39,7 +39,8 @@ TENANT_COLUMNS = (
 )
 KEY_COLUMNS = (
     f"id, tenant_id, name, prefix, status, created_at, expires_at, revoked_at, last_used_at, "
-    f"{LIMIT_COLUMNS}, allowed_models, prompt_logging, prompt_log_ttl_seconds, allow_templates"
+    f"{LIMIT_COLUMNS}, allowed_models, prompt_logging, prompt_log_ttl_seconds, allow_templates, "
+    "allow_reload_options"
 )
 
 
@@ -55,7 +56,11 @@ def asyncpg_dsn(url: str) -> str:
 async def create_pool(config: PostgresConfig) -> asyncpg.Pool[asyncpg.Record]:
     """A pool sized by the configuration."""
     pool = await asyncpg.create_pool(
-        asyncpg_dsn(config.url), min_size=config.pool_min, max_size=config.pool_max
+        asyncpg_dsn(config.url),
+        min_size=config.pool_min,
+        max_size=config.pool_max,
+        timeout=config.connect_timeout,
+        command_timeout=config.command_timeout,
     )
     if pool is None:  # asyncpg's stub allows None only for an unawaited pool
         raise RuntimeError("asyncpg returned no pool")
@@ -112,4 +117,5 @@ def key_from_row(row: Row) -> ApiKey:
         prompt_logging=row["prompt_logging"],
         prompt_log_ttl_seconds=row["prompt_log_ttl_seconds"],
         allow_templates=row["allow_templates"],
+        allow_reload_options=row["allow_reload_options"],
     )

@@ -58,6 +58,7 @@ class Grant:
     prompt_logging: bool = False
     prompt_log_ttl_seconds: int | None = None
     allow_templates: bool = False  # /api/generate's template and _debug_render_only allowed
+    allow_reload_options: bool = False  # num_gpu & co. (which reload a shared model) allowed
     key_limits: Limits = attrs.Factory(Limits)
     tenant_limits: Limits = attrs.Factory(Limits)
     rate: RateInfo = attrs.Factory(RateInfo)

@@ -11,6 +11,8 @@ from typing import Any
 
 import orjson
 
+from shared.untrusted import printable
+
 _RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
 
@@ -19,11 +21,15 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         """One line."""
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a bad %-format must not lose the line
+            message = str(record.msg)
         doc: dict[str, Any] = {
             "ts": round(record.created, 6),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": message,
         }
         doc.update({k: v for k, v in vars(record).items() if k not in _RESERVED})
         if record.exc_info and record.exc_info[0] is not None:
@@ -33,7 +39,33 @@ class JsonFormatter(logging.Formatter):
                 f"{Path(f.filename).name}:{f.lineno}:{f.name}"
                 for f in traceback.extract_tb(record.exc_info[2])
             ][-8:]
-        return orjson.dumps(doc, default=str).decode()
+        try:
+            return orjson.dumps(doc, default=str).decode()
+        except (TypeError, ValueError):
+            # A string orjson refuses (a lone surrogate from a client's byte above 0x7F, a dict
+            # key that is no string, nesting too deep): the same line with every value made safe.
+            try:
+                return orjson.dumps({str(k): _safe(v) for k, v in doc.items()}).decode()
+            except Exception:  # noqa: BLE001 - the formatter never raises: last resort below
+                return orjson.dumps(
+                    {"ts": doc["ts"], "level": doc["level"], "msg": "unloggable record"}
+                ).decode()
+
+
+def _safe(value: object, depth: int = 0) -> object:
+    """A JSON-encodable copy of a log field: strings made printable, containers walked (bounded)."""
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if isinstance(value, str):
+        return printable(value, limit=2000)
+    if depth < 8 and isinstance(value, dict):
+        return {printable(str(k), limit=200): _safe(v, depth + 1) for k, v in value.items()}
+    if depth < 8 and isinstance(value, list | tuple):
+        return [_safe(v, depth + 1) for v in value]
+    try:
+        return printable(str(value), limit=2000)
+    except Exception:  # noqa: BLE001 - a field whose str() raises is named, not printed
+        return f"<{type(value).__name__}>"
 
 
 def setup(level: str = "INFO") -> None:

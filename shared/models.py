@@ -70,6 +70,7 @@ class ApiKey:
     prompt_logging: bool | None  # None: inherit
     prompt_log_ttl_seconds: int | None
     allow_templates: bool = False  # /api/generate's template and _debug_render_only
+    allow_reload_options: bool = False  # options that reload a shared model (num_gpu, …)
 
     def is_usable(self, now: dt.datetime) -> bool:
         """Active and not expired."""
@@ -94,6 +95,7 @@ class KeyContext:
     prompt_log_ttl_seconds: int | None
     key_expires_at: dt.datetime | None = None
     allow_templates: bool = False
+    allow_reload_options: bool = False
 
 
 def effective_models(
@@ -127,6 +129,7 @@ def resolve_context(tenant: Tenant, key: ApiKey) -> KeyContext:
         prompt_log_ttl_seconds=ttl if logging_on else None,
         key_expires_at=key.expires_at,
         allow_templates=key.allow_templates,
+        allow_reload_options=key.allow_reload_options,
     )
 
 

@@ -63,6 +63,15 @@ class RedisKeys:
         """Lock held while budget counters are rebuilt from Postgres."""
         return self._t(tenant_id, "hydrate-lock")
 
+    # --- per key prefix (hash tag {p:<prefix>}: the guard's keys share one slot) -------------------
+    def key_mismatches(self, prefix: str) -> str:
+        """Wrong secrets tried against a key prefix in the current window (Argon2 mismatches)."""
+        return f"{self.prefix}{{p:{prefix}}}:mismatches"
+
+    def key_verified(self, prefix: str) -> str:
+        """Keyed digest of the token last verified for a prefix (recognised while it is locked)."""
+        return f"{self.prefix}{{p:{prefix}}}:verified"
+
     # --- process-wide ----------------------------------------------------------------------------
     @property
     def reserving_tenants(self) -> str:

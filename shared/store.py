@@ -36,7 +36,7 @@ def cluster_nodes(url: str) -> list[tuple[str, int]]:
     return nodes
 
 
-def _cluster(url: str) -> coredis.RedisCluster[bytes]:
+def _cluster(url: str, timeouts: dict[str, float | None]) -> coredis.RedisCluster[bytes]:
     parts = urlsplit(url)
     options: dict[str, Any] = {}
     userinfo = parts.netloc.rsplit("@", 1)[0] if "@" in parts.netloc else ""
@@ -50,18 +50,25 @@ def _cluster(url: str) -> coredis.RedisCluster[bytes]:
     if "stream_timeout" in query:
         options["stream_timeout"] = float(query["stream_timeout"][0])
     nodes = [TCPLocation(host, port) for host, port in cluster_nodes(url)]
-    return coredis.RedisCluster(startup_nodes=nodes, **options)
+    return coredis.RedisCluster(startup_nodes=nodes, **{**timeouts, **options})
 
 
 @contextlib.asynccontextmanager
-async def connect(url: str) -> AsyncIterator[coredis.Redis[bytes]]:
-    """A client for the URL, entered (coredis needs it used in the task that entered it)."""
+async def connect(
+    url: str, *, connect_timeout: float | None = None, reply_timeout: float | None = None
+) -> AsyncIterator[coredis.Redis[bytes]]:
+    """A client for the URL, entered (coredis needs it used in the task that entered it). With
+    timeouts (RedisConfig's), a hung Redis raises TimeoutError instead of pinning the caller; a
+    `stream_timeout` in the URL still wins."""
+    timeouts = {"connect_timeout": connect_timeout, "stream_timeout": reply_timeout}
     if not is_cluster(url):
-        client: coredis.Redis[bytes] = coredis.Redis.from_url(url)
+        client: coredis.Redis[bytes] = coredis.Redis.from_url(
+            url, connect_timeout=connect_timeout, stream_timeout=reply_timeout
+        )
         async with client:
             yield client
         return
-    cluster = _cluster(url)
+    cluster = _cluster(url, timeouts)
     try:
         async with cluster:
             yield cast("coredis.Redis[bytes]", cluster)

@@ -18,6 +18,7 @@ from shared.config import ProxyConfig
 from shared.dialect import error_response
 from shared.limits import LimitScripts
 from shared.redis_keys import RedisKeys
+from shared.untrusted import printable
 from stream_proxy.exceptions import Refused
 from stream_proxy.metrics import ProxyMetrics
 from stream_proxy.models import ModelCatalog
@@ -51,7 +52,7 @@ async def refusals(request: web.Request, handler: Handler) -> web.StreamResponse
             refused.message,
             code=refused.code,
             headers=refused.headers,
-            request_id=request.headers.get("X-Request-Id"),
+            request_id=printable(request.headers.get("X-Request-Id"), 100),
         )
 
 
@@ -98,7 +99,11 @@ async def _session(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _redis(app: web.Application) -> AsyncIterator[None]:
-    async with store.connect(app[CONFIG].redis.url) as client:
+    async with store.connect(
+        app[CONFIG].redis.url,
+        connect_timeout=app[CONFIG].redis.connect_timeout,
+        reply_timeout=app[CONFIG].redis.timeout,
+    ) as client:
         app[REDIS] = client
         yield
 

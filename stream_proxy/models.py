@@ -22,6 +22,7 @@ import orjson
 from yarl import URL
 
 from shared.model_names import InvalidModelName, normalise
+from stream_proxy.capped import read_capped
 from stream_proxy.template_bound import Analysis, analyse
 
 log = logging.getLogger("stream_proxy.models")
@@ -30,6 +31,8 @@ USER_AGENT = "neuronetz-gateway model-catalogue"
 # How long a name Ollama does not describe stays unknown, and how many such names are kept.
 UNKNOWN_SECONDS = 5.0
 MAX_UNKNOWN = 4096
+# The most of an /api/show or /api/tags answer read (a verbose show with a tokenizer is ~10 MB).
+MAX_ANSWER_BYTES = 32 * 1024 * 1024
 ERRORS = (aiohttp.ClientError, TimeoutError, OSError, ValueError)
 
 
@@ -176,7 +179,11 @@ class ModelCatalog:
             async with request as response:
                 if response.status != 200:
                     return None
-                return orjson.loads(await response.read())
+                answer = await read_capped(response, MAX_ANSWER_BYTES)
+                if answer is None:
+                    log.warning("ollama %s answered more than %d bytes", path, MAX_ANSWER_BYTES)
+                    return None
+                return orjson.loads(answer)
         except ERRORS as error:
             log.warning("ollama %s failed: %s", path, type(error).__name__)
             return None

@@ -231,7 +231,9 @@ class Proxy:
         route = decision.route
         secrets = (self.config.grant.current, self.config.grant.previous)
         unavailable = Refused(503, "gateway is not accepting requests right now", headers=UNAVAILABLE)
-        closed = self.draining.is_set() or self.reporter.full
+        # Draining is not closed: /readyz says 503 so Caddy stops sending, and whatever it still sends
+        # until its next health check is served (docs/DEPLOYMENT.md). A full spool is closed.
+        closed = self.reporter.full
         try:
             grant = grants.check(request, secrets=secrets, now=self.clock())
         except Refused:
@@ -338,6 +340,7 @@ class Proxy:
                 ollama=self.ollama,
                 reader=adapter.reader(route, framing),
                 first_byte_timeout=self.config.options.first_byte_timeout,
+                max_buffered=self.config.options.max_upstream_body_bytes,
                 completion_limit=reserved.completion_limit,
                 transform=self._listing_filter(grant, route),
                 headers=ratelimit_headers(grant.rate, reserved.reserved, policy.FAMILY[route]),

@@ -20,8 +20,10 @@ import attrs
 from aiohttp import web
 from yarl import URL
 
+from shared.untrusted import printable
 from stream_proxy import meter
 from stream_proxy.apis import Reader
+from stream_proxy.capped import read_capped
 from stream_proxy.exceptions import Refused
 
 log = logging.getLogger("stream_proxy.relay")
@@ -92,6 +94,7 @@ class Relay:
     ollama: URL
     reader: Reader
     first_byte_timeout: float
+    max_buffered: int = 128 * 1024 * 1024  # bytes of a non-streamed answer held at once
     completion_limit: int | None = None
     transform: Callable[[bytes], bytes] | None = None  # non-streamed bodies (listing filters)
     headers: dict[str, str] = attrs.Factory(dict)
@@ -148,14 +151,18 @@ class Relay:
         except UPSTREAM_BROKEN:
             result.upstream_failed = True
             log.warning(
-                "upstream failed mid-response", extra={"request_id": self.request.headers.get("X-Request-Id")}
+                "upstream failed mid-response",
+                extra={"request_id": printable(self.request.headers.get("X-Request-Id"), 100)},
             )
         finally:
             upstream.close()  # at once: a disconnected client cancels the generation upstream
         return response
 
     async def _whole(self, upstream: aiohttp.ClientResponse, response: web.StreamResponse) -> None:
-        data = await upstream.read()
+        data = await read_capped(upstream, self.max_buffered)
+        if data is None:
+            self.result.upstream_failed = True
+            raise Refused(502, f"upstream answer larger than {self.max_buffered} bytes")
         self.result.first_byte_at = time.time()
         if upstream.status == 200:
             self.reader.whole(meter.loads(data.rstrip(b"\n")))

@@ -71,6 +71,9 @@ async def stack(
         "GATEWAY_REDIS_URL": redis_url,
         "GATEWAY_REDIS_PREFIX": f"e2e:{uuid.uuid4().hex[:8]}:",
         "GATEWAY_LOG_LEVEL": "INFO",
+        # 1 MiB: a listing the simulator can make larger (tests/e2e/test_bounded.py); no other answer
+        # an e2e test asks for comes near it.
+        "GATEWAY_MAX_UPSTREAM_BODY_BYTES": str(1024 * 1024),
         # Canary secrets: the scan at the end of the session fails if any log line or audit row holds them.
         "GATEWAY_GRANT_SECRET": secret_canary.grant_secret,
         "GATEWAY_KEY_PEPPER": secret_canary.pepper,
@@ -330,13 +333,15 @@ async def prompt_bound(
 
 
 async def ledger_rows(
-    conn: asyncpg.Connection, key: str, count: int, *, wait_seconds: float = 10.0
+    conn: asyncpg.Connection, key: str, count: int, *, wait_seconds: float = 10.0, status: int | None = None
 ) -> list[asyncpg.Record]:
-    """The key's ledger rows (oldest first) once there are `count` of them; exactly `count`."""
+    """The key's ledger rows (oldest first; only those of one HTTP status when given) once there
+    are `count` of them; exactly `count`."""
     _, key_id = await key_ids(conn, key)
     deadline = time.monotonic() + wait_seconds
+    query = "SELECT * FROM usage_ledger WHERE key_id = $1 AND ($2::int IS NULL OR http_status = $2)"
     while True:
-        rows = await conn.fetch("SELECT * FROM usage_ledger WHERE key_id = $1 ORDER BY finished_at", key_id)
+        rows = await conn.fetch(query + " ORDER BY finished_at", key_id, status)
         if len(rows) >= count or time.monotonic() > deadline:
             assert len(rows) == count, [dict(r) for r in rows]
             return list(rows)

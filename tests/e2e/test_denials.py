@@ -681,3 +681,69 @@ async def test_ollama_client_chat_works(
         assert listed.models
     paths = [r["path"] for r in await simulator.requests()]
     assert paths == ["/api/chat", "/api/chat", "/api/tags"]
+
+
+# --- credential guessing, from an address of its own ---------------------------------------------
+GUESSER = "127.0.0.3"  # not 127.0.0.1 (every other test) nor 127.0.0.2 (the canary)
+SPOOFED_ADDRESSES = {
+    "X-Forwarded-For": "1.2.3.4",
+    "X-Gateway-Client-IP": "5.6.7.8",
+    "X-Gw-Client-Ip": "9.9.9.9",
+}
+
+
+async def _argon2_verifications(http: aiohttp.ClientSession, stack: Stack) -> float:
+    """The sidecar's authz_argon2_verifications_total."""
+    async with http.get(f"{stack.sidecar_url}/metrics") as resp:
+        text = await resp.text()
+    (line,) = [line for line in text.splitlines() if line.startswith("authz_argon2_verifications_total ")]
+    return float(line.split()[1])
+
+
+async def test_guessing_one_key_is_cut_off_after_ten_and_the_key_still_works(
+    stack: Stack,
+    http: aiohttp.ClientSession,
+    make_key: KeyFactory,
+    stack_db: asyncpg.Connection,
+    simulator: SimulatorControl,
+) -> None:
+    """Through Caddy, from one address, with spoofed X-Forwarded-For, X-Gateway-Client-IP and
+    X-Gw-Client-Ip on every request: 50 well-formed wrong keys for one real prefix get 401 for the
+    first 10 (10 Argon2 verifications) and 429 with Retry-After for the other 40 (no Argon2); the
+    real key, used before the flood, still answers 200 afterwards; and every audit row of the flood
+    records the address Caddy saw, none a spoofed one."""
+    real = await make_key()
+    prefix = keys.parse_key(real).prefix
+    agent = f"guesser/{uuid.uuid4().hex}"
+    sent = {**SPOOFED_ADDRESSES, "User-Agent": agent}
+    gw = stack.gateway_url
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(GUESSER, 0))) as guesser:
+        status, _, body = await _ask(guesser, "POST", f"{gw}/api/chat", key=real, body=CHAT, headers=sent)
+        assert status == 200, body
+        before = await _argon2_verifications(http, stack)
+        statuses: list[int] = []
+        for _ in range(50):
+            status, headers, body = await _ask(
+                guesser, "POST", f"{gw}/api/chat", key=forged_key(prefix), body=CHAT, headers=sent
+            )
+            statuses.append(status)
+            if status == 429:
+                assert 1 <= int(headers["Retry-After"]) <= 60
+                assert json.loads(body) == {"error": "too many failed authentications for this API key"}
+        assert statuses == [401] * 10 + [429] * 40
+        assert await _argon2_verifications(http, stack) == before + 10
+        status, _, body = await _ask(guesser, "POST", f"{gw}/api/chat", key=real, body=CHAT, headers=sent)
+        assert status == 200, body
+    assert [r["path"] for r in await simulator.requests()] == ["/api/chat", "/api/chat"]
+
+    deadline = time.monotonic() + 10
+    query = "SELECT client_addr, reason, count FROM audit_log WHERE user_agent = $1"
+    while True:
+        rows = await stack_db.fetch(query, agent)
+        by_reason = {r["reason"]: r for r in rows}
+        if {"key_mismatch", "key_guesses"} <= by_reason.keys():
+            break
+        assert time.monotonic() < deadline, f"audit rows incomplete: {rows}"
+        await asyncio.sleep(0.1)
+    assert {str(r["client_addr"]) for r in rows} == {GUESSER}
+    assert sum(r["count"] for r in rows if r["reason"] == "key_guesses") <= 40

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import attrs
 import pytest
 from multidict import CIMultiDict
@@ -1441,3 +1442,88 @@ async def test_a_hostile_barrage_leaves_the_bystander_unharmed(hostile: Hostile,
     ]
     _, window = await barrage(attempts, seconds=3.0, concurrency=24)
     await watch.check([], window, min_served=10, allowed=(remote_marker, passthrough, flood))
+
+
+# ---------------------------------------------------------------------------------------------
+# Bytes above 0x7F never stop a background task
+
+HIGH_BYTES_SOURCE = "127.0.0.5"  # an address of its own, so its aggregated audit rows are its own
+
+
+async def _from_own_address(stack: Stack, data: bytes) -> Answer | None:
+    """Write one raw request to Caddy from HIGH_BYTES_SOURCE; its answer (None: none came)."""
+    reader, writer = await asyncio.open_connection(*host_of(stack), local_addr=(HIGH_BYTES_SOURCE, 0))
+    try:
+        writer.write(data)
+        await writer.drain()
+        async with asyncio.timeout(15):
+            return await read_answer(reader)
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+async def test_bytes_above_0x7f_in_headers_and_the_target_never_stop_the_denial_audit(
+    stack: Stack, hostile: Hostile, watch: Watch, stack_db: asyncpg.Connection
+) -> None:
+    """Raw bytes 0x80..0xFF (no UTF-8) in the request target, the User-Agent, the Authorization
+    header and another header, written byte for byte through the real Caddy (which passes them;
+    aiohttp decodes them to lone surrogates): each is refused 4xx in the caller's dialect; their
+    denials reach the audit log with the bytes escaped (`\\xff`); a normal denial sent afterwards
+    is still audited (the denial auditor and the accountant survived); no handler crashed and the
+    bystander was served throughout."""
+    marker = f"after-{uuid.uuid4().hex}"
+    hostile_requests = [
+        (
+            "target",
+            "/api/tags\xff",
+            raw_request(stack, "GET", b"/api/tags\xff\xfe", headers=[("User-Agent", b"ua-\xff")]),
+        ),
+        (
+            "headers",
+            "/api/chat",
+            raw_request(
+                stack,
+                "POST",
+                "/api/chat",
+                headers=[
+                    ("Authorization", b"Bearer nz_\xff\xfe\x80"),
+                    ("User-Agent", b"ua-\xc3\x28\xff"),
+                    ("X-Anything", b"\x80\x81\xff"),
+                    ("Content-Type", "application/json"),
+                    ("Content-Length", "2"),
+                ],
+                body=b"{}",
+            ),
+        ),
+        (
+            "target under /v1",
+            "/v1/models/\xff",
+            raw_request(stack, "GET", b"/v1/models/\xffx", headers=[("Authorization", b"Bearer \xff")]),
+        ),
+    ]
+    start = time.monotonic()
+    problems: list[str] = []
+    for case, path, data in hostile_requests:
+        answer = await _from_own_address(stack, data)
+        problems += judge(case, path, answer, range(400, 500))
+    later = raw_request(stack, "GET", "/api/chat", headers=[("User-Agent", marker)])
+    answer = await _from_own_address(stack, later)
+    problems += judge("the later denial", "/api/chat", answer, {405})
+
+    deadline = time.monotonic() + 15
+    query = "SELECT reason, path, user_agent, count FROM audit_log WHERE client_addr = $1"
+    while True:
+        rows = await stack_db.fetch(query, HIGH_BYTES_SOURCE)
+        if any(r["user_agent"] == marker for r in rows) or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.1)
+    if not any(r["user_agent"] == marker and r["reason"] == "policy_405" for r in rows):
+        problems.append(f"the later denial was not audited within 15 s: {[dict(r) for r in rows]}")
+    stored = " ".join(f"{r['path']} {r['user_agent']}" for r in rows)
+    if "\\xff" not in stored:
+        problems.append(f"the hostile denials were not audited with their bytes escaped: {stored!r}")
+    await asyncio.sleep(max(0.0, start + 1.0 - time.monotonic()))  # the bystander's turn: a second at least
+    window = (start, time.monotonic())
+    await watch.check(problems, window, min_served=1)

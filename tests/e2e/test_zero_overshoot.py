@@ -11,7 +11,6 @@ gateway's bound is never consulted for the verdict (docs/ARCHITECTURE.md#prompt-
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -20,7 +19,7 @@ import asyncpg
 import orjson
 import pytest
 
-from tests.e2e.conftest import KeyFactory, SimulatorControl, Stack, finished_records, key_ids
+from tests.e2e.conftest import KeyFactory, SimulatorControl, Stack, finished_records, ledger_rows
 
 pytestmark = pytest.mark.e2e
 
@@ -30,7 +29,6 @@ ASKED: Final = 40
 # 20 tokens a second: every admitted stream (up to 40 tokens) outlives the burst's admissions.
 STREAMED: Final = 20
 BURST: Final = 30
-WAIT_SECONDS: Final = 10.0
 
 
 def _chat(model: str, content: str) -> dict[str, Any]:
@@ -97,19 +95,6 @@ def _refusal(family: str, body: bytes) -> str:
     return message
 
 
-async def _served_rows(conn: asyncpg.Connection, key: str, count: int) -> list[asyncpg.Record]:
-    """The key's ledger rows of served (200) requests once there are `count` of them (refusals at
-    the reservation leave rows of their own, charged 0)."""
-    _, key_id = await key_ids(conn, key)
-    deadline = time.monotonic() + WAIT_SECONDS
-    while True:
-        rows = await conn.fetch("SELECT * FROM usage_ledger WHERE key_id = $1 AND http_status = 200", key_id)
-        if len(rows) >= count or time.monotonic() > deadline:
-            assert len(rows) == count, [dict(r) for r in rows]
-            return list(rows)
-        await asyncio.sleep(0.05)
-
-
 @pytest.mark.parametrize(
     ("tokenizer", "budget"),
     [("bytes", 300), ("bytes", 4000), ("words", 4000)],
@@ -162,7 +147,8 @@ async def test_a_burst_never_gets_more_than_the_budget_delivered(  # noqa: PLR09
         # template alone renders ~200 bytes, bounded at ~400 tokens).
         assert len(allowed) >= 2, replies
 
-    rows = await _served_rows(stack_db, key, len(allowed))
+    # Refusals at the reservation leave rows of their own, charged 0: the served ones only.
+    rows = await ledger_rows(stack_db, key, len(allowed), status=200)
     charged = sorted((row["prompt_tokens"], row["completion_tokens"]) for row in rows)
     counted = sorted(
         (r["generation"]["prompt_tokens"], r["generation"]["completion_tokens"]) for r in records

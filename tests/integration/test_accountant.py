@@ -43,7 +43,7 @@ from shared.redis_keys import RedisKeys
 
 pytestmark = pytest.mark.integration
 
-PEPPER = "accountant-test-pepper"
+PEPPER = "accountant-test-pepper-0123456789abcdef0123456789"
 CHEAP = Argon2Params(memory_kib=1024, time_cost=1, parallelism=1)
 UTC = ZoneInfo("UTC")
 CLI = [str(Path(sys.executable).parent / "neuronetz-gateway")]

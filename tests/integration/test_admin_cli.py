@@ -26,6 +26,7 @@ from coredis.patterns.pubsub import PubSub
 
 from shared import admin, invalidation, keys
 from shared.db import asyncpg_dsn
+from shared.exceptions import AdminError
 from shared.hashing import Argon2Params, verify_key
 from shared.invalidation import Invalidation
 from shared.keystore import Verdict, authenticate
@@ -33,7 +34,7 @@ from shared.redis_keys import RedisKeys
 
 pytestmark = pytest.mark.integration
 
-PEPPER = "cli-test-pepper"
+PEPPER = "cli-test-pepper-0123456789abcdef0123456789"
 CHEAP = Argon2Params(memory_kib=64, time_cost=1)
 TABLES = ("tenants", "api_keys", "usage_ledger", "budget_periods", "audit_log", "prompt_logs")
 SCRIPT = Path(sys.executable).parent / "neuronetz-gateway"
@@ -72,6 +73,7 @@ KEY_FIELDS = {
     "prompt_logging",
     "prompt_log_ttl_seconds",
     "allow_templates",
+    "allow_reload_options",
     "tenant",
 }
 
@@ -526,6 +528,74 @@ async def test_set_templates(cli: Cli, db: asyncpg.Connection, redis_url: str, r
         assert await notices.next() == Invalidation("key", tenant.id, made.key.id, reason="templates")
 
 
+async def test_set_limits_sets_the_tenant_model_caps(
+    cli: Cli, db: asyncpg.Connection, redis_url: str, redis_prefix: str
+) -> None:
+    """set-limits --max-num-ctx and --max-keep-alive (seconds or a duration) store the tenant's
+    caps, show them in the tenant table and JSON, clear them with 'unlimited', and tell the
+    sidecars; on a key they are refused, changing nothing."""
+    tenant = await admin.create_tenant(db, name="acme")
+    made = await admin.create_key(db, tenant="acme", name="one", pepper=PEPPER, params=CHEAP)
+    sql = "SELECT max_num_ctx, max_keep_alive_seconds FROM tenants WHERE id = $1"
+    async with listen(redis_url, redis_prefix) as notices:
+        out = await cli.ok(
+            "set-limits", "--tenant", "acme", "--max-num-ctx", "8192", "--max-keep-alive", "30m"
+        )
+        assert cells(out, "acme")[-3:] == ["8,192", "1,800s", "off"]  # caps, prompt logs
+        assert tuple(await db.fetchrow(sql, tenant.id) or ()) == (8192, 1800)
+        assert await notices.next() == Invalidation("tenant", tenant.id, reason="limits")
+
+        [doc] = await cli.json("set-limits", "--tenant", "acme", "--max-keep-alive", "600", "--rpm", "5")
+        _check_tenant_json(doc, keys_counted=False)
+        assert (doc["max_num_ctx"], doc["max_keep_alive_seconds"], doc["limits"]["rpm"]) == (8192, 600, 5)
+        assert await notices.next() == Invalidation("tenant", tenant.id, reason="limits")
+
+        [doc] = await cli.json("set-limits", "--tenant", "acme", "--max-num-ctx", "unlimited")
+        assert (doc["max_num_ctx"], doc["max_keep_alive_seconds"]) == (None, 600)
+        assert tuple(await db.fetchrow(sql, tenant.id) or ()) == (None, 600)
+        assert await notices.next() == Invalidation("tenant", tenant.id, reason="limits")
+
+        before = await snapshot(db)
+        done = await cli("set-limits", "--prefix", made.key.prefix, "--max-num-ctx", "4096")
+        assert done.code != 0
+        assert done.stderr.startswith("error:")
+        assert "only applies to a tenant" in done.stderr
+        with pytest.raises(AdminError, match="only applies to a tenant"):
+            await admin.set_limits(
+                db,
+                prefix=made.key.prefix,
+                limits={"max_keep_alive_seconds": admin.parse_limit("max_keep_alive_seconds", "60")},
+            )
+        assert await snapshot(db) == before
+        await notices.assert_nothing_published()
+
+
+async def test_set_reload_options(
+    cli: Cli, db: asyncpg.Connection, redis_url: str, redis_prefix: str
+) -> None:
+    """set-reload-options --on / --off flips the key's allow_reload_options column, shows it in the
+    key table, reaches the key's cached context, and tells the sidecars; a key starts without it."""
+    tenant = await admin.create_tenant(db, name="acme")
+    made = await admin.create_key(db, tenant="acme", name="one", pepper=PEPPER, params=CHEAP)
+    sql = "SELECT allow_reload_options FROM api_keys WHERE id = $1"
+    assert await db.fetchval(sql, made.key.id) is False
+    assert made.key.allow_reload_options is False
+    async with listen(redis_url, redis_prefix) as notices:
+        out = await cli.ok("set-reload-options", "--prefix", made.key.prefix, "--on")
+        assert "reload options changed" in out
+        assert cells(out, f"nz_{made.key.prefix}")[-2:] == ["allowed", "no"]  # reload options, templates
+        assert await db.fetchval(sql, made.key.id) is True
+        assert await notices.next() == Invalidation("key", tenant.id, made.key.id, reason="reload-options")
+        verdict = await authenticate(db, made.token, pepper=PEPPER, now=dt.datetime.now(dt.UTC))
+        assert verdict.context is not None
+        assert verdict.context.allow_reload_options is True
+        [doc] = await cli.json("set-reload-options", "--prefix", f"nz_{made.key.prefix}", "--off")
+        _check_key_json(doc)
+        assert doc["allow_reload_options"] is False
+        assert await db.fetchval(sql, made.key.id) is False
+        assert await notices.next() == Invalidation("key", tenant.id, made.key.id, reason="reload-options")
+
+
 async def _ledger(
     db: asyncpg.Connection,
     tenant_id: int,
@@ -664,6 +734,13 @@ BAD_INPUTS: dict[str, list[str]] = {
     "nothing-to-change": ["set-limits", "--tenant", "acme"],
     "bad-model-name": ["set-limits", "--tenant", "acme", "--models", "no such/model/at/all"],
     "inherit-on-tenant": ["set-limits", "--tenant", "acme", "--rpm", "inherit"],
+    "num-ctx-cap-on-key": ["set-limits", "--prefix", "{prefix}", "--max-num-ctx", "4096"],
+    "num-ctx-cap-zero": ["set-limits", "--tenant", "acme", "--max-num-ctx", "0"],
+    "num-ctx-cap-inherit": ["set-limits", "--tenant", "acme", "--max-num-ctx", "inherit"],
+    "keep-alive-cap-bad": ["set-limits", "--tenant", "acme", "--max-keep-alive", "5 minutes"],
+    "keep-alive-cap-beyond-column": ["set-limits", "--tenant", "acme", "--max-keep-alive", "100000d"],
+    "reload-options-without-switch": ["set-reload-options", "--prefix", "{prefix}"],
+    "reload-options-unknown-prefix": ["set-reload-options", "--prefix", "nz_ZZZZZZZZ", "--on"],
     "bad-prefix": ["revoke-key", "--prefix", "xyz"],
     "unknown-prefix": ["revoke-key", "--prefix", "nz_ZZZZZZZZ"],
     "already-revoked": ["revoke-key", "--prefix", "{revoked}"],

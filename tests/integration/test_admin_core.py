@@ -19,7 +19,7 @@ from shared.models import UNLIMITED, Limits
 
 pytestmark = pytest.mark.integration
 
-PEPPER = "core-test-pepper"
+PEPPER = "core-test-pepper-0123456789abcdef0123456789"
 CHEAP = Argon2Params(memory_kib=64, time_cost=1)
 T0 = dt.datetime(2026, 11, 27, 12, 0, tzinfo=dt.UTC)
 TABLES = ("tenants", "api_keys", "usage_ledger", "budget_periods", "audit_log", "prompt_logs")

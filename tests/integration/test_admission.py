@@ -12,6 +12,7 @@ import gc
 import math
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -41,8 +42,8 @@ from tests.integration.serving import serving
 
 pytestmark = pytest.mark.integration
 
-PEPPER = "admission-test-pepper"
-GRANT_SECRET = "admission-test-grant-secret"
+PEPPER = "admission-test-pepper-0123456789abcdef0123456789"
+GRANT_SECRET = "admission-test-grant-secret-0123456789abcdef0123456789"
 CHEAP = Argon2Params(memory_kib=1024, time_cost=1, parallelism=1)
 CLIENT = "198.51.100.23"
 WAIT_SECONDS = 10.0
@@ -81,7 +82,7 @@ def forwarded(token: str, uri: str, method: str, request_id: str | None) -> dict
     return {
         "X-Forwarded-Method": method,
         "X-Forwarded-Uri": uri,
-        "X-Forwarded-For": CLIENT,
+        "X-Gw-Client-Ip": CLIENT,
         "X-Request-Id": request_id or secrets.token_hex(16),
         "Authorization": f"Bearer {token}",
     }
@@ -605,6 +606,36 @@ class DedicatedValkey:
         self.server = localstack.Valkey(
             self.workdir / f"valkey-{self.restarts}", port=self.server.port
         ).start()
+
+
+async def test_a_hung_redis_answers_503_within_the_stated_time(
+    sidecar_env: dict[str, str], db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """A Valkey that stops answering (SIGSTOP: connections stay open, replies never come) with
+    GATEWAY_REDIS_TIMEOUT 1.5 s: a request for a cached key is 503 + Retry-After within three tries
+    of the timeout (4.5 s, plus 1 s of slack), not held open; after SIGCONT it is 200 again."""
+    clock = FixedClock()
+    with dedicated_valkey(tmp_path) as valkey:
+        setup = await budget_key(db, sidecar_env["GATEWAY_REDIS_PREFIX"], clock)
+        env = {**sidecar_env, "GATEWAY_REDIS_URL": valkey.url, "GATEWAY_REDIS_TIMEOUT": "1.5"}
+        async with running(env, clock) as sidecar:
+            assert (await sidecar.authz(setup.created.token)).status == 200
+            process = valkey.server.proc
+            assert process is not None
+            process.send_signal(signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                reply = await sidecar.authz(setup.created.token)
+                elapsed = time.monotonic() - started
+            finally:
+                process.send_signal(signal.SIGCONT)
+            assert_unavailable(reply)
+            assert elapsed < 3 * 1.5 + 1.0, elapsed
+
+            async def admitted() -> bool:
+                return (await sidecar.authz(setup.created.token)).status == 200
+
+            await until(admitted, "admitted again once Redis answers")
 
 
 # coredis 6.9 creates a connection's anyio memory streams before connecting and leaves them unclosed

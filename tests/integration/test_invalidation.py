@@ -29,8 +29,8 @@ from shared.redis_keys import RedisKeys
 
 pytestmark = pytest.mark.integration
 
-PEPPER = "invalidation-test-pepper"
-GRANT_SECRET = "invalidation-test-grant-secret"
+PEPPER = "invalidation-test-pepper-0123456789abcdef0123456789"
+GRANT_SECRET = "invalidation-test-grant-secret-0123456789abcdef0123456789"
 CHEAP = Argon2Params(memory_kib=1024, time_cost=1, parallelism=1)
 CLI = [str(Path(sys.executable).parent / "neuronetz-gateway")]
 PROPAGATION_SECONDS = 1.0
@@ -66,7 +66,7 @@ class Stack:
         headers = {
             "X-Forwarded-Method": "POST",
             "X-Forwarded-Uri": uri,
-            "X-Forwarded-For": "198.51.100.7",
+            "X-Gw-Client-Ip": "198.51.100.7",
             "X-Request-Id": secrets.token_hex(16),
             "Authorization": f"Bearer {token}",
         }

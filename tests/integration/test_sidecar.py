@@ -40,8 +40,8 @@ from tests.integration.serving import serving
 
 pytestmark = pytest.mark.integration
 
-PEPPER = "sidecar-test-pepper"
-GRANT_SECRET = "sidecar-test-grant-secret"
+PEPPER = "sidecar-test-pepper-0123456789abcdef0123456789"
+GRANT_SECRET = "sidecar-test-grant-secret-0123456789abcdef0123456789"
 CHEAP = Argon2Params(memory_kib=1024, time_cost=1, parallelism=1)
 CLIENT = "198.51.100.7"
 # A fixed wall clock half a minute into a minute: every request of a test falls into one
@@ -102,12 +102,15 @@ class Sidecar:
         addr: str = CLIENT,
         request_id: str | None = None,
         authorization: str | None = None,
+        extra: Mapping[str, str] | None = None,
     ) -> Reply:
-        """What Caddy's forward_auth sends for one client request."""
+        """What Caddy's forward_auth sends for one client request (the client address in
+        X-Gw-Client-Ip, Caddy's {client_ip}), plus any `extra` headers the client sent."""
         headers = {
+            **(extra or {}),
             "X-Forwarded-Method": method,
             "X-Forwarded-Uri": uri,
-            "X-Forwarded-For": addr,
+            "X-Gw-Client-Ip": addr,
             "X-Request-Id": request_id or secrets.token_hex(16),
         }
         if authorization is not None:
@@ -199,7 +202,8 @@ async def test_allowed_request_gets_a_signed_grant_for_exactly_that_request(
     """An allowed request gets 200 with X-Gw-Request-Id (the X-Request-Id sent) and an X-Gw-Grant that
     verifies with the grant secret and binds tenant, key, prefix, method, the path without its query,
     an expiry at most 60 s ahead, the tenant's models, inherited limits, the prompt-logging policy and
-    the client address from X-Forwarded-For."""
+    the client address Caddy passed in X-Gw-Client-Ip (not the left-most X-Forwarded-For entry, which
+    a client writes when Caddy trusts a proxy in front of it)."""
     await admin.create_tenant(db, name="acme")
     await admin.set_limits(
         db,
@@ -211,7 +215,10 @@ async def test_allowed_request_gets_a_signed_grant_for_exactly_that_request(
     created = await new_key(db, "acme", create_tenant=False)
 
     reply = await sidecar.authz(
-        created.token, uri="/api/chat?stream=true&x=1", addr=f"{CLIENT}, 10.0.0.1", request_id="req-123"
+        created.token,
+        uri="/api/chat?stream=true&x=1",
+        request_id="req-123",
+        extra={"X-Forwarded-For": "203.0.113.66, 10.0.0.1"},
     )
 
     assert reply.status == 200, reply.body
@@ -452,6 +459,126 @@ async def test_failed_auth_limiter_blocks_one_address_for_the_rest_of_its_minute
         assert auth.db_lookups == lookups + 2
 
 
+def same_prefix_guess(token: str, rng: random.Random) -> str:
+    """A key with `token`'s prefix, another random part and a valid checksum: it reaches Argon2."""
+    prefix = keys.parse_key(token).prefix
+    while True:
+        body = prefix + "".join(rng.choice(keys.ALPHABET) for _ in range(keys.RANDOM_LEN))
+        guess = keys.KEY_SCHEME + body + keys.checksum(body)
+        if guess != token:
+            return guess
+
+
+def metric(text: str, name: str) -> float:
+    """One unlabelled sample of a /metrics answer."""
+    (value,) = [
+        s.value for family in text_string_to_metric_families(text) for s in family.samples if s.name == name
+    ]
+    return value
+
+
+async def test_wrong_secrets_for_one_prefix_are_refused_without_argon2_after_ten(
+    sidecar_env: dict[str, str], db: asyncpg.Connection, redis_url: str, redis_prefix: str
+) -> None:
+    """With the defaults, 10 wrong secrets for one real prefix (each from another address, so the
+    per-address limiter is not what stops them) cost 10 Argon2 verifications and get 401; the next
+    40 get 429 with a Retry-After within the minute window and cost neither Argon2 nor Postgres
+    (authz_argon2_verifications_total stays put). The holder's key, verified before the flood, still
+    gets 200 once its cache entry is gone, without Argon2; so does it on a second replica that never
+    saw it, where a guess is refused too: the count lives in Redis. The count expires with its
+    window."""
+    rng = random.Random(7)  # noqa: S311 - reproducible guesses, not secrets
+    async with running(sidecar_env) as sidecar:
+        created = await new_key(db, "acme")
+        auth = sidecar.authenticator
+        assert (await sidecar.authz(created.token)).status == 200
+        assert auth.argon2_calls == 1
+
+        for i in range(10):
+            guess = await sidecar.authz(same_prefix_guess(created.token, rng), addr=f"198.51.100.{i + 10}")
+            assert guess.status == 401, guess.body
+        assert auth.argon2_calls == 11
+        lookups = auth.db_lookups
+
+        for i in range(40):
+            refused = await sidecar.authz(same_prefix_guess(created.token, rng), addr=f"192.0.2.{i + 10}")
+            assert refused.status == 429, refused.body
+            assert 1 <= int(refused.headers["Retry-After"]) <= 60
+            assert refused.json() == {"error": "too many failed authentications for this API key"}
+        assert (auth.argon2_calls, auth.db_lookups) == (11, lookups)
+        text = (await sidecar.get("/metrics")).body.decode()
+        assert metric(text, "authz_argon2_verifications_total") == 11
+        assert metric(text, "authz_key_guess_refusals_total") == 40
+        assert created.key.prefix not in text
+
+        auth.cache.clear()
+        assert (await sidecar.authz(created.token)).status == 200
+        assert (auth.argon2_calls, auth.db_lookups) == (11, lookups + 1)
+
+        async with running(sidecar_env) as replica:
+            assert (await replica.authz(same_prefix_guess(created.token, rng))).status == 429
+            assert (await replica.authz(created.token)).status == 200
+            assert replica.authenticator.argon2_calls == 0
+
+    async with coredis.Redis.from_url(redis_url) as redis:
+        left = await redis.pttl(RedisKeys(redis_prefix).key_mismatches(created.key.prefix))
+    assert 0 < left <= 60_000
+
+
+async def test_a_concurrent_guessing_burst_overshoots_by_at_most_the_argon2_slots(
+    sidecar_env: dict[str, str], db: asyncpg.Connection
+) -> None:
+    """50 wrong secrets for one prefix sent at once (the limit is checked again under the Argon2
+    slot, not only before queueing for it) run Argon2 at most limit + slots - 1 times; the rest get
+    429."""
+    rng = random.Random(11)  # noqa: S311 - reproducible guesses, not secrets
+    env = {**sidecar_env, "GATEWAY_KEY_MISMATCHES_PER_WINDOW": "5"}
+    async with running(env) as sidecar:
+        created = await new_key(db, "acme")
+        guesses = [same_prefix_guess(created.token, rng) for _ in range(50)]
+        replies = await asyncio.gather(
+            *(sidecar.authz(g, addr=f"198.51.100.{i}") for i, g in enumerate(guesses))
+        )
+        statuses = sorted(r.status for r in replies)
+        argon2 = sidecar.authenticator.argon2_calls
+        assert 5 <= argon2 <= 5 + 2 - 1
+        assert statuses == [401] * argon2 + [429] * (50 - argon2)
+
+
+async def test_the_per_prefix_limit_can_be_turned_off(
+    sidecar_env: dict[str, str], db: asyncpg.Connection
+) -> None:
+    """GATEWAY_KEY_MISMATCHES_PER_WINDOW=0: every wrong secret is verified (and 401)."""
+    rng = random.Random(13)  # noqa: S311 - reproducible guesses, not secrets
+    env = {**sidecar_env, "GATEWAY_KEY_MISMATCHES_PER_WINDOW": "0"}
+    async with running(env) as sidecar:
+        created = await new_key(db, "acme")
+        for i in range(12):
+            assert (
+                await sidecar.authz(same_prefix_guess(created.token, rng), addr=f"198.51.100.{i}")
+            ).status == 401
+        assert sidecar.authenticator.argon2_calls == 12
+
+
+async def test_failed_auth_limiter_counts_ipv6_per_64_and_mapped_ipv4_as_ipv4(
+    sidecar_env: dict[str, str],
+) -> None:
+    """With 3 failures a minute allowed: 3 unknown keys from three addresses of one IPv6 /64 block a
+    fourth address of that /64 (429) but not one of the neighbouring /64 (401); 3 from
+    ::ffff:192.0.2.5 block 192.0.2.5 itself."""
+    env = {**sidecar_env, "GATEWAY_AUTH_FAILURES_PER_MINUTE": "3"}
+    async with running(env) as sidecar:
+        for host in ("2001:db8:1:2::1", "2001:db8:1:2::2", "2001:db8:1:2:ffff::3"):
+            assert (await sidecar.authz(unknown_token(), addr=host)).status == 401
+        assert (await sidecar.authz(unknown_token(), addr="2001:db8:1:2:abcd::99")).status == 429
+        assert (await sidecar.authz(unknown_token(), addr="2001:db8:1:3::1")).status == 401
+
+        for _ in range(3):
+            assert (await sidecar.authz(unknown_token(), addr="::ffff:192.0.2.5")).status == 401
+        assert (await sidecar.authz(unknown_token(), addr="192.0.2.5")).status == 429
+        assert (await sidecar.authz(unknown_token(), addr="192.0.2.6")).status == 401
+
+
 # --- denial audit --------------------------------------------------------------------------------
 
 
@@ -499,9 +626,10 @@ async def wait_for_rows(
 async def test_denials_reach_the_audit_stream_in_batches_aggregated_and_without_keys(
     sidecar_env: dict[str, str], redis_url: str, redis_prefix: str, db: asyncpg.Connection
 ) -> None:
-    """Denials are XADDed to `<prefix>audit` in batches; individual denials keep their request id,
-    200 unknown-key denials from one address in one minute become ONE row with count 200, and no
-    byte of the stream carries a presented token or any part of one."""
+    """Denials are XADDed to `<prefix>audit` in batches; every unauthenticated denial (a revoked
+    key, a blocked route, unknown and malformed keys) is aggregated per address, reason and minute
+    with no request id: 200 unknown-key denials from one address in one minute become ONE row with
+    count 200; and no byte of the stream carries a presented token or any part of one."""
     env = {**sidecar_env, "GATEWAY_AUTH_FAILURES_PER_MINUTE": "0"}
     stream = RedisKeys(redis_prefix).audit_stream
     client: coredis.Redis[bytes] = coredis.Redis.from_url(redis_url)
@@ -512,11 +640,14 @@ async def test_denials_reach_the_audit_stream_in_batches_aggregated_and_without_
 
         # Individual denials; seeing them in the stream also tells us a batch was just shipped,
         # so the flood below falls into the next batch.
-        assert (await sidecar.authz(revoked.token, request_id="rid-revoked")).status == 401
-        assert (await sidecar.authz(revoked.token, uri="/api/pull", request_id="rid-pull")).status == 403
-        await wait_for_rows(
-            client, stream, lambda rows: {"rid-revoked", "rid-pull"} <= {r["request_id"] for r in rows}
+        revoked_reply = await sidecar.authz(revoked.token, request_id="rid-revoked", addr="192.0.2.60")
+        assert revoked_reply.status == 401
+        pull_reply = await sidecar.authz(
+            revoked.token, uri="/api/pull", request_id="rid-pull", addr="192.0.2.61"
         )
+        assert pull_reply.status == 403
+        firsts = {"192.0.2.60", "192.0.2.61"}
+        await wait_for_rows(client, stream, lambda rows: firsts <= {r["client_addr"] for r in rows})
         shipped = len(await audit_entries(client, stream))
 
         flood = [unknown_token() for _ in range(200)]
@@ -544,12 +675,13 @@ async def test_denials_reach_the_audit_stream_in_batches_aggregated_and_without_
         rows = audit_rows(entries)
 
         assert len(entries) > shipped  # the flood came in a later batch than the first denials
-        by_request = {r["request_id"]: r for r in rows if r["request_id"] is not None}
-        assert by_request["rid-revoked"]["reason"] == "key_revoked"
-        assert by_request["rid-revoked"]["status"] == 401
-        assert by_request["rid-revoked"]["count"] == 1
-        assert by_request["rid-pull"]["reason"] == "policy_403"
-        assert by_request["rid-pull"]["path"] == "/api/pull"
+        by_address = {r["client_addr"]: r for r in rows}
+        assert by_address["192.0.2.60"]["reason"] == "key_revoked"
+        assert by_address["192.0.2.60"]["status"] == 401
+        assert by_address["192.0.2.60"]["count"] == 1
+        assert by_address["192.0.2.61"]["reason"] == "policy_403"
+        assert by_address["192.0.2.61"]["path"] == "/api/pull"
+        assert {r["request_id"] for r in rows} == {None}
         flood_rows = [r for r in rows if r["client_addr"] == "192.0.2.50"]
         assert len(flood_rows) == 1, flood_rows
         (row,) = flood_rows

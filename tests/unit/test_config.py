@@ -13,7 +13,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shared.config import ALL_CONFIGS, AdminConfig, SidecarConfig, all_variables, load_config
+from shared.config import (
+    ALL_CONFIGS,
+    MIN_SECRET,
+    AdminConfig,
+    SidecarConfig,
+    all_variables,
+    load_config,
+)
 from shared.exceptions import ConfigError
 
 MAX_INT = 10**17  # the loader caps integers at 19 characters, sign included
@@ -76,6 +83,9 @@ def _pad(text: str, padding: str) -> str:
 paddings = st.sampled_from(["", " ", "\t"])
 
 
+SECRETS_WITH_A_MINIMUM = {"GATEWAY_GRANT_SECRET", "GATEWAY_GRANT_SECRET_PREVIOUS", "GATEWAY_KEY_PEPPER"}
+
+
 def good_values(leaf: Leaf) -> st.SearchStrategy[tuple[str, Any]]:
     """(raw environment string, the value it must become)."""
     if leaf.env == "GATEWAY_BUDGET_TIMEZONE":
@@ -102,6 +112,9 @@ def good_values(leaf: Leaf) -> st.SearchStrategy[tuple[str, Any]]:
             st.sampled_from(["0", "false", "no", "off", "False", " NO "]).map(lambda s: (s, False)),
         )
     assert leaf.type is str, f"no strategy for {leaf.type!r} ({leaf.env}); extend the test"
+    if leaf.env in SECRETS_WITH_A_MINIMUM:  # at least MIN_SECRET characters (previous: or none)
+        long = st.text(min_size=MIN_SECRET)
+        return (long if leaf.required else st.just("") | long).map(lambda s: (s, s))
     return st.text(min_size=1 if leaf.required else 0).map(lambda s: (s, s))
 
 
@@ -158,12 +171,12 @@ def high_values(leaf: Leaf) -> st.SearchStrategy[str] | None:
 
 def secret_values() -> st.SearchStrategy[str]:
     """Random secrets; the marker makes any leak easy to spot in a message."""
-    return st.text(min_size=1, max_size=30).map(lambda s: MARKER + s)
+    return st.text(min_size=MIN_SECRET, max_size=60).map(lambda s: MARKER + s)
 
 
 def required_env(cls: type[Any]) -> dict[str, str]:
     """The smallest valid environment: every required variable with a plain value."""
-    return {leaf.env: f"value-of-{leaf.env}" for leaf in leaves(cls) if leaf.required}
+    return {leaf.env: f"value-of-{leaf.env}".ljust(MIN_SECRET, "-") for leaf in leaves(cls) if leaf.required}
 
 
 configs = st.sampled_from(ALL_CONFIGS)
@@ -390,3 +403,17 @@ def test_all_variables_lists_each_variable_once() -> None:
         "GATEWAY_DATABASE_URL",
         "GATEWAY_REDIS_URL",
     } <= secrets
+
+
+@pytest.mark.parametrize(
+    "name", ["GATEWAY_GRANT_SECRET", "GATEWAY_GRANT_SECRET_PREVIOUS", "GATEWAY_KEY_PEPPER"]
+)
+def test_secrets_shorter_than_the_minimum_are_refused_without_showing_them(name: str) -> None:
+    """A grant secret, previous grant secret or pepper of 31 characters is a configuration error
+    naming the variable and the minimum, never the value; 32 characters are accepted."""
+    short = MARKER + "x" * (MIN_SECRET - 1 - len(MARKER))
+    with pytest.raises(ConfigError) as raised:
+        load_config(SidecarConfig, {**required_env(SidecarConfig), name: short})
+    assert raised.value.problems == [f"{name}: at least {MIN_SECRET} characters"]
+    assert MARKER not in str(raised.value)
+    load_config(SidecarConfig, {**required_env(SidecarConfig), name: short + "x"})

@@ -487,6 +487,18 @@ def test_both_caddyfiles_share_the_grant_route(caddyfile: Path, tmp_path: Path) 
     assert (deleted, copied) == (GRANT_HEADERS, {name: name for name in GRANT_HEADERS})
 
 
+@pytest.mark.parametrize("caddyfile", [CADDYFILE, CADDYFILE_DEV], ids=["production", "dev"])
+def test_forward_auth_passes_caddys_client_ip_under_a_private_name(caddyfile: Path, tmp_path: Path) -> None:
+    """The auth request carries X-Gw-Client-Ip set (not added: any client value is replaced) to
+    Caddy's client_ip, the address the sidecar's limits and audit use; a client-sent copy is also
+    deleted before forward_auth by the X-Gw-* stripping (docs/ARCHITECTURE.md#caddy)."""
+    config = _adapt(tmp_path, caddyfile)
+    request = _forward_auth(config)["headers"]["request"]
+    assert request["set"]["X-Gw-Client-Ip"] == ["{http.vars.client_ip}"]
+    assert "X-Gw-Client-Ip" not in request.get("add", {})
+    assert _route_with_forward_auth(config)[0]["request"] == {"delete": ["X-Gw-*"]}
+
+
 # ---------------------------------------------------------------------------------------------
 # Compose
 
@@ -717,8 +729,8 @@ def test_services_get_every_setting_they_require(prod: dict[str, Any]) -> None:
     operator = {
         "POSTGRES_PASSWORD": "pg",
         "VALKEY_PASSWORD": "vk",
-        "GATEWAY_GRANT_SECRET": "grant",
-        "GATEWAY_KEY_PEPPER": "pepper",
+        "GATEWAY_GRANT_SECRET": "grant-0123456789abcdef0123456789abcdef",
+        "GATEWAY_KEY_PEPPER": "pepper-0123456789abcdef0123456789abcdef",
         "GATEWAY_DOMAIN": DOMAIN,
         "ACME_EMAIL": "ops@example.com",
         "OLLAMA_DATA_VOLUME": "models",
@@ -737,7 +749,7 @@ def test_services_get_every_setting_they_require(prod: dict[str, Any]) -> None:
     assert caddy["SIDECAR_UPSTREAMS"] == f"authz_sidecar:{sidecar.options.port}"
     assert caddy["PROXY_UPSTREAMS"] == f"stream_proxy:{proxy.options.port}"
     assert proxy.options.ollama_url == "http://ollama:11434"
-    assert sidecar.grant.current == proxy.grant.current == "grant"
+    assert sidecar.grant.current == proxy.grant.current == operator["GATEWAY_GRANT_SECRET"]
 
 
 @pytest.mark.parametrize("path", [COMPOSE, COMPOSE_DEV], ids=["production", "dev"])

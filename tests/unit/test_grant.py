@@ -34,6 +34,7 @@ FULL = Grant(
     prompt_logging=True,
     prompt_log_ttl_seconds=86_400,
     allow_templates=True,
+    allow_reload_options=True,
     key_limits=Limits(
         rpm=5, tpm=1000, max_concurrent=2, daily_tokens=10, monthly_tokens=100, total_tokens=-1
     ),
