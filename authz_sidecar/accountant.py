@@ -81,6 +81,9 @@ UNAVAILABLE: tuple[type[BaseException], ...] = (
     *POSTGRES_UNAVAILABLE,
 )
 
+# Denial batches read at once (each holds up to two buffers of rows of one sidecar's flush).
+DENIAL_BATCHES = 10
+
 
 @attrs.define
 class AccountantMetrics:
@@ -359,10 +362,22 @@ class Accountant:
 
     async def read_denials(self) -> int:
         """Denial batches from the sidecars into the audit log."""
-        reply = await self.redis.xreadgroup(
-            GROUP, self.consumer, streams={self.keys.audit_stream: ">"}, count=50, block=None
+        # First what was read and never acknowledged (Postgres was down, a consumer died) once it
+        # has been idle for `claim_idle`, by this consumer or another; then what is new.
+        claimed = await self.redis.xautoclaim(
+            self.keys.audit_stream,
+            GROUP,
+            self.consumer,
+            min_idle_time=int(self.options.claim_idle * 1000),
+            start="0-0",
+            count=DENIAL_BATCHES,
         )
-        entries = next(iter(reply.values())) if reply else ()
+        entries: Any = [e for e in claimed[1] if e is not None]
+        if not entries:
+            reply = await self.redis.xreadgroup(
+                GROUP, self.consumer, streams={self.keys.audit_stream: ">"}, count=DENIAL_BATCHES, block=None
+            )
+            entries = next(iter(reply.values())) if reply else ()
         rows: list[dict[str, Any]] = []
         for entry in entries:
             try:

@@ -23,6 +23,7 @@ import attrs
 import coredis
 import orjson
 
+from authz_sidecar.limiter import address_group
 from shared.untrusted import printable
 
 log = logging.getLogger("authz_sidecar.audit")
@@ -90,6 +91,10 @@ class DenialAuditor:
             denial, **{name: printable(getattr(denial, name), 200) for name in _TEXT_FIELDS}
         )
         if aggregated(denial):
+            # Per address group (an IPv6 /64, as the failure limiter counts): a host owning a /64
+            # cannot make a row per request by changing its source address.
+            if denial.client_addr is not None:
+                denial = attrs.evolve(denial, client_addr=address_group(denial.client_addr))
             minute = int(denial.at // 60)
             key = (denial.client_addr, denial.reason, denial.status, minute)
             row = self._aggregates.get(key)

@@ -218,7 +218,10 @@ async def apply_denials(conn: Conn, rows: Sequence[dict[str, Any]]) -> int:
         if single:
             await _insert_single(conn, single)
         if buckets:
-            merged = list(buckets.values())
+            # In one order for every accountant: two upserting the same buckets in opposite orders
+            # would deadlock.
+            order = sorted(buckets)
+            merged = [buckets[b] for b in order]
             await conn.execute(
                 _AUDIT_BUCKET_SQL,
                 [_ts(r["at"]) for r in merged],
@@ -229,7 +232,7 @@ async def apply_denials(conn: Conn, rows: Sequence[dict[str, Any]]) -> int:
                 [r.get("reason") for r in merged],
                 [r.get("user_agent") for r in merged],
                 [r["count"] for r in merged],
-                list(buckets),
+                order,
                 [r.get("tenant_id") for r in merged],
                 [r.get("key_id") for r in merged],
                 [r.get("key_prefix") for r in merged],

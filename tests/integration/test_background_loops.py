@@ -392,3 +392,41 @@ async def test_an_idle_dead_consumer_is_removed_while_a_live_one_stays(
         consumers = {c[b"name"] for c in await redis.xinfo_consumers(stream, GROUP)}
     assert done["consumers"] == 1
     assert consumers == {b"dead-with-pending", b"live", accountant.consumer.encode()}
+
+
+async def test_a_flood_from_one_ipv6_64_is_one_row_whatever_its_source_addresses(
+    db: asyncpg.Connection, database_url: str, redis_url: str, redis_prefix: str
+) -> None:
+    """200 unauthenticated denials in one minute, each from another address of one IPv6 /64: one
+    audit row for the /64 with count 200 (a row per address would let a host with a /64 flood the
+    audit log and crowd other addresses out of the auditor's buffer); another /64 is its own row."""
+    minute = (time.time() // 60 - 1) * 60
+    async with accountant_on(database_url, redis_url, redis_prefix) as accountant:
+        auditor = DenialAuditor(accountant.redis, accountant.keys.audit_stream)
+        for n in range(200):
+            auditor.record(denial(minute + n * 0.1, client_addr=f"2001:db8:1:2:{n:x}:0:0:{n + 1:x}"))
+        auditor.record(denial(minute + 1, client_addr="2001:db8:1:3::1"))
+        await auditor.flush()
+        while await accountant.read_denials():
+            pass
+    rows = {r["client_addr"]: r["count"] for r in await db.fetch("SELECT client_addr, count FROM audit_log")}
+    assert rows == {"2001:db8:1:2::/64": 200, "2001:db8:1:3::/64": 1}
+
+
+async def test_denial_batches_left_pending_are_read_again(
+    db: asyncpg.Connection, database_url: str, redis_url: str, redis_prefix: str
+) -> None:
+    """A denial batch a consumer read and never acknowledged (Postgres was down, or the consumer
+    died) is taken over once idle for claim_idle and written; the stream then has nothing pending,
+    so it can be trimmed."""
+    async with accountant_on(database_url, redis_url, redis_prefix, claim_idle=0.2) as accountant:
+        redis, stream = accountant.redis, accountant.keys.audit_stream
+        row = {"at": time.time(), "request_id": "left", "status": 404, "reason": "policy_404", "path": "/a"}
+        await redis.xadd(stream, {b"kind": b"denials", b"rows": orjson.dumps([row])})
+        taken = await redis.xreadgroup(GROUP, "died", streams={stream: ">"}, count=10, block=None)
+        assert taken
+        await asyncio.sleep(0.3)
+        assert await accountant.read_denials() == 1
+        pending = cast("StreamPending", await redis.xpending(stream, GROUP))
+        assert pending.pending == 0
+    assert [r["request_id"] for r in await db.fetch("SELECT request_id FROM audit_log")] == ["left"]
