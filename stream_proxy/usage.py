@@ -33,8 +33,12 @@ class UsageReporter:
     redis: coredis.Redis[bytes]
     stream: str
     spool_max: int = 10_000
+    # Events with prompt logging carry the request's and the answer's text: bounded by bytes too.
+    spool_max_bytes: int = 256 * 1024 * 1024
     retry_interval: float = 0.5
     _spool: collections.deque[UsageEvent] = attrs.field(factory=collections.deque)
+    _sizes: collections.deque[int] = attrs.field(factory=collections.deque)
+    _bytes: int = 0
     written: int = 0
     spooled: int = 0
 
@@ -44,9 +48,21 @@ class UsageReporter:
         return len(self._spool)
 
     @property
+    def spooled_bytes(self) -> int:
+        """Bytes of the events waiting in the spool, as they will be written."""
+        return self._bytes
+
+    @property
     def full(self) -> bool:
         """No room for another event: the process must stop accepting requests."""
-        return len(self._spool) >= self.spool_max
+        return len(self._spool) >= self.spool_max or self._bytes >= self.spool_max_bytes
+
+    def _keep(self, event: UsageEvent) -> None:
+        size = len(usage_wire.encode(event)[usage_wire.FIELD])
+        self._spool.append(event)
+        self._sizes.append(size)
+        self._bytes += size
+        self.spooled += 1
 
     async def report(
         self, event: UsageEvent, *, then: Callable[[Any], Callable[[], Awaitable[Any]]] | None = None
@@ -58,8 +74,7 @@ class UsageReporter:
         spools the event again; the accountant applies each request id once, so that is harmless.
         """
         if self._spool:
-            self._spool.append(event)  # keep order: older events go first
-            self.spooled += 1
+            self._keep(event)  # keep order: older events go first
             return False
         if isinstance(self.redis, coredis.RedisCluster) and then is not None:
             return await self._report_then(event, then)
@@ -77,8 +92,7 @@ class UsageReporter:
             await written
             self.written += 1
         except (*STORE_ERRORS, RuntimeError):
-            self._spool.append(event)
-            self.spooled += 1
+            self._keep(event)
             log.warning("usage event spooled: Redis unavailable", extra={"request_id": event.request_id})
             return False
         if follow is not None:
@@ -97,8 +111,7 @@ class UsageReporter:
             await self.redis.xadd(self.stream, usage_wire.encode(event))
             self.written += 1
         except STORE_ERRORS:
-            self._spool.append(event)
-            self.spooled += 1
+            self._keep(event)
             log.warning("usage event spooled: Redis unavailable", extra={"request_id": event.request_id})
             return False
         with contextlib.suppress(*STORE_ERRORS):
@@ -116,6 +129,7 @@ class UsageReporter:
             except STORE_ERRORS:
                 break
             self._spool.popleft()
+            self._bytes -= self._sizes.popleft()
             self.written += 1
             sent += 1
         return sent

@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 from typing import cast
 
+import attrs
 import pytest
 
 import localstack
@@ -84,6 +85,37 @@ async def test_events_wait_in_order_while_redis_is_gone_and_are_written_once_whe
             assert written == 3
             assert (reporter.depth, reporter.full) == (0, False)
         assert await stream_ids(valkey.url, stream) == [e.request_id for e in events]
+    finally:
+        valkey.stop()
+
+
+async def test_the_spool_is_full_by_bytes_before_it_is_full_by_count(tmp_path: Path) -> None:
+    """Events with prompt logging carry the request's and answer's text: with Valkey gone, three
+    events of 40 kB each fill a spool bounded at 100 kB although it would hold 10,000 by count;
+    written once Valkey is back, the spool is empty and not full again."""
+    valkey = localstack.Valkey(tmp_path / "valkey").start()
+    stream = f"spool:{uuid.uuid4().hex[:6]}:usage"
+    try:
+        async with store.connect(valkey.url) as client:
+            reporter = UsageReporter(client, stream, spool_max_bytes=100_000)
+            assert valkey.proc is not None
+            valkey.proc.kill()
+            valkey.proc.wait()
+            big = [attrs.evolve(event(n), request_text="x" * 40_000) for n in range(3)]
+            for each in big[:2]:
+                assert await reporter.report(each) is False
+            assert (reporter.depth, reporter.full) == (2, False)
+            assert 80_000 < reporter.spooled_bytes < 100_000
+            assert await reporter.report(big[2]) is False
+            assert (reporter.depth, reporter.full) == (3, True)
+
+            valkey.start()
+            deadline = time.monotonic() + 10
+            while reporter.depth and time.monotonic() < deadline:
+                await reporter.drain()
+                await asyncio.sleep(0.1)
+            assert (reporter.depth, reporter.spooled_bytes, reporter.full) == (0, 0, False)
+        assert await stream_ids(valkey.url, stream) == [e.request_id for e in big]
     finally:
         valkey.stop()
 
