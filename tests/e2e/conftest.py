@@ -11,6 +11,7 @@ import os
 import secrets
 import time
 import uuid
+import zoneinfo
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,10 @@ import localstack
 from shared import admin, keys
 from shared.config import ProxyConfig, load_config
 from shared.db import asyncpg_dsn
+from shared.grant import Grant
 from shared.hashing import Argon2Params
+from shared.models import Limits
+from shared.periods import periods_at
 from stream_proxy import apis
 from stream_proxy.models import USER_AGENT as CATALOGUE
 from stream_proxy.models import facts_from_show
@@ -346,3 +350,24 @@ async def ledger_rows(
             assert len(rows) == count, [dict(r) for r in rows]
             return list(rows)
         await asyncio.sleep(0.05)
+
+
+def chat_grant(
+    tenant_id: int, key_id: int, token: str, request_id: str, limits: Limits | None = None
+) -> Grant:
+    """A metered grant for POST /api/chat as the sidecar would issue it (50 s to live, this UTC day's
+    periods), for tests that talk to a stream_proxy of their own."""
+    now = time.time()
+    periods = periods_at(now, zoneinfo.ZoneInfo("UTC")).names()
+    return Grant(
+        request_id=request_id,
+        tenant_id=tenant_id,
+        key_id=key_id,
+        key_prefix=keys.parse_key(token).prefix,
+        method="POST",
+        path="/api/chat",
+        expires_at=now + 50,
+        metered=True,
+        key_limits=limits or Limits(),
+        periods={str(k): v for k, v in periods.items()},
+    )

@@ -11,7 +11,6 @@ import signal
 import sys
 import time
 import uuid
-from zoneinfo import ZoneInfo
 
 import aiohttp
 import asyncpg
@@ -20,10 +19,8 @@ import pytest
 import localstack
 from shared.config import ProxyOptions
 from shared.db import asyncpg_dsn
-from shared.grant import Grant, sign
-from shared.models import Limits
-from shared.periods import periods_at
-from tests.e2e.conftest import KeyFactory, Stack
+from shared.grant import sign
+from tests.e2e.conftest import KeyFactory, Stack, chat_grant
 
 pytestmark = pytest.mark.e2e
 
@@ -69,19 +66,7 @@ async def test_a_draining_stream_proxy_still_serves_what_reaches_it(
         await asyncio.sleep(0.3)
         async with http.get(f"http://127.0.0.1:{port}/readyz") as resp:
             assert resp.status == 503
-        now = time.time()
-        grant = Grant(
-            request_id=f"drain-{uuid.uuid4().hex[:8]}",
-            tenant_id=key["tenant_id"],
-            key_id=key["id"],
-            key_prefix=token[3:11],
-            method="POST",
-            path="/api/chat",
-            expires_at=now + 50,
-            metered=True,
-            key_limits=Limits(),
-            periods={str(k): v for k, v in periods_at(now, ZoneInfo("UTC")).names().items()},
-        )
+        grant = chat_grant(key["tenant_id"], key["id"], token, f"drain-{uuid.uuid4().hex[:8]}")
         headers = {"X-Gw-Grant": sign(grant, stack.env["GATEWAY_GRANT_SECRET"])}
         async with http.post(f"http://127.0.0.1:{port}/api/chat", json=BODY, headers=headers) as resp:
             assert resp.status == 200, await resp.text()

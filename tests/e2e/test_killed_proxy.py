@@ -9,7 +9,6 @@ import signal
 import sys
 import time
 import uuid
-from zoneinfo import ZoneInfo
 
 import aiohttp
 import asyncpg
@@ -18,13 +17,12 @@ import pytest
 
 import localstack
 from shared.db import asyncpg_dsn
-from shared.grant import Grant, sign
+from shared.grant import sign
 from shared.limits import LimitScripts
 from shared.models import Limits
-from shared.periods import periods_at
 from shared.redis_keys import RedisKeys
 from stream_proxy.proxy import scope_of
-from tests.e2e.conftest import KeyFactory, SimulatorControl, Stack
+from tests.e2e.conftest import KeyFactory, SimulatorControl, Stack, chat_grant
 
 pytestmark = pytest.mark.e2e
 
@@ -69,21 +67,8 @@ async def test_killed_stream_proxy_reservation_is_charged_once_after_the_lease(
         )
         try:
             await asyncio.to_thread(localstack.wait_for_port, port, 20.0)
-            now = time.time()
             request_id = f"killed-{uuid.uuid4().hex[:8]}"
-            periods = periods_at(now, ZoneInfo("UTC")).names()
-            grant = Grant(
-                request_id=request_id,
-                tenant_id=key["tenant_id"],
-                key_id=key["id"],
-                key_prefix=token[3:11],
-                method="POST",
-                path="/api/chat",
-                expires_at=now + 50,
-                metered=True,
-                key_limits=Limits(total_tokens=100_000),
-                periods={str(k): v for k, v in periods.items()},
-            )
+            grant = chat_grant(key["tenant_id"], key["id"], token, request_id, Limits(total_tokens=100_000))
             signed = sign(grant, stack.env["GATEWAY_GRANT_SECRET"])
             async with http.post(
                 f"http://127.0.0.1:{port}/api/chat", json=BODY, headers={"X-Gw-Grant": signed}

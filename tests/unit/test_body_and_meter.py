@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import json
-import time
 from typing import Any
 
 import orjson
@@ -26,6 +25,7 @@ from shared.policy import METERED, Route
 from stream_proxy import apis, body, meter
 from stream_proxy import policy as body_policy
 from stream_proxy.exceptions import Refused
+from tests.unit.grants import grant as _grant
 
 
 def _size(route: Route, document: dict[str, Any]) -> meter.PromptSize:
@@ -619,20 +619,6 @@ def test_metered_routes_are_exactly_the_inference_routes() -> None:
 
 # ---------------------------------------------------------------------------------------------
 # policy: models, caps, listings
-
-
-def _grant(**changes: Any) -> Grant:
-    fields: dict[str, Any] = {
-        "request_id": "r",
-        "tenant_id": 1,
-        "key_id": 1,
-        "key_prefix": "AAAAAAAA",
-        "method": "POST",
-        "path": "/api/chat",
-        "expires_at": time.time() + 30,
-        **changes,
-    }
-    return Grant(**fields)
 
 
 ONLY_LLAMA = _grant(allowed_models=("llama3.2:latest",))

@@ -7,7 +7,6 @@ tenants' requests.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import orjson
@@ -17,39 +16,17 @@ import ollama_simulator as sim
 from ollama_simulator.gojson import DEFAULT_KEEP_ALIVE_NS
 from shared.config import ProxyOptions
 from shared.grant import Grant
-from shared.policy import Route
+from shared.policy import METERED, Route
 from stream_proxy import apis, body
 from stream_proxy import policy as body_policy
 from stream_proxy.exceptions import Refused
+from tests.unit.grants import grant as _grant
 
 FLOOR = 300
 KEEP_ALIVE_KEYS = ["keep_alive", "KEEP_ALIVE", "Keep_Alive", "\u212aeep_alive"]  # U+212A: Go folds it to k
 # Every route whose body the policy sees: Ollama reads keep_alive on the native ones; forks of the
 # OpenAI and Anthropic layers pass it through, so the floor holds wherever it is sent.
-BODY_ROUTES: tuple[Route, ...] = (
-    "chat",
-    "generate",
-    "embed",
-    "embeddings",
-    "openai_chat",
-    "openai_completions",
-    "openai_embeddings",
-    "openai_responses",
-    "anthropic_messages",
-)
-
-
-def _grant(**changes: Any) -> Grant:
-    fields: dict[str, Any] = {
-        "request_id": "r",
-        "tenant_id": 1,
-        "key_id": 1,
-        "key_prefix": "AAAAAAAA",
-        "method": "POST",
-        "path": "/api/chat",
-        "expires_at": time.time() + 30,
-    }
-    return Grant(**(fields | changes))
+BODY_ROUTES: tuple[Route, ...] = tuple(sorted(METERED))
 
 
 def _doc(document: dict[str, Any]) -> body.Body:
