@@ -237,6 +237,8 @@ class Accountant:
                 await self._dead_letter(
                     identifier, usage_wire.encode(event), f"{refused}: {type(exc).__name__}"
                 )
+                # Never in the ledger: a rebuild of the counters no longer counts it either.
+                await self.redis.hdel(self.keys.unledgered(event.tenant_id), [event.request_id])
                 await self.redis.xack(self.keys.usage_stream, GROUP, [identifier])
                 continue
             kept.append((identifier, event))

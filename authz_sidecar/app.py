@@ -145,13 +145,7 @@ async def _admission(app: web.Application) -> AsyncIterator[None]:
     )
     config = app[CONFIG]
     scripts = LimitScripts(app[REDIS], app[KEYS])
-    hydrator = BudgetHydrator(
-        redis=app[REDIS],
-        pool=app[POOL],
-        scripts=scripts,
-        keys=app[KEYS],
-        zone=ZoneInfo(config.budget.timezone),
-    )
+    hydrator = BudgetHydrator(pool=app[POOL], scripts=scripts, zone=ZoneInfo(config.budget.timezone))
     app[ADMISSION] = Admission(
         config=config,
         scripts=scripts,

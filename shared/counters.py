@@ -1,25 +1,36 @@
-"""Rebuilding the Redis budget and TPM counters of tenants from Postgres (and open reservations).
+"""Rebuilding a tenant's Redis budget and TPM counters from Postgres, safely under live traffic.
 
-Redis counters are a cache of Postgres. `rebuild` sets each budget counter of the current periods
-to the settled total in `budget_periods` plus the reservations still open against it, and each TPM
-window to the ledger's tokens of the last 61 seconds plus open reservations. Used by
-`neuronetz-gateway rebuild-counters` after a Redis loss or a manual ledger correction.
+Redis counters are a cache of Postgres. A rebuild (docs/ARCHITECTURE.md#rebuilding-counters):
+1. takes the tenant's counter lock, which holds off the accountant's settles (the only step that
+   removes what Redis counts beyond the ledger); reservations and stream_proxy's settles go on;
+2. reads, in one REPEATABLE READ snapshot, the settled totals of `budget_periods`, the ledger's
+   tokens of the requests Redis still counts as open reservations or unledgered settles (read
+   from Redis after the snapshot was taken), and the TPM window's ledger tokens without those;
+3. hands that to shared/lua/rebuild.lua, which adds, atomically, what Redis counts beyond the
+   snapshot and releases the lock. Nothing reserved or settled meanwhile is lost or counted twice.
+
+Used by `neuronetz-gateway rebuild-counters` (every counter of every key, and the TPM windows) and
+by the sidecar's hydration (only the counters that are missing, under the same lock).
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 import math
+import secrets
 import time
 from collections import defaultdict
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Literal
 from zoneinfo import ZoneInfo
 
 import attrs
 import coredis
+import orjson
 
-from shared.periods import PERIODS, periods_at
+from shared.limits import LOCK_MS, LOCK_POLL_S, CountersBusy, LimitScripts
+from shared.periods import PERIODS, Periods, periods_at
 from shared.redis_keys import RedisKeys
 
 if TYPE_CHECKING:
@@ -36,7 +47,12 @@ RESERVE_INDEX = {
     ("tenant", "month"): 8,
     ("tenant", "total"): 9,
 }
-_DAY = 86400
+# Budget counters outlive their period by two days (a late settle still finds its counter).
+EXTRA_TTL_SECONDS = 2 * 86400
+
+
+def _text(raw: bytes | str) -> str:
+    return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
 
 
 @attrs.frozen
@@ -92,18 +108,163 @@ def reservation(request_id: str, record: dict[bytes, bytes]) -> Reservation | No
     return Reservation(request_id, value, sec, key_id, expires, charged, day, month)
 
 
-async def _open_reservations(
-    redis: coredis.Redis[bytes], keys: RedisKeys, tenant_id: int
-) -> list[Reservation]:
-    ids = await redis.zrange(keys.reservation_index(tenant_id), 0, -1)
-    records = []
-    for raw in ids:
-        request_id = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
-        record = await redis.hgetall(keys.reservation(tenant_id, request_id))
-        parsed = reservation(request_id, record) if record else None
-        if parsed is not None:
-            records.append(parsed)
-    return records
+@attrs.frozen
+class _Snapshot:
+    """What one REPEATABLE READ snapshot of Postgres says about a tenant."""
+
+    totals: dict[tuple[str, int, str], int]  # (scope, scope id, period) -> settled tokens
+    ledgered: dict[str, int]  # request id -> tokens, of the requests Redis still counts beyond
+    buckets: dict[str, dict[str, int]]  # scope name -> {second: tokens} of the TPM window
+
+
+@attrs.frozen
+class _Rebuild:
+    """One tenant's rebuild: the tenant and `key_ids`; `missing` limits it to those counters."""
+
+    conn: Conn
+    scripts: LimitScripts
+    zone: ZoneInfo
+    tenant_id: int
+    key_ids: list[int]
+    periods: Periods | None
+    missing: set[tuple[str, str]] | None
+
+    async def snapshot(self, periods: Periods, tpm_since: dt.datetime | None) -> _Snapshot:
+        """Settled totals, the ledger's tokens of what Redis still counts, TPM buckets."""
+        redis, keys, tenant_id = self.scripts.redis, self.scripts.keys, self.tenant_id
+        async with self.conn.transaction(isolation="repeatable_read", readonly=True):
+            totals = await self.conn.fetch(
+                "SELECT scope, scope_id, period, tokens FROM budget_periods WHERE "
+                "((scope = 'tenant' AND scope_id = $1) OR (scope = 'key' AND scope_id = ANY($2::bigint[]))) "
+                "AND ((period = 'day' AND period_start = $3) OR (period = 'month' AND period_start = $4) "
+                "OR period = 'total')",
+                tenant_id,
+                self.key_ids,
+                periods.day,
+                periods.month,
+            )
+            # Read only now, after the snapshot was taken: a request the snapshot's ledger has is
+            # already in Redis as an open reservation or an unledgered settle, and stays so (the lock).
+            async with redis.pipeline(transaction=False) as pipe:
+                opened = pipe.zrange(keys.reservation_index(tenant_id), 0, -1)
+                settled = pipe.hkeys(keys.unledgered(tenant_id))
+            ids = sorted({_text(i) for i in [*await opened, *await settled]})
+            rows = await self.conn.fetch(
+                "SELECT request_id, total_tokens FROM usage_ledger "
+                "WHERE tenant_id = $1 AND request_id = ANY($2::text[])",
+                tenant_id,
+                ids,
+            )
+            ledgered = {r["request_id"]: amount(r["total_tokens"]) or 0 for r in rows}
+            buckets: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+            if tpm_since is not None:
+                # The live windows count a request at the second it was reserved: its start.
+                for row in await self.conn.fetch(
+                    "SELECT key_id, floor(extract(epoch FROM started_at))::bigint AS sec, "
+                    "sum(total_tokens) AS tokens FROM usage_ledger WHERE tenant_id = $1 "
+                    "AND finished_at >= $2 AND started_at >= $2 AND NOT (request_id = ANY($3::text[])) "
+                    "GROUP BY key_id, sec",
+                    tenant_id,
+                    tpm_since,
+                    ids,
+                ):
+                    tokens = amount(row["tokens"]) or 0
+                    buckets["t"][str(row["sec"])] += tokens
+                    buckets[f"k{row['key_id']}"][str(row["sec"])] += tokens
+        return _Snapshot(
+            {(r["scope"], r["scope_id"], r["period"]): amount(r["tokens"]) or 0 for r in totals},
+            ledgered,
+            buckets,
+        )
+
+    async def run(self, token: str) -> int | None:
+        """With the lock held as `token`: counters written, None when the lock was lost."""
+        keys, tenant_id = self.scripts.keys, self.tenant_id
+        now = await self.scripts.now_ms() / 1000
+        periods = periods_at(now, self.zone) if self.periods is None else self.periods
+        names = periods.names()
+        full = self.missing is None
+        seen = await self.snapshot(
+            periods, dt.datetime.fromtimestamp(now - WINDOW_SECONDS, dt.UTC) if full else None
+        )
+        counter_keys: list[str] = []
+        plan: list[dict[str, Any]] = []
+        scopes: list[tuple[Literal["key", "tenant"], int | None]] = [
+            ("tenant", None),
+            *(("key", k) for k in self.key_ids),
+        ]
+        for who, key_id in scopes:
+            name = "t" if key_id is None else f"k{key_id}"
+            for period in PERIODS:
+                if self.missing is not None and (who, period) not in self.missing:
+                    continue
+                left = periods.seconds_left(period, now, self.zone)
+                counter_keys.append(keys.budget(tenant_id, name, period, names[period]))
+                plan.append(
+                    {
+                        "k": len(counter_keys) + 3,
+                        "scope": "t" if key_id is None else key_id,
+                        "period": period,
+                        "value": seen.totals.get((who, key_id or tenant_id, period), 0),
+                        "ttl": -1 if left is None else int(left) + EXTRA_TTL_SECONDS,
+                        "index": RESERVE_INDEX[(who, period)],
+                        "missing_only": not full,
+                    }
+                )
+            if full:
+                counter_keys.append(keys.tpm(tenant_id, name))
+                plan.append(
+                    {
+                        "k": len(counter_keys) + 3,
+                        "scope": "t" if key_id is None else key_id,
+                        "period": "tpm",
+                        "value": dict(seen.buckets.get(name, {})),
+                        "ttl": WINDOW_SECONDS + 5,
+                        "index": 3 if key_id is None else 2,
+                        "missing_only": False,
+                    }
+                )
+        document = {
+            "resv_prefix": keys.reservation(tenant_id, ""),
+            "day": names["day"],
+            "month": names["month"],
+            "counters": plan,
+            "ledgered": seen.ledgered,
+        }
+        lists = [keys.reservation_index(tenant_id), keys.unledgered(tenant_id), keys.hydrate_lock(tenant_id)]
+        return await self.scripts.rebuild_counters([*lists, *counter_keys], token, orjson.dumps(document))
+
+
+async def rebuild_tenant(
+    conn: Conn,
+    scripts: LimitScripts,
+    *,
+    zone: ZoneInfo,
+    tenant_id: int,
+    key_ids: list[int],
+    periods: Periods | None = None,
+    missing: set[tuple[str, str]] | None = None,
+    wait: float = 10.0,
+) -> int:
+    """Rebuild one tenant's counters for the tenant and `key_ids`: all of them and the TPM windows,
+    or (`missing`: (who, period) pairs, as hydration asks) only those missing. Returns the counters
+    written; CountersBusy when the lock stays taken for `wait` seconds (0: one try)."""
+    job = _Rebuild(conn, scripts, zone, tenant_id, key_ids, periods, missing)
+    redis, lock = scripts.redis, scripts.keys.hydrate_lock(tenant_id)
+    deadline = time.monotonic() + wait
+    while True:
+        token = secrets.token_hex(8)
+        if await redis.set(lock, token.encode(), condition=coredis.PureToken.NX, px=LOCK_MS):
+            try:
+                written = await job.run(token)
+            finally:
+                if await redis.get(lock) == token.encode():
+                    await redis.delete([lock])
+            if written is not None:
+                return written
+        if time.monotonic() >= deadline:
+            raise CountersBusy
+        await asyncio.sleep(LOCK_POLL_S)
 
 
 async def rebuild(
@@ -113,70 +274,18 @@ async def rebuild(
     *,
     zone: ZoneInfo,
     tenant_ids: list[int] | None = None,
-    now: float | None = None,
 ) -> Rebuilt:
-    """Recompute the counters of the given tenants (all when None)."""
-    now = time.time() if now is None else now
-    periods = periods_at(now, zone)
+    """Recompute every counter of the given tenants (all when None) and their keys."""
+    scripts = LimitScripts(redis, keys)
     if tenant_ids is None:
         tenant_ids = [r["id"] for r in await conn.fetch("SELECT id FROM tenants ORDER BY id")]
     budgets = tpms = 0
     for tenant_id in tenant_ids:
         key_ids = [
-            r["id"] for r in await conn.fetch("SELECT id FROM api_keys WHERE tenant_id = $1", tenant_id)
+            r["id"]
+            for r in await conn.fetch("SELECT id FROM api_keys WHERE tenant_id = $1 ORDER BY id", tenant_id)
         ]
-        open_resv = await _open_reservations(redis, keys, tenant_id)
-        totals = await conn.fetch(
-            "SELECT scope, scope_id, period, tokens FROM budget_periods WHERE "
-            "((scope = 'tenant' AND scope_id = $1) OR (scope = 'key' AND scope_id = ANY($2::bigint[]))) "
-            "AND ((period = 'day' AND period_start = $3) OR (period = 'month' AND period_start = $4) "
-            "OR period = 'total')",
-            tenant_id,
-            key_ids,
-            periods.day,
-            periods.month,
-        )
-        settled = {(r["scope"], r["scope_id"], r["period"]): amount(r["tokens"]) or 0 for r in totals}
-        scopes = [("tenant", tenant_id, "t")] + [("key", k, f"k{k}") for k in key_ids]
-        names = periods.names()
-        for who, ident, scope_name in scopes:
-            for period in PERIODS:
-                value = settled.get((who, ident, period), 0)
-                index = RESERVE_INDEX[(who, period)]
-                for record in open_resv:
-                    same_key = who == "tenant" or record.key_id == ident
-                    same_period = period == "total" or getattr(record, period) == names[period]
-                    if index in record.charged and same_key and same_period:
-                        value += record.amount
-                left = periods.seconds_left(period, now, zone)
-                await redis.set(
-                    keys.budget(tenant_id, scope_name, period, names[period]),
-                    str(value).encode(),
-                    ex=None if left is None else int(left) + 2 * _DAY,
-                )
-                budgets += 1
-        since = dt.datetime.fromtimestamp(now - WINDOW_SECONDS, dt.UTC)
-        rows = await conn.fetch(
-            "SELECT key_id, floor(extract(epoch FROM finished_at))::bigint AS sec, "
-            "sum(total_tokens) AS tokens FROM usage_ledger "
-            "WHERE tenant_id = $1 AND finished_at >= $2 GROUP BY key_id, sec",
-            tenant_id,
-            since,
-        )
-        buckets: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
-        for row in rows:
-            tokens = amount(row["tokens"]) or 0
-            buckets["t"][row["sec"]] += tokens
-            buckets[f"k{row['key_id']}"][row["sec"]] += tokens
-        for record in open_resv:
-            if record.sec >= now - WINDOW_SECONDS:
-                buckets["t"][record.sec] += record.amount
-                buckets[f"k{record.key_id}"][record.sec] += record.amount
-        for _, _, name in scopes:
-            key = keys.tpm(tenant_id, name)
-            await redis.delete([key])
-            if buckets.get(name):
-                await redis.hset(key, {str(s): str(v) for s, v in buckets[name].items()})
-                await redis.expire(key, WINDOW_SECONDS + 5)
-            tpms += 1
+        await rebuild_tenant(conn, scripts, zone=zone, tenant_id=tenant_id, key_ids=key_ids)
+        budgets += len(PERIODS) * (1 + len(key_ids))
+        tpms += 1 + len(key_ids)
     return Rebuilt(tenants=len(tenant_ids), budget_counters=budgets, tpm_windows=tpms)

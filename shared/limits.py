@@ -7,6 +7,8 @@ Script time comes from Redis `TIME` unless `now_ms` is given (tests pin it).
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
 from typing import Any, Literal
@@ -29,6 +31,11 @@ MARKER_TTL_MS = 3600 * 1000
 # A grant is spent once; it cannot be presented after it expires (at most 60 s plus slack).
 GRANT_MARKER_TTL_MS = 120_000
 SETTLE_GRACE_MS = 600_000
+# The per-tenant counter lock (shared/counters.py) is held this long at most; a ledgered settle it
+# holds off is sent again every LOCK_POLL_S for up to LOCK_WAIT_S.
+LOCK_MS = 5000
+LOCK_POLL_S = 0.02
+LOCK_WAIT_S = LOCK_MS / 1000 + 1.0
 BUDGET_FIELDS = {"day": "daily_tokens", "month": "monthly_tokens", "total": "total_tokens"}
 
 
@@ -46,6 +53,10 @@ def _limit(value: int | None) -> int:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class CountersBusy(Exception):
+    """A tenant's counters are being rebuilt (shared/counters.py); try again shortly."""
 
 
 @attrs.frozen
@@ -126,6 +137,7 @@ class LimitScripts:
     _settle: Any = attrs.field(init=False)
     _lease: Any = attrs.field(init=False)
     _tenants: Any = attrs.field(init=False)
+    _rebuild: Any = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self._admit = self.redis.register_script(_lua("admit"))
@@ -133,6 +145,7 @@ class LimitScripts:
         self._settle = self.redis.register_script(_lua("settle"))
         self._lease = self.redis.register_script(_lua("lease"))
         self._tenants = self.redis.register_script(_lua("tenants"))
+        self._rebuild = self.redis.register_script(_lua("rebuild"))
 
     def budget_key(self, scope: Scope, who: str, period: str) -> str:
         """The Redis counter of one budget period."""
@@ -252,9 +265,10 @@ class LimitScripts:
         return Reserved(completion_limit=None if completion < 0 else completion, reserved=int(reply[2]))
 
     def _settle_call(
-        self, scope: Scope, request_id: str, actual_tokens: int | None
+        self, scope: Scope, request_id: str, actual_tokens: int | None, ledgered: bool
     ) -> tuple[list[str], list[Any]]:
         t, k = scope.tenant_id, scope.key_scope
+        names = scope.periods.names()
         keys = [
             self.keys.reservation(t, request_id),
             self.keys.settled(t, request_id),
@@ -264,44 +278,89 @@ class LimitScripts:
             *self._budget_keys(scope),
             self.keys.leases(t, k),
             self.keys.leases(t, "t"),
+            self.keys.unledgered(t),
+            self.keys.hydrate_lock(t),
         ]
-        return keys, ["" if actual_tokens is None else actual_tokens, request_id, MARKER_TTL_MS]
+        args = [
+            "" if actual_tokens is None else actual_tokens,
+            request_id,
+            MARKER_TTL_MS,
+            1 if ledgered else 0,
+            scope.key_id,
+            names["day"],
+            names["month"],
+        ]
+        return keys, args
 
-    async def settle(self, scope: Scope, request_id: str, actual_tokens: int | None) -> bool:
-        """Replace the reservation with the actual tokens (None: charge it as reserved)."""
-        keys, args = self._settle_call(scope, request_id, actual_tokens)
-        return int(await self._settle(keys=keys, args=args)) == 1
+    async def settle(
+        self, scope: Scope, request_id: str, actual_tokens: int | None, *, ledgered: bool = True
+    ) -> bool:
+        """Replace the reservation with the actual tokens (None: charge it as reserved); `ledgered`
+        when Postgres already has the request (the accountant). True when applied now; while the
+        tenant's counters are being rebuilt a ledgered settle waits (at most LOCK_WAIT_S)."""
+        keys, args = self._settle_call(scope, request_id, actual_tokens, ledgered)
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while (result := int(await self._settle(keys=keys, args=args))) < 0:
+            if time.monotonic() >= deadline:
+                raise CountersBusy("a settle held off by a counter rebuild")
+            await asyncio.sleep(LOCK_POLL_S)
+        return result == 1
 
     def settle_in(
-        self, pipe: Any, scope: Scope, request_id: str, actual_tokens: int | None
-    ) -> Callable[[], Awaitable[bool]]:
-        """Queue a settle on a pipeline; returns what reads its outcome once the pipeline ran.
+        self, pipe: Any, scope: Scope, request_id: str, actual_tokens: int | None, *, ledgered: bool
+    ) -> Callable[[], Awaitable[int]]:
+        """Queue a settle on a pipeline; returns what reads its outcome once the pipeline ran:
+        1 applied now, 0 already settled, -1 (ledgered only) the counters are being rebuilt.
 
         EVALSHA directly: a script object on a pipeline costs a SCRIPT EXISTS round trip every
         time. If Redis lost its script cache, the outcome is read by loading the script again.
         """
-        keys, args = self._settle_call(scope, request_id, actual_tokens)
+        keys, args = self._settle_call(scope, request_id, actual_tokens, ledgered)
         pending = pipe.evalsha(self._settle.sha, keys, args)
 
-        async def outcome() -> bool:
+        async def outcome() -> int:
             try:
-                return int(await pending) == 1
+                return int(await pending)
             except coredis.exceptions.NoScriptError:
-                return int(await self._settle(keys=keys, args=args)) == 1
+                return int(await self._settle(keys=keys, args=args))
 
         return outcome
 
-    async def settle_many(self, items: Sequence[tuple[Scope, str, int | None]]) -> int:
+    async def settle_many(
+        self, items: Sequence[tuple[Scope, str, int | None]], *, ledgered: bool = True
+    ) -> int:
         """Settle many requests in one pipelined round trip (each call is still its own script, so
-        Redis Cluster routing is per tenant slot); returns how many were applied now."""
-        if not items:
-            return 0
-        async with self.redis.pipeline(transaction=False, raise_on_error=False) as pipe:
-            outcomes = [self.settle_in(pipe, scope, rid, tokens) for scope, rid, tokens in items]
+        Redis Cluster routing is per tenant slot); returns how many were applied now. Settles held
+        off by a rebuild of their tenant's counters are sent again until LOCK_WAIT_S has passed,
+        then CountersBusy is raised (the accountant leaves the events pending and settles them
+        when it claims them again)."""
+        waiting = list(items)
         applied = 0
-        for outcome in outcomes:
-            applied += await outcome()
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while waiting:
+            async with self.redis.pipeline(transaction=False, raise_on_error=False) as pipe:
+                outcomes = [
+                    self.settle_in(pipe, scope, rid, tokens, ledgered=ledgered)
+                    for scope, rid, tokens in waiting
+                ]
+            held: list[tuple[Scope, str, int | None]] = []
+            for item, outcome in zip(waiting, outcomes, strict=True):
+                result = await outcome()
+                if result < 0:
+                    held.append(item)
+                else:
+                    applied += result
+            waiting = held
+            if waiting:
+                if time.monotonic() >= deadline:
+                    raise CountersBusy(f"{len(waiting)} settles held off by a counter rebuild")
+                await asyncio.sleep(LOCK_POLL_S)
         return applied
+
+    async def rebuild_counters(self, keys: list[str], token: str, plan: bytes) -> int | None:
+        """Run shared/lua/rebuild.lua: counters written, or None when the lock `token` was lost."""
+        reply = await self._rebuild(keys=keys, args=["", token, plan])
+        return int(reply[1]) if int(reply[0]) == 1 else None
 
     async def lease(
         self,

@@ -59,8 +59,13 @@ class RedisKeys:
         """Marks a grant as spent (single use), set by the reservation call."""
         return self._t(tenant_id, f"grant:{request_id}")
 
+    def unledgered(self, tenant_id: int) -> str:
+        """Requests stream_proxy settled in Redis that the ledger may not have yet (request id ->
+        key id, tokens, second, day, month, written ms); the accountant's settle removes each."""
+        return self._t(tenant_id, "unledgered")
+
     def hydrate_lock(self, tenant_id: int) -> str:
-        """Lock held while budget counters are rebuilt from Postgres."""
+        """Lock held while counters are rebuilt from Postgres; it holds off the accountant's settles."""
         return self._t(tenant_id, "hydrate-lock")
 
     # --- per key prefix (hash tag {p:<prefix>}: the guard's keys share one slot) -------------------

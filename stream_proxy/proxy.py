@@ -465,7 +465,7 @@ class Proxy:
             event,
             then=(
                 lambda pipe: self.scripts.settle_in(
-                    pipe, scope_of(grant), grant.request_id, event.total_tokens
+                    pipe, scope_of(grant), grant.request_id, event.total_tokens, ledgered=False
                 )
             )
             if settle_now

@@ -42,6 +42,8 @@ local headroom, tight, tight_scope, tight_retry = nil, nil, nil, -1
 local scopes = {'key', 'tenant'}
 local charged = {}
 
+-- A counter that exists is kept exact even where no limit applies now (rebuild-counters writes every
+-- one; a limit set later must find it right), so existing unlimited counters are charged too.
 for s = 1, 2 do
   local limit = tonumber(ARGV[6 + s])
   if limit >= 0 then
@@ -51,6 +53,8 @@ for s = 1, 2 do
       headroom, tight, tight_scope = room, 'tpm', scopes[s]
       tight_retry = retry_ms(oldest, now)
     end
+    table.insert(charged, 1 + s)
+  elseif redis.call('EXISTS', KEYS[1 + s]) == 1 then
     table.insert(charged, 1 + s)
   end
 end
@@ -63,6 +67,8 @@ for i = 4, 9 do
       tight_scope = scopes[1]
       if i > 6 then tight_scope = scopes[2] end
     end
+    table.insert(charged, i)
+  elseif redis.call('EXISTS', KEYS[i]) == 1 then
     table.insert(charged, i)
   end
 end

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import itertools
 import os
 import random
 import signal
@@ -30,13 +31,14 @@ from coredis.response.types import StreamEntry, StreamPending
 from prometheus_client import CollectorRegistry
 
 import localstack
+from authz_sidecar import ledger
 from authz_sidecar.accountant import GROUP, Accountant, AccountantMetrics
 from authz_sidecar.audit import Denial, DenialAuditor
 from shared import admin, counters, usage_wire
 from shared.config import AccountantOptions, PostgresConfig
 from shared.db import create_pool
 from shared.hashing import Argon2Params
-from shared.limits import TENANT_KEEP_MS, LimitScripts, Reserved, Scope
+from shared.limits import TENANT_KEEP_MS, CountersBusy, LimitScripts, NeedsHydration, Reserved, Scope
 from shared.models import Limits, UsageEvent
 from shared.periods import PERIODS, Periods, periods_at
 from shared.redis_keys import RedisKeys
@@ -1081,3 +1083,246 @@ async def test_rebuild_counters_after_flushdb_restores_budgets_and_tpm_windows(
                     assert {int(s): int(v) for s, v in raw.items()} == dict(windows[(key.tenant.id, name)])
     finally:
         valkey.stop()
+
+
+@attrs.define
+class LiveTraffic:
+    """Requests of two keys as stream_proxy makes them (reserve; later the usage event with, for
+    most, the settle in the same round trip), against counters rebuilt and hydrated meanwhile."""
+
+    redis: coredis.Redis[bytes]
+    scripts: LimitScripts
+    pool: asyncpg.Pool[asyncpg.Record]
+    keys: list[admin.CreatedKey]
+    rng: random.Random
+    spent: dict[tuple[str, int], int] = attrs.field(factory=lambda: defaultdict(int))
+    requests: int = 0
+    hydrations: int = 0
+
+    async def one(self, key: admin.CreatedKey, request_id: str, limits: Limits) -> None:
+        started = float((await self.redis.time()).timestamp())
+        scope = scope_for(key, period_names(started), limits)
+        prompt, completion = self.rng.randint(20, 300), self.rng.randint(0, 200)
+        for _ in range(100):
+            outcome = await self.scripts.reserve(
+                scope,
+                request_id,
+                metered=True,
+                prompt_bound=prompt,
+                requested_completion=completion,
+                default_completion=None,
+                lease_ttl_ms=LEASE_MS,
+            )
+            if isinstance(outcome, Reserved):
+                break
+            assert isinstance(outcome, NeedsHydration), outcome
+            async with self.pool.acquire() as conn:  # what the sidecar's hydration does
+                with contextlib.suppress(CountersBusy):
+                    await counters.rebuild_tenant(
+                        conn,
+                        self.scripts,
+                        zone=UTC,
+                        tenant_id=key.tenant.id,
+                        key_ids=[key.key.id],
+                        periods=scope.periods,
+                        missing=set(outcome.missing),
+                        wait=0.0,
+                    )
+                    self.hydrations += 1
+        else:
+            raise AssertionError("never reserved")
+        await asyncio.sleep(self.rng.random() * 0.04)
+        actual = self.rng.randint(1, outcome.reserved)
+        event = usage_event(
+            key,
+            request_id,
+            started + 0.01,
+            prompt_tokens=actual // 2,
+            completion_tokens=actual - actual // 2,
+            reserved_tokens=outcome.reserved,
+            started_at=started,
+        )
+        settle = self.rng.random() < 0.8  # the rest: stream_proxy's settle did not happen
+        async with self.redis.pipeline(transaction=False, raise_on_error=False) as pipe:
+            written = pipe.xadd(self.scripts.keys.usage_stream, usage_wire.encode(event))
+            settled = (
+                self.scripts.settle_in(pipe, scope, request_id, actual, ledgered=False) if settle else None
+            )
+        assert await written
+        if settled is not None:
+            assert await settled() == 1
+        self.spent[("tenant", key.tenant.id)] += actual
+        self.spent[("key", key.key.id)] += actual
+        self.requests += 1
+
+    async def worker(self, n: int, count: int, limits: Limits) -> None:
+        for i in range(count):
+            await self.one(self.keys[(n + i) % len(self.keys)], f"live-{n}-{i}", limits)
+
+
+async def test_rebuild_counters_under_live_traffic_loses_nothing_and_counts_nothing_twice(
+    db: asyncpg.Connection, database_url: str, redis_url: str, redis_prefix: str
+) -> None:
+    """Six workers make 360 requests of two keys while the accountant applies their events and,
+    concurrently, `rebuild-counters` runs over the tenant 40 times and counters are deleted and
+    hydrated again. Every request is in one of the states a rebuild must count once: reserved,
+    settled by stream_proxy but not yet in the ledger, in the ledger but not yet settled by the
+    accountant, or done. Once the traffic is applied, every budget counter and TPM window equals
+    the tokens the workers spent (their own tally), the ledger agrees, nothing is left unledgered."""
+    keys = await new_keys(db, {"live": 2})
+    tenant = keys[0].tenant.id
+    names = RedisKeys(redis_prefix)
+    limits = attrs.evolve(ROOMY, tpm=10**9)
+    pool = await create_pool(PostgresConfig(url=database_url, pool_min=1, pool_max=4))
+    try:
+        async with accountant_on(database_url, redis_url, redis_prefix) as accountant:
+            client, scripts = accountant.redis, accountant.scripts
+            traffic = LiveTraffic(client, scripts, pool, keys, random.Random(17))  # noqa: S311 - test data
+            await counters.rebuild(db, client, names, zone=UTC, tenant_ids=[tenant])
+            stop = asyncio.Event()
+
+            async def apply() -> None:
+                while not stop.is_set():
+                    await accountant.read_batch(block_ms=20)
+
+            rebuilds, done = 0, asyncio.Event()
+
+            async def rebuild() -> None:
+                """Rebuild (and now and then lose a counter) only while requests are being made: a
+                rebuild after the traffic has settled would repair any earlier mistake."""
+                nonlocal rebuilds
+                rng = random.Random(5)  # noqa: S311 - test data
+                for n in itertools.count():
+                    if done.is_set():
+                        return
+                    if n % 4 == 1 and traffic.requests < 300:  # later requests hydrate it again
+                        day = period_names(float((await client.time()).timestamp()))
+                        victim = rng.choice(keys)
+                        await client.delete([scripts.budget_key(scope_for(victim, day), "key", "day")])
+                    else:
+                        await counters.rebuild(db, client, names, zone=UTC, tenant_ids=[tenant])
+                        rebuilds += 1
+                    await asyncio.sleep(rng.random() * 0.01)
+
+            async def workers() -> None:
+                await asyncio.gather(*(traffic.worker(n, 60, limits) for n in range(6)))
+                done.set()
+
+            applier = asyncio.create_task(apply())
+            await asyncio.gather(rebuild(), workers())
+            assert traffic.requests == 360
+            assert rebuilds >= 10, rebuilds
+            print("REBUILDS", rebuilds, traffic.hydrations)
+            assert traffic.hydrations > 0
+
+            async def drained() -> bool:
+                count = await db.fetchval("SELECT count(*) FROM usage_ledger WHERE tenant_id = $1", tenant)
+                pending = await client.xpending(names.usage_stream, GROUP)
+                return bool(count == 360 and isinstance(pending, StreamPending) and not pending.pending)
+
+            await until(drained, WAIT_SECONDS, "every event applied")
+            stop.set()
+            await applier
+
+            assert await client.zcard(names.reservation_index(tenant)) == 0
+            assert await client.hlen(names.unledgered(tenant)) == 0
+            settled = await budget_periods(db)
+            today = period_names(float((await client.time()).timestamp()))
+            window_total = traffic.spent[("tenant", tenant)]
+            for key in keys:
+                scope = scope_for(key, today)
+                for who, ident in (("key", key.key.id), ("tenant", tenant)):
+                    spent = traffic.spent[(who, ident)]
+                    for period in PERIODS:
+                        assert settled[(who, ident, period, scope.periods.start(period))] == spent
+                        value = await counter(client, scripts.budget_key(scope, who, period))
+                        assert value == spent, (who, ident, period, value, spent)
+                raw = await client.hgetall(names.tpm(tenant, f"k{key.key.id}"))
+                assert sum(int(v) for v in raw.values()) == traffic.spent[("key", key.key.id)]
+            raw = await client.hgetall(names.tpm(tenant, "t"))
+            assert sum(int(v) for v in raw.values()) == window_total
+    finally:
+        await pool.close()
+
+
+@attrs.define
+class Interleaved(LimitScripts):
+    """The limit scripts with something done between a rebuild's snapshot and its Redis step."""
+
+    before_rebuild: Callable[[], Awaitable[None]] | None = None
+
+    async def rebuild_counters(self, keys: list[str], token: str, plan: bytes) -> int | None:
+        if self.before_rebuild is not None:
+            await self.before_rebuild()
+        return await super().rebuild_counters(keys, token, plan)
+
+
+async def test_a_rebuild_counts_each_state_of_a_request_once_and_holds_off_only_the_ledgered_settle(
+    db: asyncpg.Connection, database_url: str, redis_url: str, redis_prefix: str
+) -> None:
+    """Each state a request can be in while `rebuild-counters` runs, made on purpose: reserved;
+    settled by stream_proxy with its event not yet applied; in the ledger with the accountant's
+    settle not yet run; done. Between the rebuild's Postgres snapshot and its Redis step, one more
+    request is reserved, one settled by stream_proxy, and an accountant's settle is held off (-1).
+    After the rebuild each request is finished the way it would be: every budget counter then
+    holds exactly the tokens spent, and so does the ledger."""
+    (key,) = await new_keys(db, {"states": 1})
+    names = RedisKeys(redis_prefix)
+    tenant = key.tenant.id
+    async with accountant_on(database_url, redis_url, redis_prefix) as accountant:
+        client, scripts = accountant.redis, accountant.scripts
+        now = float((await client.time()).timestamp())
+        scope = scope_for(key, period_names(now))
+        await counters.rebuild(db, client, names, zone=UTC, tenant_ids=[tenant])
+        actual = {"reserved": 30, "proxy-settled": 41, "ledgered": 52, "done": 63, "during": 74, "late": 85}
+        events = {}
+        for request_id in ("reserved", "proxy-settled", "ledgered", "done", "late"):
+            events[request_id] = await reserve_for(
+                scripts, key, usage_event(key, request_id, now, prompt_tokens=actual[request_id])
+            )
+
+        async def proxy_settle(request_id: str) -> None:
+            """stream_proxy: the usage event on the stream, the settle beside it."""
+            await client.xadd(names.usage_stream, usage_wire.encode(events[request_id]))
+            assert await scripts.settle(scope, request_id, events[request_id].total_tokens, ledgered=False)
+
+        async def apply_all() -> None:
+            while await accountant.read_batch(block_ms=50):
+                pass
+
+        await proxy_settle("done")
+        await apply_all()
+        await proxy_settle("proxy-settled")  # not applied yet
+        async with accountant.pool.acquire() as conn:  # committed; its settle has not run yet
+            await ledger.apply_usage(conn, [events["ledgered"]])
+
+        held: list[int] = []
+
+        async def between() -> None:
+            """After the snapshot, before the Redis step: traffic goes on."""
+            events["during"] = await reserve_for(
+                scripts, key, usage_event(key, "during", now, prompt_tokens=actual["during"])
+            )
+            await proxy_settle("late")
+            raw_keys, raw_args = scripts._settle_call(
+                scope, "ledgered", events["ledgered"].total_tokens, True
+            )
+            held.append(int(await scripts._settle(keys=raw_keys, args=raw_args)))
+
+        interleaved = Interleaved(client, names, before_rebuild=between)
+        await counters.rebuild_tenant(db, interleaved, zone=UTC, tenant_id=tenant, key_ids=[key.key.id])
+        assert held == [-1]
+
+        assert await scripts.settle(scope, "ledgered", events["ledgered"].total_tokens)  # the accountant
+        for request_id in ("reserved", "during"):
+            await proxy_settle(request_id)
+        await apply_all()
+        assert await client.zcard(names.reservation_index(tenant)) == 0
+        assert await client.hlen(names.unledgered(tenant)) == 0
+        spent = sum(events[r].total_tokens for r in actual)
+        assert spent == sum(actual.values()) + 6 * 5
+        assert sum(r["total_tokens"] for r in await ledger_rows(db)) == spent
+        for who in ("key", "tenant"):
+            for period in PERIODS:
+                value = await counter(client, scripts.budget_key(scope, who, period))
+                assert value == spent, (who, period, value, spent)

@@ -15,6 +15,7 @@ from zoneinfo import ZoneInfo
 
 import attrs
 import coredis
+import orjson
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -456,6 +457,57 @@ async def test_settling_without_a_count_charges_the_reservation_as_it_stands(
         assert await lab.budget(who, "tenant", "total") == 50
 
 
+async def test_counters_that_exist_without_a_limit_are_charged_and_settled_too(
+    lab_args: tuple[str, str],
+) -> None:
+    """rebuild-counters writes every counter, limited or not; one without a limit must stay exact
+    (a limit set later trusts it): the reservation charges it and the settle corrects it."""
+    async with lab_on(*lab_args) as lab:
+        who = scope(Limits(total_tokens=1000))  # no day limit on the key, no TPM limit
+        day = lab.scripts.budget_key(who, "key", "day")
+        tpm_key = lab.keys.tpm(TENANT_ID, f"k{KEY_ID}")
+        await lab.redis.set(day, "7")
+        await lab.redis.hset(tpm_key, {str(S0 - 1): "3"})
+        await lab.admitted(who, "r1", T0)
+        assert await lab.reserve(who, "r1", T0, prompt=60, completion=40) == Reserved(40, 100)
+        assert await lab.budget(who, "key", "day") == 7 + 100
+        assert await lab.window(tpm_key) == {S0 - 1: 3, S0: 100}
+        assert await lab.scripts.settle(who, "r1", 30) is True
+        assert await lab.budget(who, "key", "day") == 7 + 30
+        assert await lab.window(tpm_key) == {S0 - 1: 3, S0: 30}
+        assert await lab.budget(who, "key", "month") is None  # what does not exist is not made
+
+
+async def test_a_settle_by_stream_proxy_is_noted_until_the_accountant_settles_it_even_an_hour_later(
+    lab_args: tuple[str, str],
+) -> None:
+    """stream_proxy's settle (ledgered=False) counts the tokens and notes the request as unledgered;
+    the accountant's settle after its commit removes the note and counts nothing again, also after
+    the settled marker expired; while the tenant's counter lock is held it answers -1 and changes
+    nothing; stream_proxy's own settle is never held."""
+    async with lab_on(*lab_args) as lab:
+        who = scope(Limits(total_tokens=1000))
+        unledgered = lab.keys.unledgered(TENANT_ID)
+        for request_id in ("r1", "r2"):
+            await lab.admitted(who, request_id, T0)
+            assert await lab.reserve(who, request_id, T0, prompt=60, completion=40) == Reserved(40, 100)
+        await lab.redis.set(lab.keys.hydrate_lock(TENANT_ID), "someone")
+        assert await lab.scripts.settle(who, "r1", 30, ledgered=False) is True
+        entry = (await lab.redis.hget(unledgered, "r1") or b"").decode().split(",")
+        assert entry[:5] == [str(KEY_ID), "30", str(S0), "2026-01-31", "2026-01-01"]
+        keys, args = lab.scripts._settle_call(who, "r1", 30, True)
+        assert await lab.scripts._settle(keys=keys, args=args) == -1
+        assert await lab.redis.hexists(unledgered, "r1")
+        await lab.redis.delete([lab.keys.hydrate_lock(TENANT_ID)])
+        await lab.redis.delete([lab.keys.settled(TENANT_ID, "r1")])  # an hour went by
+        assert await lab.scripts.settle(who, "r1", 30) is False
+        assert not await lab.redis.hexists(unledgered, "r1")
+        assert await lab.budget(who, "key", "total") == 30 + 100
+        assert await lab.scripts.settle(who, "r2", 20) is True  # the accountant first: no note
+        assert not await lab.redis.exists([unledgered])
+        assert await lab.budget(who, "key", "total") == 50
+
+
 async def test_a_settle_queued_on_a_pipeline_applies_once_even_after_redis_lost_its_scripts(
     lab_args: tuple[str, str],
 ) -> None:
@@ -468,17 +520,17 @@ async def test_a_settle_queued_on_a_pipeline_applies_once_even_after_redis_lost_
             await lab.admitted(who, request_id, T0)
             assert await lab.reserve(who, request_id, T0, prompt=60, completion=40) == Reserved(40, 100)
         async with lab.redis.pipeline(transaction=False, raise_on_error=False) as pipe:
-            first = lab.scripts.settle_in(pipe, who, "r1", 30)
-        assert await first() is True
+            first = lab.scripts.settle_in(pipe, who, "r1", 30, ledgered=False)
+        assert await first() == 1
         assert await lab.budget(who, "key", "total") == 30 + 100
         await lab.redis.script_flush()
         async with lab.redis.pipeline(transaction=False, raise_on_error=False) as pipe:
-            second = lab.scripts.settle_in(pipe, who, "r2", 25)
-        assert await second() is True
+            second = lab.scripts.settle_in(pipe, who, "r2", 25, ledgered=False)
+        assert await second() == 1
         assert await lab.budget(who, "key", "total") == 30 + 25
         async with lab.redis.pipeline(transaction=False, raise_on_error=False) as pipe:
-            again = lab.scripts.settle_in(pipe, who, "r2", 99)
-        assert await again() is False
+            again = lab.scripts.settle_in(pipe, who, "r2", 99, ledgered=False)
+        assert await again() == 0
         assert await lab.budget(who, "key", "total") == 55
 
 
@@ -703,6 +755,7 @@ async def test_every_key_of_every_script_call_shares_the_tenant_hash_tag(lab_arg
         scripts._reserve = spy.wrap("reserve", scripts._reserve)
         scripts._settle = spy.wrap("settle", scripts._settle)
         scripts._lease = spy.wrap("lease", scripts._lease)
+        scripts._rebuild = spy.wrap("rebuild", scripts._rebuild)
         every = Limits(
             rpm=10, tpm=10_000, max_concurrent=5, daily_tokens=1000, monthly_tokens=2000, total_tokens=3000
         )
@@ -713,8 +766,19 @@ async def test_every_key_of_every_script_call_shares_the_tenant_hash_tag(lab_arg
         await lab.scripts.settle(who, "one", 12)
         await lab.admitted(who, "two", T0)
         await lab.scripts.lease(who, "two", action="release", ttl_ms=1000, now_ms=T0 + 1)
+        token = "rebuild-token"
+        await lab.redis.set(lab.keys.hydrate_lock(4242), token)
+        plan = {
+            "resv_prefix": lab.keys.reservation(4242, ""),
+            "day": "",
+            "month": "",
+            "counters": [],
+            "ledgered": {},
+        }
+        lists = [lab.keys.reservation_index(4242), lab.keys.unledgered(4242), lab.keys.hydrate_lock(4242)]
+        assert await lab.scripts.rebuild_counters(lists, token, orjson.dumps(plan)) == 0
 
-        assert {name for name, _ in spy.calls} == {"admit", "reserve", "settle", "lease"}
+        assert {name for name, _ in spy.calls} == {"admit", "reserve", "settle", "lease", "rebuild"}
         tagged = f"{lab.keys.prefix}{{t:4242}}:"
         slot = keyslot(tagged)
         for name, keys in spy.calls:
