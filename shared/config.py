@@ -177,6 +177,12 @@ class PostgresConfig:
     command_timeout: float = env(
         "DATABASE_COMMAND_TIMEOUT", 10.0, minimum=0.1, help="seconds one Postgres statement may take"
     )
+    acquire_timeout: float = env(
+        "DATABASE_ACQUIRE_TIMEOUT",
+        5.0,
+        minimum=0.1,
+        help="seconds to wait for a free pooled Postgres connection",
+    )
 
     def check(self) -> list[str]:
         """Rules that involve more than one variable."""
@@ -323,6 +329,13 @@ class ProxyOptions:
         128 * 1024 * 1024,
         minimum=1024,
         help="bytes of a non-streamed Ollama answer held at once (listings, chats, embeddings); 502 above",
+    )
+    prompt_log_max_bytes: int = env(
+        "PROMPT_LOG_MAX_BYTES",
+        1 << 20,
+        minimum=1024,
+        maximum=64 << 20,
+        help="UTF-8 bytes of a logged request and of a logged response each (cut at a character beyond)",
     )
     body_timeout: float = env(
         "BODY_TIMEOUT",

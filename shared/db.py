@@ -53,17 +53,41 @@ def asyncpg_dsn(url: str) -> str:
     return urlunsplit((scheme, parts.netloc, parts.path, urlencode(query), parts.fragment))
 
 
+if TYPE_CHECKING:
+    _PoolBase = asyncpg.Pool[asyncpg.Record]
+else:
+    _PoolBase = asyncpg.Pool  # not subscriptable at run time
+
+
+class GatewayPool(_PoolBase):
+    """An asyncpg pool whose `acquire` waits at most `acquire_timeout` seconds unless told otherwise:
+    with Postgres hung and every connection busy, a caller gets TimeoutError (503 to a client) in a
+    stated time instead of queueing behind each stalled statement in turn."""
+
+    __slots__ = ("acquire_timeout",)
+    acquire_timeout: float
+
+    def acquire(self, *, timeout: float | None = None) -> Any:
+        """A connection from the pool (the pool's own `fetch*`/`execute` come through here too)."""
+        return super().acquire(timeout=self.acquire_timeout if timeout is None else timeout)
+
+
 async def create_pool(config: PostgresConfig) -> asyncpg.Pool[asyncpg.Record]:
-    """A pool sized by the configuration."""
-    pool = await asyncpg.create_pool(
+    """A pool sized by the configuration, with its connect, statement and acquire timeouts."""
+    pool = GatewayPool(
         asyncpg_dsn(config.url),
         min_size=config.pool_min,
         max_size=config.pool_max,
+        max_queries=50_000,
+        max_inactive_connection_lifetime=300.0,
+        loop=None,
+        connection_class=asyncpg.Connection,
+        record_class=asyncpg.Record,
         timeout=config.connect_timeout,
         command_timeout=config.command_timeout,
     )
-    if pool is None:  # asyncpg's stub allows None only for an unawaited pool
-        raise RuntimeError("asyncpg returned no pool")
+    pool.acquire_timeout = config.acquire_timeout
+    await pool
     return pool
 
 

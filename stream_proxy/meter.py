@@ -15,7 +15,16 @@ from typing import Any
 import attrs
 import orjson
 
-MAX_LOGGED_TEXT = 1 << 20
+MAX_LOGGED_TEXT = 1 << 20  # the default of GATEWAY_PROMPT_LOG_MAX_BYTES
+
+
+def utf8_prefix(text: str, limit: int) -> str:
+    """The longest prefix of `text` whose UTF-8 form has at most `limit` bytes (never half a
+    character; lone surrogates count as the three bytes they would take)."""
+    raw = text.encode("utf-8", "surrogatepass")
+    if len(raw) <= limit:
+        return text
+    return raw[: max(0, limit)].decode("utf-8", "ignore")
 
 
 @attrs.frozen

@@ -333,6 +333,7 @@ class Proxy:
                     adapter.write_completion(route, doc, reserved.completion_limit)
                 streaming = adapter.streams(route, doc.document)
                 framing = adapter.prepare(route, doc, streaming=streaming, keep_text=grant.prompt_logging)
+            framing = attrs.evolve(framing, text_limit=self.config.options.prompt_log_max_bytes)
             payload = doc.encoded() if doc is not None else None
             relay = Relay(
                 request=request,
@@ -452,7 +453,7 @@ class Proxy:
             client_disconnected=result.client_disconnected if result else False,
             method=grant.method,
             client_addr=grant.client_addr,
-            request_text=doc.raw.decode("utf-8", "replace") if grant.prompt_logging and doc else None,
+            request_text=self._logged_request(doc) if grant.prompt_logging and doc else None,
             response_text="".join(result.response_text) if grant.prompt_logging and result else None,
             prompt_log_ttl_seconds=grant.prompt_log_ttl_seconds if grant.prompt_logging else None,
             metered=metered,
@@ -504,6 +505,11 @@ class Proxy:
             m.disconnects.labels(route).inc()
         if event.estimate_reason == "upstream_failed" or (event.upstream_status or 0) >= 500:
             m.upstream_errors.labels(route).inc()
+
+    def _logged_request(self, doc: body.Body) -> str:
+        """The request body for the prompt log: at most GATEWAY_PROMPT_LOG_MAX_BYTES, never half a
+        character (the body parsed as JSON, so it is UTF-8)."""
+        return doc.raw[: self.config.options.prompt_log_max_bytes].decode("utf-8", "ignore")
 
     @staticmethod
     def _model(doc: body.Body | None) -> str | None:

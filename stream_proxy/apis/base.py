@@ -29,6 +29,7 @@ class Framing:
     hide_usage: bool = False  # drop the usage piece the gateway asked for (the client did not)
     strip_zero_usage: bool = False  # /v1/completions: Ollama's zero usage on every chunk
     keep_text: bool = False  # keep the generated text for the prompt log
+    text_limit: int = meter.MAX_LOGGED_TEXT  # UTF-8 bytes of it kept at most (GATEWAY_PROMPT_LOG_MAX_BYTES)
 
 
 class Reader(Protocol):
@@ -160,11 +161,23 @@ class CountingReader:
     framing: Framing
     count: meter.Count = attrs.Factory(meter.Count)
     text: list[str] = attrs.Factory(list)
+    text_bytes: int = 0
 
     def produced(self, text: str | None = None) -> None:
-        """One piece of generated output passed (content, thinking or a tool call)."""
+        """One piece of generated output passed (content, thinking or a tool call); its text is kept
+        for the prompt log up to the framing's byte limit, cut at a character boundary."""
         self.count.content_chunks += 1
         if not (self.framing.keep_text and isinstance(text, str) and text):
             return
-        if sum(map(len, self.text)) <= meter.MAX_LOGGED_TEXT:
-            self.text.append(text)
+        room = self.framing.text_limit - self.text_bytes
+        if room <= 0:
+            return
+        kept = meter.utf8_prefix(text, room)
+        if kept:
+            self.text.append(kept)
+        # Once a piece is cut, nothing after it is kept (the log stays a prefix of the output).
+        self.text_bytes = (
+            self.framing.text_limit
+            if kept != text
+            else self.text_bytes + len(kept.encode("utf-8", "surrogatepass"))
+        )

@@ -50,23 +50,23 @@ class NativeReader(CountingReader):
         if "error" in document:
             count.error = True
             return
-        if document.get("done") is True:
-            count.finished = True
-            count.prompt_tokens = int(document.get("prompt_eval_count") or 0)
-            count.completion_tokens = int(document.get("eval_count") or 0)
-            return
         if "embeddings" in document or "embedding" in document:
             count.finished = True
             if "prompt_eval_count" in document:
                 count.prompt_tokens = int(document.get("prompt_eval_count") or 0)
                 count.completion_tokens = 0
             return
+        # A non-streamed answer is one object with the whole output and `done`: both are read.
         message = document.get("message")
         text = message.get("content") if isinstance(message, dict) else document.get("response")
         thinking = message.get("thinking") if isinstance(message, dict) else document.get("thinking")
         calls = message.get("tool_calls") if isinstance(message, dict) else None
         if text or thinking or calls:
             self.produced(text if isinstance(text, str) else None)
+        if document.get("done") is True:
+            count.finished = True
+            count.prompt_tokens = int(document.get("prompt_eval_count") or 0)
+            count.completion_tokens = int(document.get("eval_count") or 0)
 
     def event(self, name: str | None, data: bytes, raw: bytes) -> bytes:
         """Native answers are never SSE; relayed untouched."""

@@ -79,7 +79,10 @@ class OpenAIReader(CountingReader):
         for choice in choices if isinstance(choices, list) else []:
             if not isinstance(choice, dict):
                 continue
+            # A stream's piece has a `delta`, a whole chat answer a `message`, a completion `text`.
             delta = choice.get("delta")
+            if not isinstance(delta, dict):
+                delta = choice.get("message")
             text = delta.get("content") if isinstance(delta, dict) else None
             produced = isinstance(delta, dict) and (
                 delta.get("content") or delta.get("reasoning") or delta.get("tool_calls")

@@ -72,6 +72,17 @@ def is_web_search(tool: Any) -> bool:
     return isinstance(members, list) and any(is_web_search(member) for member in members)
 
 
+def _output_text(item: dict[str, Any]) -> str | None:
+    """The text of a whole answer's `message` output item (its `output_text` parts)."""
+    content = item.get("content") if item.get("type") == "message" else None
+    parts = [
+        part["text"]
+        for part in (content if isinstance(content, list) else [])
+        if isinstance(part, dict) and part.get("type") == "output_text" and isinstance(part.get("text"), str)
+    ]
+    return "".join(parts) or None
+
+
 @attrs.define
 class ResponsesReader(CountingReader):
     """Reads Responses answers: one response object, or the event stream."""
@@ -91,7 +102,7 @@ class ResponsesReader(CountingReader):
         self._usage(document.get("usage"))
         for item in document.get("output") or []:
             if isinstance(item, dict):
-                self.produced()
+                self.produced(_output_text(item))
 
     def _usage(self, usage: Any) -> None:
         if not isinstance(usage, dict):

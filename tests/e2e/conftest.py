@@ -78,6 +78,8 @@ async def stack(
         # 1 MiB: a listing the simulator can make larger (tests/e2e/test_bounded.py); no other answer
         # an e2e test asks for comes near it.
         "GATEWAY_MAX_UPSTREAM_BODY_BYTES": str(1024 * 1024),
+        # Prompt logs cut at 4 KiB (tests/e2e/test_prompt_logs.py); the canary's prompts are shorter.
+        "GATEWAY_PROMPT_LOG_MAX_BYTES": "4096",
         # Canary secrets: the scan at the end of the session fails if any log line or audit row holds them.
         "GATEWAY_GRANT_SECRET": secret_canary.grant_secret,
         "GATEWAY_KEY_PEPPER": secret_canary.pepper,

@@ -48,7 +48,8 @@ import pytest
 from multidict import CIMultiDict
 from yarl import URL
 
-from tests.e2e.conftest import KeyFactory, SimulatorControl, Stack
+from shared import keys
+from tests.e2e.conftest import KeyFactory, SimulatorControl, Stack, forged_key
 
 pytestmark = pytest.mark.e2e
 
@@ -1527,3 +1528,111 @@ async def test_bytes_above_0x7f_in_headers_and_the_target_never_stop_the_denial_
     await asyncio.sleep(max(0.0, start + 1.0 - time.monotonic()))  # the bystander's turn: a second at least
     window = (start, time.monotonic())
     await watch.check(problems, window, min_served=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The heaviest bodies, a body slower than the deadline and a guessing flood, all at once
+
+GUESSING_SOURCE = "127.0.0.6"  # its own address: the per-address failure limiter is its own
+
+
+def _heaviest_body(marker: str) -> bytes:
+    """The largest body still read: about 290,000 JSON values, under the cap, parsed and key-folded
+    on stream_proxy's parsing thread. They sit in a field Ollama ignores: as a tool list the
+    simulator would spend about 9 s rendering them on its one event loop and delay the bystander
+    itself (the prompt-bound walk over such a tool is in tests/e2e/test_slow_bodies.py and
+    `scripts/bench hostile`)."""
+    schema = {f"p{i}": {"type": "string"} for i in range(140_000)}
+    document = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": marker}],
+        "stream": False,
+        "options": {"num_predict": 1},
+        "ignored": schema,
+    }
+    return json.dumps(document).encode()
+
+
+async def _past_the_deadline(stack: Stack, key: str, body: bytes, *, seconds: float) -> Outcome | None:
+    """Send a chat body byte by byte over `seconds`, reading the answer meanwhile (it may come
+    before the body is complete); stops sending once it has."""
+    reader, writer = await asyncio.open_connection(*host_of(stack))
+    headers = [("Authorization", f"Bearer {key}"), ("Content-Length", str(len(body)))]
+    writer.write(raw_request(stack, "POST", "/api/chat", headers=headers))
+    answer = asyncio.create_task(read_answer(reader))
+    try:
+        for i in range(len(body)):
+            if answer.done():
+                break
+            with contextlib.suppress(OSError):
+                writer.write(body[i : i + 1])
+                await writer.drain()
+            await asyncio.wait([answer], timeout=seconds / len(body))
+        async with asyncio.timeout(20):
+            return await answer
+    except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
+        return f"no answer: {exc!r}"
+    finally:
+        answer.cancel()
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+def _guessing_flood(h: Hostile, real: str, statuses: list[int]) -> Attempt:
+    """50 well-formed wrong keys for the prefix of a real key, one after another, from one address."""
+    prefix = keys.parse_key(real).prefix
+
+    async def attempt() -> list[str]:
+        connector = aiohttp.TCPConnector(local_addr=(GUESSING_SOURCE, 0))
+        problems: list[str] = []
+        async with aiohttp.ClientSession(connector=connector) as guesser:
+            for n in range(50):
+                outcome = await fetch(
+                    guesser, "POST", f"{h.gw}/api/chat", body=GOOD, headers=bearer(forged_key(prefix))
+                )
+                problems += judge(f"guess {n}", "/api/chat", outcome, {401, 429})
+                statuses.append(outcome.status if isinstance(outcome, Answer) else 0)
+        return problems
+
+    return attempt
+
+
+async def test_the_heaviest_bodies_a_trickle_and_a_guessing_flood_leave_the_bystander_unharmed(
+    stack: Stack, hostile: Hostile, watch: Watch, make_key: KeyFactory
+) -> None:
+    """At once: 660,000 empty messages (2 MB) and 10,001 messages (400 in the dialect), two of the
+    largest bodies still read (served), a body trickled in for longer than GATEWAY_BODY_TIMEOUT
+    (408 in the dialect at 10 s), and 50 well-formed wrong keys for one real prefix (10 times 401,
+    then 429; the key was used before). The bystander on the same stream_proxy is served
+    throughout without an error or a delay beyond MAX_LATENCY; the real key still works
+    afterwards; nothing refused reaches the simulator."""
+    h = hostile
+    heavy = [f"heaviest-{i}-{uuid.uuid4().hex}" for i in range(2)]
+    trickled = f"trickled-{uuid.uuid4().hex}"
+    real = await make_key()
+    turn = {"role": "user", "content": "x"}
+    empty = json.dumps({"model": MODEL, "messages": [{}] * 660_000}).encode()
+    many = json.dumps({"model": MODEL, "messages": [turn] * 10_001}).encode()
+    guesses: list[int] = []
+    before = await fetch(h.http, "POST", f"{h.gw}/api/chat", body=GOOD, headers=bearer(real))
+    assert isinstance(before, Answer)
+    assert before.status == 200
+
+    async def trickle() -> list[str]:
+        outcome = await _past_the_deadline(stack, h.key, chat_body(trickled), seconds=12.0)
+        return judge("a body slower than the deadline", "/api/chat", outcome, {408})
+
+    attempts = [
+        request_attempt(h, "660,000 empty messages", "POST", "/api/chat", {400}, body=empty),
+        request_attempt(h, "10,001 messages", "POST", "/v1/chat/completions", {400}, body=many),
+        *(request_attempt(h, m, "POST", "/api/chat", {200}, body=_heaviest_body(m)) for m in heavy),
+        trickle,
+        _guessing_flood(h, real, guesses),
+    ]
+    problems, window = await barrage(attempts, seconds=0.0, concurrency=len(attempts))
+    if guesses != [401] * 10 + [429] * 40:
+        problems.append(f"guessing flood answered {guesses}")
+    after = await fetch(h.http, "POST", f"{h.gw}/api/chat", body=GOOD, headers=bearer(real))
+    problems += judge("the real key after the flood", "/api/chat", after, {200})
+    await watch.check(problems, window, min_served=20, allowed=(*heavy, "hostile"))

@@ -20,6 +20,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 from zoneinfo import ZoneInfo
 
 import aiohttp
@@ -636,6 +637,90 @@ async def test_a_hung_redis_answers_503_within_the_stated_time(
                 return (await sidecar.authz(setup.created.token)).status == 200
 
             await until(admitted, "admitted again once Redis answers")
+
+
+@attrs.define
+class Blackhole:
+    """A TCP relay to a real Postgres that can stop relaying: connections stay open (new ones are
+    accepted too), bytes stop moving both ways, as with a Postgres host that hangs."""
+
+    target_port: int
+    flowing: asyncio.Event = attrs.Factory(asyncio.Event)
+    port: int = 0
+    _server: asyncio.Server | None = None
+    _tasks: set[asyncio.Task[None]] = attrs.Factory(set)
+
+    async def start(self) -> Blackhole:
+        self.flowing.set()
+        self._server = await asyncio.start_server(self._connected, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def _connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        for source, sink in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.create_task(self._pump(source, sink))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, ConnectionError):
+            while data := await source.read(65536):
+                await self.flowing.wait()
+                sink.write(data)
+                await sink.drain()
+        sink.close()
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._server is not None:
+            self._server.close()
+
+
+async def test_a_hung_postgres_answers_503_within_the_stated_time_for_every_waiting_request(
+    sidecar_env: dict[str, str], db: asyncpg.Connection, database_url: str
+) -> None:
+    """Postgres reached through a relay that stops moving bytes (connections open, no replies), with
+    a pool of one connection, GATEWAY_DATABASE_COMMAND_TIMEOUT and ..._ACQUIRE_TIMEOUT 1 s: eight
+    keys never seen before, asked for at once, each get 503 + Retry-After within acquire + command
+    timeout (plus 1 s of slack), not one after another (8 s without the acquire timeout); once the
+    relay moves bytes again every key is admitted."""
+    created = [await new_key(db) for _ in range(8)]
+    parts = urlsplit(database_url)
+    relay = await Blackhole(parts.port or 5432).start()
+    try:
+        relayed = urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{relay.port}"))
+        env = {
+            **sidecar_env,
+            "GATEWAY_DATABASE_URL": relayed,
+            "GATEWAY_DATABASE_POOL_MIN": "1",
+            "GATEWAY_DATABASE_POOL_MAX": "1",
+            "GATEWAY_DATABASE_COMMAND_TIMEOUT": "1",
+            "GATEWAY_DATABASE_ACQUIRE_TIMEOUT": "1",
+            "GATEWAY_DATABASE_CONNECT_TIMEOUT": "1",
+        }
+        async with running(env) as sidecar:
+            relay.flowing.clear()
+
+            async def timed(key: admin.CreatedKey) -> tuple[Reply, float]:
+                started = time.monotonic()
+                reply = await sidecar.authz(key.token)
+                return reply, time.monotonic() - started
+
+            results = await asyncio.gather(*(timed(key) for key in created))
+            relay.flowing.set()
+            for reply, elapsed in results:
+                assert_unavailable(reply)
+                assert elapsed < 1 + 1 + 1.0, elapsed
+
+            async def admitted() -> bool:
+                replies = await asyncio.gather(*(sidecar.authz(key.token) for key in created))
+                return all(r.status == 200 for r in replies)
+
+            await until(admitted, "every key admitted once Postgres answers")
+    finally:
+        await relay.stop()
 
 
 # coredis 6.9 creates a connection's anyio memory streams before connecting and leaves them unclosed

@@ -12,14 +12,17 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from shared import policy
-from stream_proxy import apis, body, meter
+from stream_proxy import apis, body
 from stream_proxy.apis.base import Framing
 from stream_proxy.exceptions import Refused
 
 MESSAGES: policy.Route = "anthropic_messages"
 RESPONSES: policy.Route = "openai_responses"
+NATIVE_CHAT: policy.Route = "chat"
 
 
 def _doc(document: dict[str, Any]) -> body.Body:
@@ -417,7 +420,24 @@ def test_prompt_log_keeps_generated_text() -> None:
     delta = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hello"}}
     _feed(reader, [_sse("content_block_delta", delta)])
     assert reader.text == ["Hello"]
-    assert meter.MAX_LOGGED_TEXT > 0
+
+
+@given(st.lists(st.text(min_size=1, max_size=40), max_size=60), st.integers(min_value=0, max_value=400))
+def test_prompt_log_text_is_cut_at_its_byte_limit_never_inside_a_character(
+    pieces: list[str], limit: int
+) -> None:
+    """The kept text is the longest whole-character prefix of the output that fits in `limit`
+    UTF-8 bytes: what is kept is a prefix of what was generated, within the limit, and only the
+    next character (at most 4 bytes) would not have fitted."""
+    reader = apis.adapter(NATIVE_CHAT).reader(NATIVE_CHAT, Framing(keep_text=True, text_limit=limit))
+    for piece in pieces:
+        reader.line({"message": {"role": "assistant", "content": piece}, "done": False})
+    kept = "".join(reader.text).encode("utf-8", "surrogatepass")
+    whole = "".join(pieces).encode("utf-8", "surrogatepass")
+    assert whole.startswith(kept)
+    assert len(kept) <= limit
+    assert len(kept) == len(whole) or len(kept) > limit - 4
+    assert reader.count.content_chunks == len(pieces)
 
 
 @pytest.mark.parametrize(
