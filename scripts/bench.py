@@ -38,6 +38,7 @@ from rich.table import Table
 import bench_bound
 import bench_hostile
 import bench_http
+import bench_routing
 import localstack
 from authz_sidecar.app import ADMISSION, AUTHENTICATOR, POOL, create_app
 from shared import admin, keys, usage_wire
@@ -613,6 +614,7 @@ SCENARIOS: dict[str, Callable[..., Awaitable[list[Row]]]] = {
     "limits": scenario_limits,
     "bound": bench_bound.scenario_bound,
     "hostile": bench_hostile.scenario_hostile,
+    "routing": bench_routing.scenario_routing,
 }
 
 

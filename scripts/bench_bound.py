@@ -65,7 +65,7 @@ async def _factors(settings: sim.SimulatorSettings) -> dict[str, list[float]]:
     factors: dict[str, list[float]] = {}
     try:
         async with aiohttp.ClientSession() as session:
-            catalog = ModelCatalog(session, base, refresh=3600, timeout=5)
+            catalog = ModelCatalog.single(session, base, timeout=5)
             for model in settings.models:
                 if "minilm" in model:
                     continue

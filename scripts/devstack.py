@@ -21,6 +21,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 import localstack
+import ollama_simulator
 from shared import admin
 from shared.db import asyncpg_dsn
 
@@ -85,7 +86,11 @@ def _panel(state: dict[str, Any]) -> Panel:
         f"[bold]gateway[/]   {gateway}",
         f"sidecar   {state['sidecar_url']}",
         f"proxy     {state['proxy_url']}",
-        f"ollama    {state['ollama_url']}",
+        *(
+            [f"ollama    {entry}" for entry in state["ollama_urls"].split(",")]
+            if state.get("ollama_urls")
+            else [f"ollama    {state['ollama_url']}"]
+        ),
         f"redis     {state['redis_url']}",
         "",
         f"[bold]demo tenant[/] {DEMO_TENANT}",
@@ -94,7 +99,18 @@ def _panel(state: dict[str, Any]) -> Panel:
     return Panel("\n".join(lines), title="neuronetz-gateway: local stack", border_style="green")
 
 
-def up(detach: bool, *, sidecars: int = 1, proxies: int = 1, redis_cluster: bool = False) -> int:
+def backend_models(index: int, count: int) -> list[str]:
+    """The models of simulator `index` (0-based) of `count`: with several, each lacks one of the
+    default models in turn, so every model is on all but one backend (one alone has them all)."""
+    models = list(ollama_simulator.DEFAULT_MODELS)
+    if count == 1:
+        return models
+    return [m for j, m in enumerate(models) if j != index % len(models)]
+
+
+def up(
+    detach: bool, *, sidecars: int = 1, proxies: int = 1, redis_cluster: bool = False, ollamas: int = 1
+) -> int:
     """Start the stack; with --detach return once it answers, else run until Ctrl-C."""
     state = _read_state()
     if state and any(_alive(pid) for pid in state.get("pids", {}).values()):
@@ -109,6 +125,7 @@ def up(detach: bool, *, sidecars: int = 1, proxies: int = 1, redis_cluster: bool
         sidecars=sidecars,
         proxies=proxies,
         redis_cluster=redis_cluster,
+        ollama_models=[backend_models(i, ollamas) for i in range(ollamas)] if ollamas > 1 else (),
     )
     with console.status("starting Postgres, Valkey, simulator, sidecar, proxy and Caddy…"):
         try:
@@ -228,15 +245,28 @@ def main(argv: Sequence[str]) -> int:
     up_cmd.add_argument("--sidecars", type=int, default=1, metavar="N", help="authz_sidecar replicas")
     up_cmd.add_argument("--proxies", type=int, default=1, metavar="M", help="stream_proxy replicas")
     up_cmd.add_argument(
+        "--ollamas",
+        type=int,
+        default=1,
+        metavar="K",
+        help="simulated Ollama backends, each with its own models",
+    )
+    up_cmd.add_argument(
         "--redis-cluster", action="store_true", help="a 3-primary Valkey cluster instead of one Valkey"
     )
     sub.add_parser("down", help="stop a detached stack")
     sub.add_parser("status", help="show the stack")
     args = parser.parse_args(argv)
     if args.command == "up":
-        if args.sidecars < 1 or args.proxies < 1:
-            parser.error("--sidecars and --proxies take a number of at least 1")
-        return up(args.detach, sidecars=args.sidecars, proxies=args.proxies, redis_cluster=args.redis_cluster)
+        if args.sidecars < 1 or args.proxies < 1 or args.ollamas < 1:
+            parser.error("--sidecars, --proxies and --ollamas take a number of at least 1")
+        return up(
+            args.detach,
+            sidecars=args.sidecars,
+            proxies=args.proxies,
+            redis_cluster=args.redis_cluster,
+            ollamas=args.ollamas,
+        )
     if args.command == "down":
         return down()
     return status()

@@ -363,6 +363,10 @@ class LocalStack:
     sidecars: int = 1  # authz_sidecar replicas behind Caddy
     proxies: int = 1  # stream_proxy replicas behind Caddy
     redis_cluster: bool = False  # a 3-primary Valkey cluster instead of one Valkey
+    # Several simulated Ollama backends (GATEWAY_OLLAMA_URLS): the models of each, and each one's
+    # extra options (`max_parallel=4;weight=2`); empty: one simulator (GATEWAY_OLLAMA_URL).
+    ollama_models: Sequence[Sequence[str]] = ()
+    ollama_options: Sequence[str] = ()
     cluster: Any = None  # valkey_cluster.ValkeyCluster when started here
     sidecar_ports: list[int] = attrs.field(factory=list)
     proxy_ports: list[int] = attrs.field(factory=list)
@@ -414,15 +418,17 @@ class LocalStack:
                 self.valkey = Valkey(self.workdir / "valkey", new_session=self.detach).start()
                 redis_url = self.valkey.url
             ollama_url = self.environ.get("GATEWAY_OLLAMA_URL")
-            if not ollama_url:
-                port = free_port()
-                sim_args = [sys.executable, "-m", "ollama_simulator",
-                            "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
-                tps = self.environ.get("GATEWAY_SIM_TOKENS_PER_SECOND")
-                if tps:
-                    sim_args += ["--tokens-per-second", tps]
-                self._spawn("simulator", sim_args, port, SIMULATOR_ENV)
-                ollama_url = f"http://127.0.0.1:{port}"
+            ollama_urls = ""
+            if self.ollama_models:
+                entries = []
+                for index, models in enumerate(self.ollama_models, start=1):
+                    url = self._simulator(f"simulator-{index}", models)
+                    options = self.ollama_options[index - 1] if index <= len(self.ollama_options) else ""
+                    entries.append(f"sim{index}={url}" + (f";{options}" if options else ""))
+                ollama_urls = ",".join(entries)
+                ollama_url = entries[0].split("=", 1)[1].split(";", 1)[0]
+            elif not ollama_url:
+                ollama_url = self._simulator("simulator", ())
             self.sidecar_ports = [free_port() for _ in range(self.sidecars)]
             self.proxy_ports = [free_port() for _ in range(self.proxies)]
             sidecar_port, proxy_port = self.sidecar_ports[0], self.proxy_ports[0]
@@ -432,6 +438,7 @@ class LocalStack:
                 "GATEWAY_REDIS_URL": redis_url,
                 "GATEWAY_REDIS_PREFIX": self.environ.get("GATEWAY_REDIS_PREFIX", "nz:"),
                 "GATEWAY_OLLAMA_URL": ollama_url,
+                "GATEWAY_OLLAMA_URLS": ollama_urls,
                 "GATEWAY_GRANT_SECRET": self.environ.get("GATEWAY_GRANT_SECRET") or secrets.token_urlsafe(32),
                 "GATEWAY_KEY_PEPPER": self.environ.get("GATEWAY_KEY_PEPPER") or secrets.token_urlsafe(32),
                 "GATEWAY_SIDECAR_PORT": str(sidecar_port),
@@ -478,6 +485,7 @@ class LocalStack:
                 "sidecar_url": f"http://127.0.0.1:{sidecar_port}",
                 "proxy_url": f"http://127.0.0.1:{proxy_port}",
                 "ollama_url": ollama_url,
+                "ollama_urls": ollama_urls,
                 "database_url": database_url,
                 "redis_url": redis_url,
             }
@@ -485,6 +493,18 @@ class LocalStack:
             self.stop()
             raise
         return self
+
+    def _simulator(self, name: str, models: Sequence[str]) -> str:
+        """Start one Ollama simulator (its own models when given); its URL."""
+        port = free_port()
+        sim_args = [sys.executable, "-m", "ollama_simulator", "--host", "127.0.0.1", "--port", str(port)]
+        tps = self.environ.get("GATEWAY_SIM_TOKENS_PER_SECOND")
+        if tps:
+            sim_args += ["--tokens-per-second", tps]
+        if models:
+            sim_args += ["--models", ",".join(models)]
+        self._spawn(name, sim_args, port, SIMULATOR_ENV)
+        return f"http://127.0.0.1:{port}"
 
     def pids(self) -> dict[str, int]:
         """Process ids of the stack's children."""

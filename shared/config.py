@@ -17,6 +17,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import attrs
 import cattrs
 
+from shared.backend_spec import BackendSpec, BackendSpecError, parse_backends
 from shared.exceptions import ConfigError
 
 T = TypeVar("T")
@@ -314,7 +315,22 @@ class ProxyOptions:
     port: int = env(
         "PROXY_PORT", 8082, minimum=0, maximum=65535, help="stream_proxy listen port (0 = any free port)"
     )
-    ollama_url: str = env("OLLAMA_URL", "http://127.0.0.1:11434", help="Ollama base URL")
+    ollama_url: str = env("OLLAMA_URL", "http://127.0.0.1:11434", help="Ollama base URL (one backend)")
+    ollama_urls: str = env(
+        "OLLAMA_URLS",
+        "",
+        help="several Ollama backends, comma-separated `[name=]url[;weight=W][;max_parallel=N]` "
+        "(replaces GATEWAY_OLLAMA_URL when set)",
+    )
+    backend_poll_interval: float = env(
+        "BACKEND_POLL_INTERVAL",
+        5.0,
+        minimum=0.1,
+        help="seconds between polls of each backend's /api/version, /api/tags and /api/ps (±20 %)",
+    )
+    backend_poll_timeout: float = env(
+        "BACKEND_POLL_TIMEOUT", 2.0, minimum=0.01, help="seconds a backend has to answer one poll request"
+    )
     max_body_bytes: int = env("MAX_BODY_BYTES", 10 * 1024 * 1024, minimum=1, help="request body cap")
     connect_timeout: float = env("UPSTREAM_CONNECT_TIMEOUT", 5.0, minimum=0.001, help="seconds to connect")
     first_byte_timeout: float = env(
@@ -356,12 +372,6 @@ class ProxyOptions:
         help="prompt allowance per embedding input (special tokens)",
     )
     image_tokens: int = env("IMAGE_TOKENS", 2048, minimum=0, help="prompt allowance per attached image")
-    model_refresh: float = env(
-        "MODEL_REFRESH",
-        30.0,
-        minimum=0.1,
-        help="seconds between polls of /api/tags for changed model digests",
-    )
     show_timeout: float = env("SHOW_TIMEOUT", 5.0, minimum=0.001, help="seconds for Ollama's /api/show")
     fallback_context_tokens: int = env(
         "FALLBACK_CONTEXT_TOKENS",
@@ -383,6 +393,22 @@ class ProxyOptions:
         help="seconds stream_proxy serves with /readyz 503 before it stops (> Caddy's health checks)",
     )
     idle_timeout: float = env("UPSTREAM_IDLE_TIMEOUT", 120.0, minimum=0.001, help="seconds between chunks")
+
+    def backends(self) -> list[BackendSpec]:
+        """The Ollama backends: GATEWAY_OLLAMA_URLS, else the one GATEWAY_OLLAMA_URL (no
+        `max_parallel`: Ollama queues beyond its own)."""
+        if self.ollama_urls.strip():
+            return parse_backends(self.ollama_urls)
+        return parse_backends(f"ollama={self.ollama_url}")
+
+    def check(self) -> list[str]:
+        """Rules that involve more than one variable."""
+        try:
+            self.backends()
+        except BackendSpecError as error:
+            variable = "GATEWAY_OLLAMA_URLS" if self.ollama_urls.strip() else "GATEWAY_OLLAMA_URL"
+            return [f"{variable}: {error}"]
+        return []
 
 
 @attrs.frozen

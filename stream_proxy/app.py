@@ -11,7 +11,6 @@ import aiohttp
 import coredis
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from yarl import URL
 
 from shared import store
 from shared.config import ProxyConfig
@@ -19,6 +18,7 @@ from shared.dialect import error_response
 from shared.limits import LimitScripts
 from shared.redis_keys import RedisKeys
 from shared.untrusted import printable
+from stream_proxy.backends import Backends
 from stream_proxy.exceptions import Refused
 from stream_proxy.metrics import ProxyMetrics
 from stream_proxy.models import ModelCatalog
@@ -35,6 +35,7 @@ DRAINING = web.AppKey("draining", asyncio.Event)
 REPORTER = web.AppKey("reporter", UsageReporter)
 PROXY = web.AppKey("proxy", Proxy)
 CATALOG = web.AppKey("catalog", ModelCatalog)
+BACKENDS = web.AppKey("backends", Backends)
 METRICS = web.AppKey("metrics", ProxyMetrics)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -67,14 +68,17 @@ async def healthz(_: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready when Ollama answers /api/version, the spool has room and the process is not draining."""
+    """Ready when a backend is in rotation (its last poll answered), the spool has room and the
+    process is not draining."""
     app = request.app
-    checks = {"draining": app[DRAINING].is_set(), "spool_full": app[REPORTER].full, "ollama": False}
-    url = URL(app[CONFIG].options.ollama_url).with_path("/api/version")
-    with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
-        async with app[SESSION].get(url, timeout=aiohttp.ClientTimeout(total=1)) as resp:
-            checks["ollama"] = resp.status == 200
-    ready = checks["ollama"] and not checks["spool_full"] and not checks["draining"]
+    healthy = len(app[BACKENDS].healthy())
+    checks = {
+        "draining": app[DRAINING].is_set(),
+        "spool_full": app[REPORTER].full,
+        "ollama": healthy > 0,
+        "backends_healthy": healthy,
+    }
+    ready = healthy > 0 and not checks["spool_full"] and not checks["draining"]
     return web.json_response({"ready": ready, **checks}, status=200 if ready else 503)
 
 
@@ -119,12 +123,21 @@ async def _reporter(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _catalog(app: web.Application) -> AsyncIterator[None]:
+    """The backends (polled once before the first request, then each on its own timer) and the
+    facts about their models."""
     options = app[CONFIG].options
-    catalog = ModelCatalog(
-        app[SESSION], URL(options.ollama_url), refresh=options.model_refresh, timeout=options.show_timeout
+    backends = Backends(
+        app[SESSION],
+        options.backends(),
+        interval=options.backend_poll_interval,
+        timeout=options.backend_poll_timeout,
     )
-    app[CATALOG] = catalog
-    task = asyncio.create_task(catalog.run())
+    catalog = ModelCatalog(app[SESSION], backends, timeout=options.show_timeout)
+    backends.on_change = lambda _: catalog.forget_changed()
+    app[BACKENDS], app[CATALOG] = backends, catalog
+    app[METRICS].watch_backends(lambda: [(b.name, b.in_flight, b.healthy) for b in backends.backends])
+    await backends.poll_all()
+    task = asyncio.create_task(backends.run())
     yield
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
@@ -140,6 +153,7 @@ async def _proxy(app: web.Application) -> AsyncIterator[None]:
         reporter=app[REPORTER],
         draining=app[DRAINING],
         metrics=app[METRICS],
+        backends=app[BACKENDS],
         clock=app[CLOCK],
     )
     app[METRICS].watch_spool(lambda: app[REPORTER].depth)

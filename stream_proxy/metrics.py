@@ -22,6 +22,24 @@ class _Spool(Collector):
         yield family
 
 
+class _Backends(Collector):
+    def __init__(self, state: Callable[[], list[tuple[str, int, bool]]]) -> None:
+        self._state = state
+
+    def collect(self) -> Iterator[Metric]:
+        in_flight = GaugeMetricFamily(
+            "proxy_backend_in_flight", "requests in flight on each backend", labels=["backend"]
+        )
+        healthy = GaugeMetricFamily(
+            "proxy_backend_healthy", "1 while the backend answers its polls", labels=["backend"]
+        )
+        for name, count, up in self._state():
+            in_flight.add_metric([name], float(count))
+            healthy.add_metric([name], 1.0 if up else 0.0)
+        yield in_flight
+        yield healthy
+
+
 @attrs.define
 class ProxyMetrics:
     """The proxy's registry and instruments."""
@@ -33,6 +51,9 @@ class ProxyMetrics:
     tokens: Counter = attrs.field(init=False)
     disconnects: Counter = attrs.field(init=False)
     upstream_errors: Counter = attrs.field(init=False)
+    backend_requests: Counter = attrs.field(init=False)
+    backend_first_byte: Histogram = attrs.field(init=False)
+    backend_errors: Counter = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         r = self.registry
@@ -47,6 +68,27 @@ class ProxyMetrics:
             "proxy_client_disconnects", "clients gone mid-response", ["route"], registry=r
         )
         self.upstream_errors = Counter("proxy_upstream_errors", "Ollama failures", ["route"], registry=r)
+        # Per backend, labelled with its configured name (never its URL, which may hold credentials).
+        self.backend_requests = Counter(
+            "proxy_backend_requests", "requests sent to each backend", ["backend"], registry=r
+        )
+        self.backend_first_byte = Histogram(
+            "proxy_backend_first_byte_seconds",
+            "time to a backend's first byte",
+            ["backend"],
+            buckets=SECONDS,
+            registry=r,
+        )
+        self.backend_errors = Counter(
+            "proxy_backend_errors",
+            "backend failures: refused, dropped (before the answer), status (5xx), broken (mid-answer)",
+            ["backend", "kind"],
+            registry=r,
+        )
+
+    def watch_backends(self, state: Callable[[], list[tuple[str, int, bool]]]) -> None:
+        """Expose each backend's requests in flight and health: (name, in flight, healthy)."""
+        self.registry.register(_Backends(state))
 
     def watch_spool(self, depth: Callable[[], int]) -> None:
         """Expose the usage spool's depth."""

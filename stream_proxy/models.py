@@ -2,9 +2,10 @@
 
 `/api/show` reports the template that wraps every prompt, the Modelfile SYSTEM and MESSAGEs that
 are added to it, the PARAMETER num_ctx and the context length the model was trained for (Ollama
-caps num_ctx there). The facts are cached per model name together with the model's digest from
-`/api/tags`; a poll of `/api/tags` drops every entry whose digest changed (a model pulled again,
-or created anew under the same name), so the next request asks `/api/show` again.
+caps num_ctx there). The facts are asked of a backend that has the model and cached per model name
+together with the model's digest (every backend that serves the name has that digest,
+stream_proxy/backends.py); a poll that finds the digest changed (a model pulled again, or created
+anew under the same name) drops the entry, so the next request asks `/api/show` again.
 """
 
 from __future__ import annotations
@@ -21,13 +22,12 @@ import attrs
 import orjson
 from yarl import URL
 
-from shared.model_names import InvalidModelName, normalise
+from shared.backend_spec import BackendSpec
+from stream_proxy.backends import USER_AGENT, Backends, model_key
 from stream_proxy.capped import read_capped
 from stream_proxy.template_bound import Analysis, analyse
 
 log = logging.getLogger("stream_proxy.models")
-# The catalogue's own requests say who sends them (tests leave them out of what reached Ollama).
-USER_AGENT = "neuronetz-gateway model-catalogue"
 # How long a name Ollama does not describe stays unknown, and how many such names are kept.
 UNKNOWN_SECONDS = 5.0
 MAX_UNKNOWN = 4096
@@ -103,33 +103,34 @@ def facts_from_show(answer: dict[str, Any], digest: str | None) -> ModelFacts:
     )
 
 
-def _key(name: str) -> str | None:
-    try:
-        return normalise(name)
-    except InvalidModelName:
-        return None
-
-
 @attrs.define
 class ModelCatalog:
-    """Facts per model, fetched on first use and dropped when the model's digest changes."""
+    """Facts per model, fetched on first use from a backend that has it, and dropped when the
+    model's digest changes (stream_proxy/backends.py polls the backends and calls `forget_changed`)."""
 
     session: aiohttp.ClientSession
-    ollama: URL
-    refresh: float
+    backends: Backends
     timeout: float
     clock: Callable[[], float] = time.monotonic
     _facts: dict[str, ModelFacts] = attrs.field(init=False, factory=dict)
-    _digests: dict[str, str] = attrs.field(init=False, factory=dict)
-    _digests_at: float = attrs.field(init=False, default=-1e18)
     _inflight: dict[str, asyncio.Future[ModelFacts | None]] = attrs.field(init=False, factory=dict)
     # Names Ollama did not describe, until when: requests naming them do not each cost a call.
     _unknown: dict[str, float] = attrs.field(init=False, factory=dict)
 
+    @classmethod
+    def single(
+        cls, session: aiohttp.ClientSession, ollama: URL, *, timeout: float, interval: float = 30.0
+    ) -> ModelCatalog:
+        """A catalogue of one backend (tests, benchmarks)."""
+        backends = Backends(session, [BackendSpec("ollama", ollama)], interval=interval, timeout=timeout)
+        catalog = cls(session, backends, timeout)
+        backends.on_change = lambda _: catalog.forget_changed()
+        return catalog
+
     async def facts(self, name: str) -> ModelFacts | None:
-        """The model's facts, or None when Ollama does not describe it (unknown model, an error):
-        the caller then bounds the prompt by the context length alone."""
-        key = _key(name)
+        """The model's facts, or None when no backend describes it (unknown model, an error): the
+        caller then bounds the prompt by the context length alone."""
+        key = model_key(name)
         if key is None:
             return None
         known = self._facts.get(key)
@@ -154,61 +155,46 @@ class ModelCatalog:
             del self._inflight[key]
 
     async def _fetch(self, name: str, key: str) -> ModelFacts | None:
-        if key not in self._digests and self.clock() - self._digests_at > 1.0:
-            await self.poll()
-        answer = await self._get("/api/show", {"model": name})
+        if not self.backends.candidates(key):
+            await self.backends.refresh_on_miss()
+        candidates = self.backends.candidates(key)
+        if not candidates and len(self.backends.backends) == 1:
+            candidates = self.backends.backends  # one backend alone is asked whatever its listing says
+        answer = await self._show(candidates[0].url, name) if candidates else None
         if not isinstance(answer, dict):
             if len(self._unknown) >= MAX_UNKNOWN:
                 self._unknown.clear()
-            self._unknown[key] = self.clock() + min(self.refresh, UNKNOWN_SECONDS)
+            self._unknown[key] = self.clock() + UNKNOWN_SECONDS
             return None
-        found = facts_from_show(answer, self._digests.get(key))
+        found = facts_from_show(answer, self.backends.digest(key))
         self._facts[key] = found
         return found
 
-    async def _get(self, path: str, payload: dict[str, Any] | None = None) -> Any:
-        url = self.ollama.with_path(path)
+    async def _show(self, ollama: URL, name: str) -> Any:
+        url = ollama.with_path("/api/show")
         timeout = aiohttp.ClientTimeout(total=self.timeout)
         headers = {"User-Agent": USER_AGENT, "Content-Type": "application/json"}
         try:
-            if payload is None:
-                request = self.session.get(url, timeout=timeout, headers=headers)
-            else:
-                data = orjson.dumps(payload)
-                request = self.session.post(url, data=data, timeout=timeout, headers=headers)
-            async with request as response:
+            data = orjson.dumps({"model": name})
+            async with self.session.post(url, data=data, timeout=timeout, headers=headers) as response:
                 if response.status != 200:
                     return None
                 answer = await read_capped(response, MAX_ANSWER_BYTES)
                 if answer is None:
-                    log.warning("ollama %s answered more than %d bytes", path, MAX_ANSWER_BYTES)
+                    log.warning("ollama /api/show answered more than %d bytes", MAX_ANSWER_BYTES)
                     return None
                 return orjson.loads(answer)
         except ERRORS as error:
-            log.warning("ollama %s failed: %s", path, type(error).__name__)
+            log.warning("ollama /api/show failed: %s", type(error).__name__)
             return None
 
     async def poll(self) -> None:
-        """Read `/api/tags` and drop the facts of every model whose digest changed or is gone."""
-        answer = await self._get("/api/tags")
-        if not isinstance(answer, dict) or not isinstance(answer.get("models"), list):
-            return
-        digests: dict[str, str] = {}
-        for model in answer["models"]:
-            if isinstance(model, dict) and isinstance(model.get("digest"), str):
-                key = _key(str(model.get("model") or model.get("name") or ""))
-                if key is not None:
-                    digests[key] = model["digest"]
-        self._digests, self._digests_at = digests, self.clock()
-        for key, facts in list(self._facts.items()):
-            if digests.get(key) != facts.digest:
-                del self._facts[key]
+        """Poll every backend now (their catalogue, then the facts whose digest changed go)."""
+        await self.backends.poll_all()
+        self.forget_changed()
 
-    async def run(self) -> None:
-        """Poll `/api/tags` every `refresh` seconds for as long as the process lives."""
-        while True:
-            await asyncio.sleep(self.refresh)
-            try:
-                await self.poll()
-            except Exception:  # one failed poll never stops the next
-                log.exception("model catalogue poll failed")
+    def forget_changed(self) -> None:
+        """Drop the facts of every model whose digest changed or that no backend has any more."""
+        for key, facts in list(self._facts.items()):
+            if self.backends.digest(key) != facts.digest:
+                del self._facts[key]

@@ -12,6 +12,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import datetime as dt
+import functools
 import logging
 import math
 import time
@@ -32,13 +33,15 @@ from shared.limits import TENANT_REFRESH_SECONDS, LimitScripts, NeedsHydration, 
 from shared.limits import Refused as LimitRefused
 from shared.models import EstimateReason, UsageEvent
 from shared.periods import from_names
+from shared.untrusted import printable
 from stream_proxy import apis, body, grants, meter
 from stream_proxy import policy as body_policy
+from stream_proxy.backends import Backend, Backends, MergedListing, model_key
 from stream_proxy.exceptions import GrantSpent, Refused
 from stream_proxy.metrics import ProxyMetrics
 from stream_proxy.models import ModelCatalog
 from stream_proxy.prompt_bound import request_bound
-from stream_proxy.relay import Relay
+from stream_proxy.relay import Relay, RelayResult
 from stream_proxy.usage import UsageReporter
 
 log = logging.getLogger("stream_proxy.proxy")
@@ -100,6 +103,22 @@ def scope_of(grant: Grant) -> Scope:
     )
 
 
+# Routes whose body or path names the model a backend must have; listings merged across backends.
+ROUTED: frozenset[policy.Route] = frozenset({*policy.METERED, "show", "openai_model"})
+MERGED: frozenset[policy.Route] = frozenset({"tags", "ps", "openai_models"})
+
+
+@attrs.define
+class _Trip:
+    """One request's backends: every one tried in order, those holding a place, the model's key."""
+
+    key: str | None = None
+    used: list[Backend] = attrs.Factory(list)
+    counted: list[Backend] = attrs.Factory(list)
+    retried: bool = False
+    started: float | None = attrs.Factory(time.time)
+
+
 @attrs.define
 class Proxy:
     """Dependencies of the proxied path; `handle` is the catch-all handler."""
@@ -111,16 +130,13 @@ class Proxy:
     reporter: UsageReporter
     draining: asyncio.Event
     metrics: ProxyMetrics
+    backends: Backends
     clock: Callable[[], float] = time.time
-    ollama: URL = attrs.field(init=False)
     _background: set[asyncio.Task[None]] = attrs.field(init=False, factory=set)
     _registered: dict[int, float] = attrs.field(init=False, factory=dict)  # tenant → monotonic time
     _parser: concurrent.futures.ThreadPoolExecutor = attrs.field(
         init=False, factory=lambda: concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="parse")
     )
-
-    def __attrs_post_init__(self) -> None:
-        self.ollama = URL(self.config.options.ollama_url)
 
     @property
     def _lease_ms(self) -> int:
@@ -249,6 +265,7 @@ class Proxy:
             in_path = apis.adapter(route).path_model(route, request.path)
             if in_path is not None:
                 body_policy.check_model(grant, in_path)
+            await self._servable(route, in_path or self._model(doc))
             reserved, bound = await self._reserve(grant, route, doc)
         except GrantSpent:
             raise
@@ -324,8 +341,9 @@ class Proxy:
         started: float,
     ) -> web.StreamResponse:
         adapter = apis.adapter(route)
-        relay: Relay | None = None
+        relay: Relay | MergedListing | None = None
         refused_status: int | None = None
+        trip = _Trip()
         try:
             framing = apis.Framing(keep_text=grant.prompt_logging)
             if doc is not None and route in policy.METERED:
@@ -335,27 +353,46 @@ class Proxy:
                 framing = adapter.prepare(route, doc, streaming=streaming, keep_text=grant.prompt_logging)
             framing = attrs.evolve(framing, text_limit=self.config.options.prompt_log_max_bytes)
             payload = doc.encoded() if doc is not None else None
-            relay = Relay(
-                request=request,
-                session=self.session,
-                ollama=self.ollama,
-                reader=adapter.reader(route, framing),
-                first_byte_timeout=self.config.options.first_byte_timeout,
-                max_buffered=self.config.options.max_upstream_body_bytes,
-                completion_limit=reserved.completion_limit,
-                transform=self._listing_filter(grant, route),
-                headers=ratelimit_headers(grant.rate, reserved.reserved, policy.FAMILY[route]),
-            )
+            headers = ratelimit_headers(grant.rate, reserved.reserved, policy.FAMILY[route])
             async with self._lease(grant):
+                if route in MERGED and len(self.backends.backends) > 1:
+                    relay = MergedListing(
+                        request=request,
+                        session=self.session,
+                        backends=self.backends.healthy(),
+                        route=route,
+                        timeout=self.config.options.first_byte_timeout,
+                        max_buffered=self.config.options.max_upstream_body_bytes,
+                        transform=self._listing_filter(grant, route),
+                        headers=headers,
+                    )
+                    return await relay.run(payload)
+                backend = await self._backend(grant, route, request, doc, trip)
+                relay = Relay(
+                    request=request,
+                    session=self.session,
+                    ollama=backend.url,
+                    reader=adapter.reader(route, framing),
+                    first_byte_timeout=self.config.options.first_byte_timeout,
+                    max_buffered=self.config.options.max_upstream_body_bytes,
+                    completion_limit=reserved.completion_limit,
+                    transform=self._listing_filter(grant, route),
+                    headers=headers,
+                    retry=functools.partial(self._retry, grant, trip),
+                )
                 try:
                     return await relay.run(payload)
                 except Refused as refused:
                     relay.result.status = refused.status
                     raise
+                finally:
+                    self._observe_backend(trip, relay.result)
         except Refused as refused:
             refused_status = refused.status
             raise
         finally:
+            for backend in trip.counted:
+                self.backends.release(backend)
             # After the response has ended, off the request's path: a keep-alive client's next
             # request on this connection is not held behind the usage round trip.
             self._spawn(
@@ -370,6 +407,82 @@ class Proxy:
                     status=refused_status if relay is None else None,
                 )
             )
+
+    async def _servable(self, route: policy.Route, model: str | None) -> None:
+        """Refuse, before anything is reserved, what no backend can serve: 503 when none is in
+        rotation, 404 (as Ollama answers) when none has the model. One backend alone is asked
+        whatever its catalogue says: its own answer is Ollama's."""
+        backends = self.backends
+        if len(backends.backends) == 1:
+            return
+        if not backends.healthy():
+            raise Refused(503, "no model server is available", headers={"Retry-After": "5"})
+        if route not in ROUTED or model is None:
+            return
+        key = model_key(model)
+        if key is not None and not backends.candidates(key):
+            await backends.refresh_on_miss()
+        if key is None or not backends.candidates(key):
+            raise Refused(404, f'model "{printable(model, 200)}" not found, try pulling it first')
+
+    async def _backend(
+        self, grant: Grant, route: policy.Route, request: web.Request, doc: body.Body | None, trip: _Trip
+    ) -> Backend:
+        """The backend for this request. A generating or embedding request holds a place there
+        (waiting for one, up to the first-byte timeout, when every backend with the model is full)."""
+        backends = self.backends
+        model = apis.adapter(route).path_model(route, request.path) or self._model(doc)
+        trip.key = model_key(model) if model is not None and route in ROUTED else None
+        if trip.key is None or not backends.candidates(trip.key):
+            # Not a model's route, or one backend alone (its own answer is Ollama's): the first in rotation.
+            chosen = next(iter(backends.healthy()), backends.backends[0])
+        elif route in policy.METERED:
+            wait = self.config.options.first_byte_timeout
+            found = await backends.acquire(trip.key, grant.key_id, wait=wait)
+            if found is None:
+                raise Refused(503, "every model server with this model is busy", headers={"Retry-After": "5"})
+            chosen = found
+            trip.counted.append(chosen)
+        else:
+            chosen = backends.pick(trip.key) or backends.backends[0]  # a candidate exists: never the fallback
+        trip.used.append(chosen)
+        self.metrics.backend_requests.labels(chosen.name).inc()
+        return chosen
+
+    async def _retry(self, grant: Grant, trip: _Trip, kind: str) -> URL | None:
+        """Once per request: another backend with the model, after this one refused the connection
+        or failed with a 5xx before the first byte."""
+        failed = trip.used[-1]
+        self.metrics.backend_errors.labels(failed.name, kind).inc()
+        if trip.retried or trip.key is None:
+            return None
+        trip.retried = True
+        if failed in trip.counted:
+            wait = self.config.options.first_byte_timeout
+            other = await self.backends.acquire(trip.key, grant.key_id, wait=wait, exclude=trip.used)
+            if other is None:
+                return None
+            trip.counted.remove(failed)
+            self.backends.release(failed)
+            trip.counted.append(other)
+        else:
+            other = self.backends.pick(trip.key, exclude=trip.used)
+            if other is None:
+                return None
+        log.warning("retrying on another backend", extra={"backend": other.name, "failed": failed.name})
+        trip.used.append(other)
+        self.metrics.backend_requests.labels(other.name).inc()
+        return other.url
+
+    def _observe_backend(self, trip: _Trip, result: RelayResult) -> None:
+        if not trip.used:
+            return
+        backend = trip.used[-1].name
+        if result.first_byte_at is not None and trip.started is not None:
+            waited = max(0.0, result.first_byte_at - trip.started)
+            self.metrics.backend_first_byte.labels(backend).observe(waited)
+        if result.upstream_failed and not result.client_disconnected:
+            self.metrics.backend_errors.labels(backend, "broken").inc()
 
     def _listing_filter(self, grant: Grant, route: policy.Route) -> Callable[[bytes], bytes] | None:
         listing = apis.adapter(route).listing(route)
@@ -394,7 +507,7 @@ class Proxy:
         route: policy.Route,
         *,
         doc: body.Body | None,
-        relay: Relay | None,
+        relay: Relay | MergedListing | None,
         reserved: Reserved | None,
         started: float,
         status: int | None = None,

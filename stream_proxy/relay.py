@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 import attrs
@@ -49,6 +49,7 @@ class RelayResult:
     client_disconnected: bool = False
     upstream_failed: bool = False
     upstream_unreached: bool = False  # no connection to Ollama at all: it never saw the request
+    dropped_before_head: bool = False  # connected, but the connection broke before the answer's head
     cut_at_limit: bool = False
     first_byte_at: float | None = None
     count: meter.Count = attrs.Factory(meter.Count)
@@ -98,6 +99,10 @@ class Relay:
     completion_limit: int | None = None
     transform: Callable[[bytes], bytes] | None = None  # non-streamed bodies (listing filters)
     headers: dict[str, str] = attrs.Factory(dict)
+    # Another backend to try when this one refused the connection, dropped it before its answer's
+    # head, or answered 5xx ("refused", "dropped", "status"): nothing had reached the client yet.
+    # None: no other (stream_proxy/backends.py).
+    retry: Callable[[str], Awaitable[URL | None]] | None = None
     result: RelayResult = attrs.Factory(RelayResult)
 
     def __attrs_post_init__(self) -> None:
@@ -105,6 +110,31 @@ class Relay:
         self.result.response_text = self.reader.text
 
     async def _open(self, payload: bytes | None) -> aiohttp.ClientResponse:
+        """The upstream answer's head; once on another backend if this one refused the connection
+        or failed with a 5xx, which is before anything reached the client."""
+        while True:
+            try:
+                upstream = await self._attempt(payload)
+            except Refused:
+                result = self.result
+                kind = "refused" if result.upstream_unreached else "dropped"
+                if not (result.upstream_unreached or result.dropped_before_head):
+                    raise
+                if (other := await self._another(kind)) is None:
+                    raise
+                result.upstream_failed = result.upstream_unreached = result.dropped_before_head = False
+                self.ollama = other
+                continue
+            if upstream.status >= 500 and (other := await self._another("status")) is not None:
+                upstream.close()
+                self.ollama = other
+                continue
+            return upstream
+
+    async def _another(self, kind: str) -> URL | None:
+        return None if self.retry is None else await self.retry(kind)
+
+    async def _attempt(self, payload: bytes | None) -> aiohttp.ClientResponse:
         target = self.ollama.with_path(self.request.path)  # no client query string: Ollama takes none
         try:
             async with asyncio.timeout(self.first_byte_timeout):
@@ -123,7 +153,9 @@ class Relay:
             self.result.upstream_failed = self.result.upstream_unreached = True
             raise Refused(502, "upstream model server unreachable", headers={"Retry-After": "5"}) from None
         except (aiohttp.ClientError, OSError):
-            self.result.upstream_failed = True
+            # Connected, but the backend went away before its answer's head: nothing reached the
+            # client, so another backend may still be tried.
+            self.result.upstream_failed = self.result.dropped_before_head = True
             raise Refused(502, "upstream model server unreachable", headers={"Retry-After": "5"}) from None
 
     def _over_limit(self) -> bool:

@@ -356,7 +356,7 @@ async def record_middleware(
             record.response_body += response.body
         return response
     finally:
-        await recorder.finish(record, status)
+        await recorder.finish(record, status, finished_at_ns=request.app[STATE_KEY].clock.time_ns())
 
 
 async def _drop_server_header(_request: web.Request, response: web.StreamResponse) -> None:

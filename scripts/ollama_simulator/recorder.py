@@ -76,6 +76,7 @@ class RequestRecord:
     received_at_ns: int
     status: int | None = None
     finished: bool = False
+    finished_at_ns: int | None = None  # wall clock, as received_at_ns
     generation: GenerationRecord | None = None
     # Every body byte the simulator wrote back, so tests can compare what a relay delivered.
     response_body: bytearray = attrs.field(factory=bytearray)
@@ -97,6 +98,9 @@ class RequestRecord:
             "body_text": self.body.decode("utf-8", "replace"),
             "body_base64": base64.b64encode(self.body).decode("ascii"),
             "received_at": rfc3339nano(self.received_at_ns),
+            # Nanoseconds, so tests can tell which requests overlapped in time.
+            "received_at_ns": self.received_at_ns,
+            "finished_at_ns": self.finished_at_ns,
             "status": self.status,
             "finished": self.finished,
             "generation": self.generation.to_json() if self.generation else None,
@@ -143,9 +147,10 @@ class Recorder:
         self._records.append(record)
         return record
 
-    async def finish(self, record: RequestRecord, status: int | None) -> None:
+    async def finish(self, record: RequestRecord, status: int | None, *, finished_at_ns: int) -> None:
         record.status = status
         record.finished = True
+        record.finished_at_ns = finished_at_ns
         if record.generation is not None and record.generation.outcome == "running":
             record.generation.outcome = "cancelled"
         await self._notify()

@@ -33,7 +33,7 @@ from shared.hashing import Argon2Params
 from shared.models import Limits
 from shared.periods import periods_at
 from stream_proxy import apis
-from stream_proxy.models import USER_AGENT as CATALOGUE
+from stream_proxy.backends import USER_AGENT as CATALOGUE
 from stream_proxy.models import facts_from_show
 from stream_proxy.prompt_bound import prompt_bound as bound_of
 from tests import secret_scan
@@ -56,6 +56,7 @@ class Stack:
     redis_url: str
     env: dict[str, str]
     logs: Path
+    ollama_urls: str = ""  # GATEWAY_OLLAMA_URLS when the stack has several simulated backends
 
 
 @pytest.fixture(scope="session")

@@ -636,6 +636,31 @@ async def test_ollama_unreachable_is_502_in_the_callers_dialect(
             assert (event.total_tokens, event.estimated) == (0, False)
 
 
+async def test_every_backend_down_is_503_in_the_callers_dialect_and_nothing_is_charged(
+    stack: Stack, http: aiohttp.ClientSession, make_key: KeyFactory, usage: UsageLog
+) -> None:
+    """With two backends (GATEWAY_OLLAMA_URLS) neither of which answers its poll, a metered request
+    is 503 with Retry-After in the caller's dialect before anything is reserved (a usage event with
+    http status 503 and no tokens), and /readyz is 503 with no backend healthy."""
+    token = await make_key()
+    closed = [f"http://127.0.0.1:{localstack.free_port()}" for _ in range(2)]
+    backends = f"a={closed[0]},b={closed[1]};max_parallel=2"
+    async with _own_proxy(stack, closed[0], GATEWAY_OLLAMA_URLS=backends) as url:
+        for done, path in enumerate(("/api/chat", "/v1/chat/completions"), start=1):
+            grant, signed = await _signed_grant(stack, token, "POST", path, metered=True)
+            status, headers, data = await _send(
+                http, "POST", url.with_path(path), body=CHAT, headers={"X-Gw-Grant": signed}
+            )
+            assert status == 503, data
+            assert int(headers["Retry-After"]) >= 1
+            assert "no model server is available" in _assert_dialect(path, headers, data)
+            event = next(e for e in await usage.of(_prefix(token), done) if e.request_id == grant.request_id)
+            assert (event.http_status, event.upstream_status, event.total_tokens) == (503, None, 0)
+        async with http.get(url.with_path("/readyz")) as resp:
+            assert resp.status == 503
+            assert (await resp.json())["backends_healthy"] == 0
+
+
 async def test_ollama_too_slow_is_504_in_the_callers_dialect(
     stack: Stack,
     http: aiohttp.ClientSession,

@@ -19,7 +19,7 @@ async def test_facts_are_cached_and_dropped_with_the_model() -> None:
     await server.start_server()
     try:
         async with aiohttp.ClientSession() as session:
-            catalog = ModelCatalog(session, URL(str(server.make_url("/"))), refresh=60, timeout=5)
+            catalog = ModelCatalog.single(session, URL(str(server.make_url("/"))), timeout=5)
             first = await catalog.facts("llama3.2")
             assert first is not None
             assert first.digest is not None

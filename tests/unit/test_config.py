@@ -86,12 +86,24 @@ paddings = st.sampled_from(["", " ", "\t"])
 SECRETS_WITH_A_MINIMUM = {"GATEWAY_GRANT_SECRET", "GATEWAY_GRANT_SECRET_PREVIOUS", "GATEWAY_KEY_PEPPER"}
 
 
+BACKEND_LISTS = {
+    "GATEWAY_OLLAMA_URL": ["http://127.0.0.1:11434", "https://ollama.internal", "http://gpu-1:8080/"],
+    "GATEWAY_OLLAMA_URLS": [
+        "",
+        "http://a:1,http://b:2",
+        "gpu1=http://10.0.0.1:11434;weight=2;max_parallel=4, gpu2=https://b.internal",
+    ],
+}
+
+
 def good_values(leaf: Leaf) -> st.SearchStrategy[tuple[str, Any]]:
     """(raw environment string, the value it must become)."""
     if leaf.env == "GATEWAY_BUDGET_TIMEZONE":
         return st.sampled_from(["UTC", "Europe/Berlin", "America/New_York", "Asia/Kolkata"]).map(
             lambda s: (s, s)
         )
+    if leaf.env in BACKEND_LISTS:  # read as backend lists (tests/unit/test_backends.py)
+        return st.sampled_from(BACKEND_LISTS[leaf.env]).map(lambda s: (s, s))
     if typing.get_origin(leaf.type) is typing.Literal:
         return st.sampled_from(typing.get_args(leaf.type)).map(lambda s: (s, s))
     high_int = MAX_INT if leaf.maximum is None else math.floor(leaf.maximum)

@@ -107,7 +107,7 @@ def pair() -> Iterator[Pair]:
         return aiohttp.ClientSession()
 
     session = loop.run_until_complete(open_session())
-    catalog = ModelCatalog(session, server.make_url("/"), refresh=30.0, timeout=5.0)
+    catalog = ModelCatalog.single(session, server.make_url("/"), timeout=5.0)
     try:
         yield Pair(loop, session, server.make_url("/"), recorder, catalog, ProxyOptions())
     finally:
