@@ -23,7 +23,7 @@ import orjson
 from yarl import URL
 
 from shared.backend_spec import BackendSpec
-from stream_proxy.backends import USER_AGENT, Backends, model_key
+from stream_proxy.backends import ERRORS, MAX_ANSWER_BYTES, USER_AGENT, Backends, model_key
 from stream_proxy.capped import read_capped
 from stream_proxy.template_bound import Analysis, analyse
 
@@ -32,8 +32,6 @@ log = logging.getLogger("stream_proxy.models")
 UNKNOWN_SECONDS = 5.0
 MAX_UNKNOWN = 4096
 # The most of an /api/show or /api/tags answer read (a verbose show with a tokenizer is ~10 MB).
-MAX_ANSWER_BYTES = 32 * 1024 * 1024
-ERRORS = (aiohttp.ClientError, TimeoutError, OSError, ValueError)
 
 
 @attrs.frozen

@@ -265,7 +265,8 @@ class Proxy:
             in_path = apis.adapter(route).path_model(route, request.path)
             if in_path is not None:
                 body_policy.check_model(grant, in_path)
-            await self._servable(route, in_path or self._model(doc))
+            model = in_path or self._model(doc)
+            await self._servable(route, model)
             reserved, bound = await self._reserve(grant, route, doc)
         except GrantSpent:
             raise
@@ -276,7 +277,7 @@ class Proxy:
             )
             raise
         return await self._relay(
-            request, grant, route, doc=doc, reserved=reserved, bound=bound, started=started
+            request, grant, route, doc=doc, model=model, reserved=reserved, bound=bound, started=started
         )
 
     async def _body(self, request: web.Request, grant: Grant, route: policy.Route) -> body.Body | None:
@@ -336,6 +337,7 @@ class Proxy:
         route: policy.Route,
         *,
         doc: body.Body | None,
+        model: str | None,
         reserved: Reserved,
         bound: int,
         started: float,
@@ -367,7 +369,7 @@ class Proxy:
                         headers=headers,
                     )
                     return await relay.run(payload)
-                backend = await self._backend(grant, route, request, doc, trip)
+                backend = await self._backend(grant, route, model, trip)
                 relay = Relay(
                     request=request,
                     session=self.session,
@@ -425,13 +427,11 @@ class Proxy:
         if key is None or not backends.candidates(key):
             raise Refused(404, f'model "{printable(model, 200)}" not found, try pulling it first')
 
-    async def _backend(
-        self, grant: Grant, route: policy.Route, request: web.Request, doc: body.Body | None, trip: _Trip
-    ) -> Backend:
-        """The backend for this request. A generating or embedding request holds a place there
-        (waiting for one, up to the first-byte timeout, when every backend with the model is full)."""
+    async def _backend(self, grant: Grant, route: policy.Route, model: str | None, trip: _Trip) -> Backend:
+        """The backend for this request (`model`: the one its body or path names). A generating or
+        embedding request holds a place there (waiting for one, up to the first-byte timeout, when
+        every backend with the model is full)."""
         backends = self.backends
-        model = apis.adapter(route).path_model(route, request.path) or self._model(doc)
         trip.key = model_key(model) if model is not None and route in ROUTED else None
         if trip.key is None or not backends.candidates(trip.key):
             # Not a model's route, or one backend alone (its own answer is Ollama's): the first in rotation.

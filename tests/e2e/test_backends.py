@@ -100,6 +100,16 @@ class Three:
         async with self.http.post(f"{self.sims[sim]}/_sim/settings", json=changes) as resp:
             resp.raise_for_status()
 
+    async def until_healthy(self, count: int, seconds: float = 10.0) -> None:
+        """Wait until stream_proxy's /readyz counts `count` backends in rotation."""
+        deadline = time.monotonic() + seconds
+        while True:
+            async with self.http.get(f"{self.local.urls['proxy_url']}/readyz") as resp:
+                if (await resp.json())["backends_healthy"] == count:
+                    return
+            assert time.monotonic() < deadline, f"not {count} backends healthy within {seconds} s"
+            await asyncio.sleep(0.2)
+
     async def reset(self) -> None:
         for url in self.sims.values():
             async with self.http.post(f"{url}/_sim/reset") as resp:
@@ -267,13 +277,7 @@ async def test_a_killed_backend_leaves_the_rotation_and_rejoins(three: Three) ->
         assert not [r for r in await three.records("sim1") if r["path"] == "/api/chat" and r["status"] != 200]
     finally:
         three.local.restart("simulator-3")
-    deadline = time.monotonic() + 10
-    while True:
-        async with three.http.get(f"{three.local.urls['proxy_url']}/readyz") as resp:
-            if (await resp.json())["backends_healthy"] == 3:
-                break
-        assert time.monotonic() < deadline, "sim3 did not rejoin"
-        await asyncio.sleep(0.2)
+    await three.until_healthy(3)
     for sim in ("sim1", "sim3"):
         await three.settings(sim, tokens_per_second=50, completion_tokens=10)
     results = await asyncio.gather(*(three.chat(key, "qwen3:8b", stream=True) for _ in range(8)))
@@ -376,10 +380,4 @@ async def test_a_backend_killed_under_load_fails_only_its_streams_and_the_books_
     exact = sorted((r["prompt_tokens"], r["completion_tokens"]) for r in rows if not r["estimated"])
     assert exact == reported
     assert sorted(r["estimate_reason"] for r in rows if r["estimated"]) == ["upstream_failed"] * len(failed)
-    deadline = time.monotonic() + 10
-    while True:
-        async with three.http.get(f"{three.local.urls['proxy_url']}/readyz") as resp:
-            if (await resp.json())["backends_healthy"] == 3:
-                break
-        assert time.monotonic() < deadline, "sim3 did not rejoin"
-        await asyncio.sleep(0.2)
+    await three.until_healthy(3)
