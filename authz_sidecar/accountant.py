@@ -126,6 +126,7 @@ def scope_of(event: UsageEvent) -> Scope | None:
         key_limits=Limits(),
         tenant_limits=Limits(),
         periods=from_names(event.periods),
+        model=event.model_key,
     )
 
 
@@ -356,6 +357,7 @@ class Accountant:
                     bytes_relayed=0,
                     client_disconnected=False,
                     periods={"day": record.day, "month": record.month},
+                    model_key=record.model,
                 )
             )
         return charged

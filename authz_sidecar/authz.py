@@ -34,7 +34,7 @@ from shared.db import DB_ERRORS
 from shared.dialect import dialect_of, error_response
 from shared.exceptions import KeyFormatError
 from shared.keystore import Verdict
-from shared.limits import Admitted, LimitScripts, Refused, Scope
+from shared.limits import Admitted, LimitScripts, Refused, Scope, budgeted
 from shared.models import KeyContext, Limits
 from shared.periods import periods_at
 from shared.untrusted import printable
@@ -161,6 +161,16 @@ def _limit_denial(refused: Refused, scope: Scope, zone: ZoneInfo, now: float) ->
     )
 
 
+def _rollovers(scope: Scope, zone: ZoneInfo, now: float) -> dict[str, float]:
+    """When the day and the month periods end (a model budget's Retry-After, stream_proxy)."""
+    ends: dict[str, float] = {}
+    for period in ("day", "month"):
+        left = scope.periods.seconds_left(period, now, zone)
+        if left is not None:
+            ends[period] = now + left
+    return ends
+
+
 @attrs.define
 class Admission:
     """Everything a decision needs; `handle` is the /authz handler."""
@@ -184,7 +194,7 @@ class Admission:
         A key and tenant with no limit at all have nothing to count: no Redis call is made (the
         grant is still single use, enforced by stream_proxy's reservation call).
         """
-        if scope.key_limits == UNLIMITED and scope.tenant_limits == UNLIMITED:
+        if scope.key_limits == UNLIMITED and scope.tenant_limits == UNLIMITED and not budgeted(scope.rules):
             return Admitted(grants.RateInfo())
         lease_ms = int(self.config.options.lease_ttl * 1000)
         try:
@@ -270,6 +280,7 @@ class Admission:
             key_limits=context.key_limits,
             tenant_limits=context.tenant_limits,
             periods=periods_at(self.clock(), self.zone),
+            rules=context.model_rules,
         )
         admitted = await self._limits(scope, request_id, metered=metered)
         token = grants.sign(
@@ -295,6 +306,9 @@ class Admission:
                 rate=admitted.rate,
                 metered=metered,
                 periods={str(p): name for p, name in scope.periods.names().items()},
+                model_rules=context.model_rules,
+                admitted_second=admitted.second,
+                rollovers=_rollovers(scope, self.zone, self.clock()) if context.model_rules else None,
             ),
             self.config.grant.current,
         )

@@ -22,10 +22,10 @@ if TYPE_CHECKING:
 _LEDGER_SQL = """
 INSERT INTO usage_ledger (request_id, tenant_id, key_id, endpoint, model, prompt_tokens, completion_tokens,
     reserved_tokens, estimated, estimate_reason, http_status, upstream_status, started_at, first_byte_at,
-    finished_at, bytes_relayed, client_disconnected)
+    finished_at, bytes_relayed, client_disconnected, model_key)
 SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::text[], $6::bigint[],
     $7::bigint[], $8::bigint[], $9::bool[], $10::text[], $11::int[], $12::int[], $13::timestamptz[],
-    $14::timestamptz[], $15::timestamptz[], $16::bigint[], $17::bool[])
+    $14::timestamptz[], $15::timestamptz[], $16::bigint[], $17::bool[], $18::text[])
 ON CONFLICT (request_id) DO NOTHING
 RETURNING request_id
 """
@@ -35,6 +35,14 @@ INSERT INTO budget_periods (scope, scope_id, period, period_start, tokens)
 SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::date[], $5::bigint[])
 ON CONFLICT (scope, scope_id, period, period_start)
 DO UPDATE SET tokens = budget_periods.tokens + EXCLUDED.tokens, updated_at = now()
+"""
+
+_MODEL_BUDGET_SQL = """
+INSERT INTO model_budget_periods (scope, scope_id, model, period, period_start, tokens, requests)
+SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::date[], $6::bigint[], $7::bigint[])
+ON CONFLICT (scope, scope_id, period, period_start, model)
+DO UPDATE SET tokens = model_budget_periods.tokens + EXCLUDED.tokens,
+    requests = model_budget_periods.requests + EXCLUDED.requests, updated_at = now()
 """
 
 _AUDIT_SQL = """
@@ -88,6 +96,32 @@ def _budget_rows(events: Sequence[UsageEvent]) -> list[list[Any]]:
     return columns
 
 
+def _model_budget_rows(events: Sequence[UsageEvent]) -> list[list[Any]]:
+    """Tokens and requests per scope, canonical model and period (the sums model rules rebuild from),
+    in one order for every accountant (two upserting the same rows in opposite orders deadlock)."""
+    totals: dict[tuple[str, int, str, str, dt.date], list[int]] = defaultdict(lambda: [0, 0])
+    for event in events:
+        if not event.periods or event.model_key is None:
+            continue
+        starts = {
+            "day": dt.date.fromisoformat(event.periods["day"]),
+            "month": dt.date.fromisoformat(event.periods["month"]),
+            "total": dt.date(1970, 1, 1),
+        }
+        for scope, scope_id in (("tenant", event.tenant_id), ("key", event.key_id)):
+            for period, start in starts.items():
+                row = totals[(scope, scope_id, event.model_key, period, start)]
+                row[0] += event.total_tokens
+                row[1] += 1
+    columns: list[list[Any]] = [[], [], [], [], [], [], []]
+    for (scope, scope_id, model, period, start), (tokens, requests) in sorted(totals.items()):
+        for column, value in zip(
+            columns, (scope, scope_id, model, period, start, tokens, requests), strict=True
+        ):
+            column.append(value)
+    return columns
+
+
 def check(event: UsageEvent) -> None:
     """Raise (ValueError, KeyError) when an event's budget periods cannot be read: such an event
     would fail every batch it is in, so it is dead-lettered before the batch is written."""
@@ -118,6 +152,7 @@ async def apply_usage(conn: Conn, events: Sequence[UsageEvent]) -> set[str]:
             [_ts(e.finished_at) for e in events],
             _column(events, "bytes_relayed"),
             _column(events, "client_disconnected"),
+            _column(events, "model_key"),
         )
         new = {r["request_id"] for r in rows}
         # One event per new request id, even if the batch carried a duplicate delivery.
@@ -125,6 +160,8 @@ async def apply_usage(conn: Conn, events: Sequence[UsageEvent]) -> set[str]:
         if not fresh:
             return new
         await conn.execute(_BUDGET_SQL, *_budget_rows(fresh))
+        if any(e.model_key is not None for e in fresh):
+            await conn.execute(_MODEL_BUDGET_SQL, *_model_budget_rows(fresh))
         await conn.execute(
             _AUDIT_SQL,
             [_ts(e.finished_at) for e in fresh],

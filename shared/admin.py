@@ -16,12 +16,31 @@ import asyncpg
 import attrs
 
 from shared import keys
-from shared.db import KEY_COLUMNS, TENANT_COLUMNS, key_from_row, tenant_from_row
+from shared.db import (
+    KEY_COLUMNS,
+    LIMIT_COLUMNS,
+    TENANT_COLUMNS,
+    key_from_row,
+    model_limits_sql,
+    tenant_from_row,
+)
 from shared.exceptions import AdminError, ConflictError, NotFoundError
 from shared.hashing import OWASP, Argon2Params, hash_key
 from shared.invalidation import Invalidation
-from shared.model_names import InvalidModelName, normalise
-from shared.models import ALL_MODELS, LIMIT_NAMES, UNLIMITED, ApiKey, Tenant
+from shared.model_limits import MAX_RULES_PER_SCOPE
+from shared.model_names import InvalidModelName, normalise, normalise_pattern
+from shared.models import (
+    ALL_MODELS,
+    LIMIT_NAMES,
+    UNLIMITED,
+    ApiKey,
+    Limits,
+    ModelRule,
+    Tenant,
+    effective_models,
+    model_rules,
+)
+from shared.periods import periods_at
 
 if TYPE_CHECKING:
     from shared.db import Conn
@@ -37,6 +56,9 @@ INT32_LIMITS = {"rpm", "max_concurrent", "max_num_ctx", "max_keep_alive_seconds"
 CAP_NAMES = ("max_num_ctx", "max_keep_alive_seconds")
 CAP_FLAGS = {"max_num_ctx": "max-num-ctx", "max_keep_alive_seconds": "max-keep-alive"}
 INT32_MAX = 2**31 - 1
+# Rows as returned by a change or a lookup, with their model rules (shown, never needed to change a row).
+TENANT_RETURNING = f"{TENANT_COLUMNS}, {model_limits_sql('tenants.id', None)} AS model_limits"
+KEY_RETURNING = f"{KEY_COLUMNS}, {model_limits_sql('api_keys.tenant_id', 'api_keys.id')} AS model_limits"
 
 
 def parse_duration(text: str) -> dt.timedelta:
@@ -99,6 +121,17 @@ def parse_models(text: str) -> tuple[str, ...] | Literal["all", "inherit"]:
         raise AdminError(f"bad model name {exc.args[0]!r}") from None
 
 
+def parse_pattern(text: str) -> str:
+    """A `--model` pattern in its canonical form (`big` is `big:latest`, `big:*` every tag of it)."""
+    try:
+        return normalise_pattern(text)
+    except InvalidModelName:
+        raise AdminError(
+            f"bad model pattern {text!r}: a model name such as qwen3:8b, where * stands for any "
+            "characters within one part of it (qwen3:*, big*, myorg/*)"
+        ) from None
+
+
 async def _one(conn: asyncpg.Connection, sql: str, *args: Any) -> asyncpg.Record:
     """A statement that always yields one row (RETURNING of a locked row, an aggregate)."""
     row = await conn.fetchrow(sql, *args)
@@ -108,7 +141,7 @@ async def _one(conn: asyncpg.Connection, sql: str, *args: Any) -> asyncpg.Record
 
 
 async def _tenant_by_name(conn: asyncpg.Connection, name: str, *, lock: bool = False) -> Tenant:
-    sql = f"SELECT {TENANT_COLUMNS} FROM tenants WHERE name = $1" + (" FOR UPDATE" if lock else "")
+    sql = f"SELECT {TENANT_RETURNING} FROM tenants WHERE name = $1" + (" FOR UPDATE" if lock else "")
     row = await conn.fetchrow(sql, name)
     if row is None:
         raise NotFoundError(f"no tenant named {name!r}")
@@ -116,7 +149,7 @@ async def _tenant_by_name(conn: asyncpg.Connection, name: str, *, lock: bool = F
 
 
 async def _key_by_prefix(conn: asyncpg.Connection, prefix: str, *, lock: bool = False) -> ApiKey:
-    sql = f"SELECT {KEY_COLUMNS} FROM api_keys WHERE prefix = $1" + (" FOR UPDATE" if lock else "")
+    sql = f"SELECT {KEY_RETURNING} FROM api_keys WHERE prefix = $1" + (" FOR UPDATE" if lock else "")
     row = await conn.fetchrow(sql, keys.normalise_prefix(prefix))
     if row is None:
         raise NotFoundError(f"no key with prefix {keys.normalise_prefix(prefix)!r}")
@@ -135,7 +168,7 @@ async def create_tenant(conn: asyncpg.Connection, *, name: str) -> Tenant:
     try:
         row = await _one(
             conn,
-            f"INSERT INTO tenants (name) VALUES ($1) RETURNING {TENANT_COLUMNS}",
+            f"INSERT INTO tenants (name) VALUES ($1) RETURNING {TENANT_RETURNING}",
             name,
         )
     except asyncpg.UniqueViolationError:
@@ -147,8 +180,8 @@ async def list_tenants(conn: asyncpg.Connection) -> list[tuple[Tenant, int]]:
     """Every tenant with its number of active keys."""
     rows = await conn.fetch(
         f"SELECT {', '.join('t.' + c.strip() for c in TENANT_COLUMNS.split(','))}, "
-        "(SELECT count(*) FROM api_keys k WHERE k.tenant_id = t.id AND k.status = 'active') AS keys "
-        "FROM tenants t ORDER BY t.name"
+        "(SELECT count(*) FROM api_keys k WHERE k.tenant_id = t.id AND k.status = 'active') AS keys, "
+        f"{model_limits_sql('t.id', None)} AS model_limits FROM tenants t ORDER BY t.name"
     )
     return [(tenant_from_row(r), r["keys"]) for r in rows]
 
@@ -161,7 +194,7 @@ async def set_tenant_status(
         tenant = await _tenant_by_name(conn, name, lock=True)
         row = await _one(
             conn,
-            f"UPDATE tenants SET status = $2, updated_at = now() WHERE id = $1 RETURNING {TENANT_COLUMNS}",
+            f"UPDATE tenants SET status = $2, updated_at = now() WHERE id = $1 RETURNING {TENANT_RETURNING}",
             tenant.id,
             status,
         )
@@ -199,7 +232,7 @@ async def create_key(
             row = await _one(
                 conn,
                 f"INSERT INTO api_keys (tenant_id, name, prefix, hash, expires_at) "
-                f"VALUES ($1, $2, $3, $4, $5) RETURNING {KEY_COLUMNS}",
+                f"VALUES ($1, $2, $3, $4, $5) RETURNING {KEY_RETURNING}",
                 owner.id,
                 name,
                 generated.prefix,
@@ -219,7 +252,8 @@ async def list_keys(conn: asyncpg.Connection, *, tenant: str | None = None) -> l
     tenant_id = None if tenant is None else (await _tenant_by_name(conn, tenant)).id
     cols = ", ".join("k." + c.strip() for c in KEY_COLUMNS.split(","))
     rows = await conn.fetch(
-        f"SELECT {cols}, t.name AS tenant_name FROM api_keys k JOIN tenants t ON t.id = k.tenant_id "
+        f"SELECT {cols}, t.name AS tenant_name, {model_limits_sql('k.tenant_id', 'k.id')} AS model_limits "
+        "FROM api_keys k JOIN tenants t ON t.id = k.tenant_id "
         "WHERE $1::bigint IS NULL OR k.tenant_id = $1 ORDER BY t.name, k.created_at, k.id",
         tenant_id,
     )
@@ -235,7 +269,7 @@ async def revoke_key(conn: asyncpg.Connection, *, prefix: str) -> tuple[ApiKey, 
         row = await _one(
             conn,
             "UPDATE api_keys SET status = 'revoked', revoked_at = now(), updated_at = now() "
-            f"WHERE id = $1 RETURNING {KEY_COLUMNS}",
+            f"WHERE id = $1 RETURNING {KEY_RETURNING}",
             key.id,
         )
     return key_from_row(row), [Invalidation("key", key.tenant_id, key.id, reason="revoked")]
@@ -263,6 +297,34 @@ def _models_value(
     return list(models)
 
 
+def check_model_change(
+    *,
+    model: str | None,
+    remove: bool,
+    limits: Mapping[str, LimitChange],
+    models: object | None = None,
+) -> str:
+    """Validate a `set-limits --model` change before any I/O; returns the canonical pattern."""
+    if model is None:
+        raise AdminError("--remove needs --model PATTERN: the rule to delete")
+    pattern = parse_pattern(model)
+    if models is not None:
+        raise AdminError(
+            "--models does not combine with --model: a model rule holds only rpm, tpm, concurrency "
+            "and token budgets (set the allowlist without --model)"
+        )
+    caps = sorted(set(limits) & set(CAP_NAMES))
+    if caps:
+        raise AdminError(
+            f"--{CAP_FLAGS[caps[0]]} does not combine with --model: it is a cap on every model of a tenant"
+        )
+    if remove and limits:
+        raise AdminError("--remove takes no limits: it deletes the rule for the pattern")
+    if not remove and not limits:
+        raise AdminError(f"nothing to change: give at least one limit for --model {pattern}, or --remove")
+    return pattern
+
+
 async def set_limits(
     conn: asyncpg.Connection,
     *,
@@ -270,20 +332,27 @@ async def set_limits(
     prefix: str | None = None,
     limits: Mapping[str, LimitChange] | None = None,
     models: tuple[str, ...] | Literal["all", "inherit"] | None = None,
+    model: str | None = None,
+    remove: bool = False,
 ) -> tuple[Tenant | ApiKey, list[Invalidation]]:
-    """Change limits and/or the model allowlist of a tenant or a key."""
+    """Change limits and/or the model allowlist of a tenant or a key; with `model` (a pattern), the
+    limits of that pattern's rule instead (`remove`: delete the rule)."""
     if (tenant is None) == (prefix is None):
         raise AdminError("name exactly one of --tenant or --prefix")
     limits = dict(limits or {})
     unknown = set(limits) - set(LIMIT_NAMES) - set(CAP_NAMES)
     if unknown:
         raise AdminError(f"unknown limits: {', '.join(sorted(unknown))}")
+    scope: Literal["tenant", "key"] = "tenant" if tenant is not None else "key"
+    if model is not None or remove:
+        pattern = check_model_change(model=model, remove=remove, limits=limits, models=models)
+        values = {n: _limit_value(scope, n, c) for n, c in limits.items()}
+        return await _set_model_limits(conn, tenant=tenant, prefix=prefix, pattern=pattern, values=values)
     caps = sorted(set(limits) & set(CAP_NAMES))
     if caps and prefix is not None:
         raise AdminError(f"--{CAP_FLAGS[caps[0]]} only applies to a tenant (--tenant)")
     if not limits and models is None:
         raise AdminError("nothing to change: give at least one limit or --models")
-    scope: Literal["tenant", "key"] = "tenant" if tenant is not None else "key"
     assignments: dict[str, Any] = {n: _limit_value(scope, n, c) for n, c in limits.items()}
     if models is not None:
         assignments["allowed_models"] = _models_value(scope, models)
@@ -293,7 +362,7 @@ async def set_limits(
             current: Tenant | ApiKey = await _tenant_by_name(conn, tenant, lock=True)
             row = await _one(
                 conn,
-                f"UPDATE tenants SET {sets}, updated_at = now() WHERE id = $1 RETURNING {TENANT_COLUMNS}",
+                f"UPDATE tenants SET {sets}, updated_at = now() WHERE id = $1 RETURNING {TENANT_RETURNING}",
                 current.id,
                 *assignments.values(),
             )
@@ -301,11 +370,119 @@ async def set_limits(
         key = await _key_by_prefix(conn, prefix or "", lock=True)
         row = await _one(
             conn,
-            f"UPDATE api_keys SET {sets}, updated_at = now() WHERE id = $1 RETURNING {KEY_COLUMNS}",
+            f"UPDATE api_keys SET {sets}, updated_at = now() WHERE id = $1 RETURNING {KEY_RETURNING}",
             key.id,
             *assignments.values(),
         )
     return key_from_row(row), [Invalidation("key", key.tenant_id, key.id, reason="limits")]
+
+
+_RULE_OWNER = "tenant_id = $1 AND key_id IS NOT DISTINCT FROM $2::bigint"
+_RULE_VALUES = ", ".join(f"${i + 4}" for i in range(len(LIMIT_NAMES)))
+_RULE_SETS = ", ".join(f"{n} = ${i + 2}" for i, n in enumerate(LIMIT_NAMES))
+
+
+async def _set_model_limits(
+    conn: asyncpg.Connection,
+    *,
+    tenant: str | None,
+    prefix: str | None,
+    pattern: str,
+    values: Mapping[str, int | None],
+) -> tuple[Tenant | ApiKey, list[Invalidation]]:
+    """Upsert (or, `values` empty, delete) one pattern's rule of a tenant or a key. The owner's row is
+    locked, so concurrent changes to its rules queue and cannot pass MAX_RULES_PER_SCOPE together, and
+    its updated_at moves, so sidecars re-reading Postgres without pub/sub see the change."""
+    async with conn.transaction():
+        if tenant is not None:
+            owner = await _tenant_by_name(conn, tenant, lock=True)
+            tenant_id, key_id, what = owner.id, None, f"tenant {owner.name!r}"
+        else:
+            key = await _key_by_prefix(conn, prefix or "", lock=True)
+            tenant_id, key_id, what = key.tenant_id, key.id, f"key {key.prefix}"
+        existing = await conn.fetchrow(
+            f"SELECT id, {LIMIT_COLUMNS} FROM model_limits WHERE {_RULE_OWNER} AND pattern = $3",
+            tenant_id,
+            key_id,
+            pattern,
+        )
+        if not values:  # --remove
+            if existing is None:
+                raise NotFoundError(f"{what} has no model rule for {pattern!r}")
+            await conn.execute("DELETE FROM model_limits WHERE id = $1", existing["id"])
+        else:
+            merged = {n: None if existing is None else existing[n] for n in LIMIT_NAMES} | dict(values)
+            if all(v is None for v in merged.values()):
+                # Nothing left to enforce: the rule goes (and a rule that never was is not made).
+                if existing is not None:
+                    await conn.execute("DELETE FROM model_limits WHERE id = $1", existing["id"])
+            elif existing is not None:
+                await conn.execute(
+                    f"UPDATE model_limits SET {_RULE_SETS}, updated_at = now() WHERE id = $1",
+                    existing["id"],
+                    *merged.values(),
+                )
+            else:
+                count = await conn.fetchval(
+                    f"SELECT count(*) FROM model_limits WHERE {_RULE_OWNER}", tenant_id, key_id
+                )
+                if count >= MAX_RULES_PER_SCOPE:
+                    raise AdminError(
+                        f"{what} already has {count} model rules, the most allowed; "
+                        "remove one first (--model PATTERN --remove)"
+                    )
+                await conn.execute(
+                    f"INSERT INTO model_limits (tenant_id, key_id, pattern, {LIMIT_COLUMNS}) "
+                    f"VALUES ($1, $2, $3, {_RULE_VALUES})",
+                    tenant_id,
+                    key_id,
+                    pattern,
+                    *merged.values(),
+                )
+        if key_id is None:
+            row = await _one(
+                conn,
+                f"UPDATE tenants SET updated_at = now() WHERE id = $1 RETURNING {TENANT_RETURNING}",
+                tenant_id,
+            )
+            return tenant_from_row(row), [Invalidation("tenant", tenant_id, reason="limits")]
+        row = await _one(
+            conn,
+            f"UPDATE api_keys SET updated_at = now() WHERE id = $1 RETURNING {KEY_RETURNING}",
+            key_id,
+        )
+    return key_from_row(row), [Invalidation("key", tenant_id, key_id, reason="limits")]
+
+
+@attrs.frozen
+class KeyView:
+    """A key as `show-key` shows it: its own settings and what is in force for it under its tenant."""
+
+    key: ApiKey
+    tenant: Tenant  # with its model rules
+    limits: Limits  # effective key-level limits: the key's own value, else the tenant's
+    allowed_models: tuple[str, ...] | None  # effective: None = every model
+    model_rules: tuple[ModelRule, ...]  # effective, by pattern
+
+    @property
+    def tenant_name(self) -> str:
+        """The name of the key's tenant."""
+        return self.tenant.name
+
+
+async def show_key(conn: asyncpg.Connection, *, prefix: str) -> KeyView:
+    """One key with its tenant, its effective limits and its effective model rules."""
+    key = await _key_by_prefix(conn, prefix)
+    tenant = tenant_from_row(
+        await _one(conn, f"SELECT {TENANT_RETURNING} FROM tenants WHERE id = $1", key.tenant_id)
+    )
+    return KeyView(
+        key=key,
+        tenant=tenant,
+        limits=key.limits.inherit_from(tenant.limits),
+        allowed_models=effective_models(tenant.allowed_models, key.allowed_models),
+        model_rules=model_rules(tenant.model_limits, key.model_limits),
+    )
 
 
 async def set_prompt_logging(
@@ -332,7 +509,7 @@ async def set_prompt_logging(
             row = await _one(
                 conn,
                 "UPDATE tenants SET prompt_logging = $2, prompt_log_ttl_seconds = $3, "
-                f"updated_at = now() WHERE id = $1 RETURNING {TENANT_COLUMNS}",
+                f"updated_at = now() WHERE id = $1 RETURNING {TENANT_RETURNING}",
                 current.id,
                 on,
                 seconds,
@@ -342,7 +519,7 @@ async def set_prompt_logging(
         row = await _one(
             conn,
             "UPDATE api_keys SET prompt_logging = $2, prompt_log_ttl_seconds = $3, updated_at = now() "
-            f"WHERE id = $1 RETURNING {KEY_COLUMNS}",
+            f"WHERE id = $1 RETURNING {KEY_RETURNING}",
             key.id,
             on,
             seconds,
@@ -360,7 +537,7 @@ async def set_templates(
         row = await _one(
             conn,
             "UPDATE api_keys SET allow_templates = $2, updated_at = now() "
-            f"WHERE id = $1 RETURNING {KEY_COLUMNS}",
+            f"WHERE id = $1 RETURNING {KEY_RETURNING}",
             key.id,
             on,
         )
@@ -378,7 +555,7 @@ async def set_reload_options(
         row = await _one(
             conn,
             "UPDATE api_keys SET allow_reload_options = $2, updated_at = now() "
-            f"WHERE id = $1 RETURNING {KEY_COLUMNS}",
+            f"WHERE id = $1 RETURNING {KEY_RETURNING}",
             key.id,
             on,
         )
@@ -386,8 +563,20 @@ async def set_reload_options(
 
 
 @attrs.frozen
+class ModelUsage:
+    """Settled tokens of one canonical model in the current day, month and all time, and its requests."""
+
+    model: str
+    day: int
+    month: int
+    total: int
+    requests: int
+
+
+@attrs.frozen
 class Usage:
-    """Tokens from the ledger for the current day, the current month and all time."""
+    """Tokens from the ledger for the current day, the current month and all time (and, when asked
+    for, per model from the settled per-model budget periods)."""
 
     scope: str
     name: str
@@ -395,6 +584,7 @@ class Usage:
     month: int
     total: int
     requests: int
+    models: tuple[ModelUsage, ...] | None = None  # None: not asked for (`by_model`)
 
 
 async def usage(
@@ -404,8 +594,10 @@ async def usage(
     prefix: str | None = None,
     now: dt.datetime | None = None,
     zone: ZoneInfo | None = None,
+    by_model: bool = False,
 ) -> Usage:
-    """Sum the ledger for a tenant or key (day and month in the budget time zone, UTC by default)."""
+    """Sum the ledger for a tenant or key (day and month in the budget time zone, UTC by default);
+    `by_model` adds each model's tokens of the current periods from `model_budget_periods`."""
     if (tenant is None) == (prefix is None):
         raise AdminError("name exactly one of --tenant or --prefix")
     now = (now or dt.datetime.now(dt.UTC)).astimezone(zone or dt.UTC)
@@ -426,7 +618,36 @@ async def usage(
         day_start,
         month_start,
     )
-    return Usage(scope, name, int(row["day"]), int(row["month"]), int(row["total"]), int(row["requests"]))
+    per_model = None
+    if by_model:
+        periods = periods_at(now.timestamp(), zone or ZoneInfo("UTC"))
+        rows = await conn.fetch(
+            "SELECT model, "
+            "coalesce(sum(tokens) FILTER (WHERE period = 'day'), 0) AS day, "
+            "coalesce(sum(tokens) FILTER (WHERE period = 'month'), 0) AS month, "
+            "coalesce(sum(tokens) FILTER (WHERE period = 'total'), 0) AS total, "
+            "coalesce(sum(requests) FILTER (WHERE period = 'total'), 0) AS requests "
+            "FROM model_budget_periods WHERE scope = $1 AND scope_id = $2 AND ("
+            "(period = 'day' AND period_start = $3) OR (period = 'month' AND period_start = $4) "
+            "OR period = 'total') GROUP BY model ORDER BY model",
+            scope,
+            ident,
+            periods.day,
+            periods.month,
+        )
+        per_model = tuple(
+            ModelUsage(r["model"], int(r["day"]), int(r["month"]), int(r["total"]), int(r["requests"]))
+            for r in rows
+        )
+    return Usage(
+        scope,
+        name,
+        int(row["day"]),
+        int(row["month"]),
+        int(row["total"]),
+        int(row["requests"]),
+        per_model,
+    )
 
 
 def limits_to_args(values: Sequence[tuple[str, str | None]]) -> dict[str, LimitChange]:

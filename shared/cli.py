@@ -32,7 +32,7 @@ from shared.config import AdminConfig, load_config
 from shared.db import asyncpg_dsn
 from shared.exceptions import AdminError, ConfigError, GatewayError, KeyFormatError, NotFoundError
 from shared.keys import normalise_prefix
-from shared.models import ALL_MODELS, LIMIT_NAMES, UNLIMITED, ApiKey, Tenant
+from shared.models import ALL_MODELS, LIMIT_NAMES, UNLIMITED, ApiKey, Limits, ModelLimit, Tenant
 from shared.redis_keys import RedisKeys
 
 EXIT_ERROR = 1
@@ -46,6 +46,15 @@ LIMIT_FLAGS = {
     "total-tokens": "total_tokens",
 }
 CAP_FLAGS = {flag: name for name, flag in admin.CAP_FLAGS.items()}  # tenant-only model caps
+# Short names of the limits in summaries, as the table columns call them.
+LIMIT_LABELS = {
+    "rpm": "rpm",
+    "tpm": "tpm",
+    "max_concurrent": "streams",
+    "daily_tokens": "daily",
+    "monthly_tokens": "monthly",
+    "total_tokens": "total",
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -79,6 +88,20 @@ def _limit(value: int | None, *, key: bool) -> str:
     return f"{value:,}"
 
 
+def _rule(rule: ModelLimit) -> str:
+    """One model rule in a line: `big:* rpm 5 · tpm 9,000` (a key's inherited values left out)."""
+    values = [
+        f"{LIMIT_LABELS[n]} {'unlimited' if v == UNLIMITED else f'{v:,}'}"
+        for n in LIMIT_NAMES
+        if (v := getattr(rule.limits, n)) is not None
+    ]
+    return f"{rule.pattern} {' · '.join(values)}" if values else rule.pattern
+
+
+def _rules(rules: Sequence[ModelLimit]) -> str:
+    return "\n".join(_rule(r) for r in rules) if rules else "—"
+
+
 def _cap(value: int | None, unit: str = "") -> str:
     return "—" if value is None else f"{value:,}{unit}"
 
@@ -101,8 +124,13 @@ def _json_default(value: object) -> object:
     raise TypeError
 
 
+def _rules_json(rules: Sequence[ModelLimit]) -> list[dict[str, Any]]:
+    return [{"pattern": r.pattern, **attrs.asdict(r.limits)} for r in rules]
+
+
 def _tenant_json(tenant: Tenant, keys: int | None = None) -> dict[str, Any]:
     data = attrs.asdict(tenant)
+    data["model_limits"] = _rules_json(tenant.model_limits)
     data["created_at"] = tenant.created_at.isoformat()
     if keys is not None:
         data["active_keys"] = keys
@@ -111,6 +139,7 @@ def _tenant_json(tenant: Tenant, keys: int | None = None) -> dict[str, Any]:
 
 def _key_json(key: ApiKey, tenant: str | None = None) -> dict[str, Any]:
     data = attrs.asdict(key)
+    data["model_limits"] = _rules_json(key.model_limits)
     for name in ("created_at", "expires_at", "revoked_at", "last_used_at"):
         data[name] = None if data[name] is None else data[name].isoformat()
     if tenant is not None:
@@ -136,7 +165,8 @@ class Output:
             return
         table = Table(title=title)
         for column in ("name", "id", "status", "keys", "rpm", "tpm", "streams", "daily", "monthly",
-                       "total", "models", "num_ctx cap", "keep_alive cap", "prompt logs"):  # fmt: skip
+                       "total", "models", "model limits", "num_ctx cap", "keep_alive cap",
+                       "prompt logs"):  # fmt: skip
             table.add_column(column)
         for tenant, count in rows:
             lim = tenant.limits
@@ -147,6 +177,7 @@ class Output:
                 "—" if count is None else str(count),
                 *(_limit(getattr(lim, n), key=False) for n in LIMIT_NAMES),
                 _models(tenant.allowed_models, key=False),
+                _rules(tenant.model_limits),
                 _cap(tenant.max_num_ctx),
                 _cap(tenant.max_keep_alive_seconds, "s"),
                 f"on, {tenant.prompt_log_ttl_seconds}s" if tenant.prompt_logging else "off",
@@ -161,7 +192,7 @@ class Output:
         table = Table(title=title)
         for column in ("prefix", "tenant", "name", "status", "created", "expires", "last used",
                        "rpm", "tpm", "streams", "daily", "monthly", "total", "models",
-                       "reload options", "templates"):  # fmt: skip
+                       "model limits", "reload options", "templates"):  # fmt: skip
             table.add_column(column)
         for key, tenant in rows:
             table.add_row(
@@ -174,10 +205,88 @@ class Output:
                 _when(key.last_used_at),
                 *(_limit(getattr(key.limits, n), key=True) for n in LIMIT_NAMES),
                 _models(key.allowed_models, key=True),
+                _rules(key.model_limits),
                 "[yellow]allowed[/]" if key.allow_reload_options else "no",
                 "[yellow]allowed[/]" if key.allow_templates else "no",
             )
         self.console.print(table)
+
+    def key_view(self, view: admin.KeyView) -> None:
+        """One key in full: its settings, its limits (own, in force, the tenant's) and its model rules."""
+        key = view.key
+        own = {m.pattern: m.limits for m in key.model_limits}
+        if self.as_json:
+            self.json(
+                {
+                    **_key_json(key, view.tenant_name),
+                    "effective_limits": attrs.asdict(view.limits),
+                    "tenant_limits": attrs.asdict(view.tenant.limits),
+                    "effective_models": view.allowed_models,
+                    "model_rules": [
+                        {
+                            "pattern": rule.pattern,
+                            "own": attrs.asdict(own.get(rule.pattern, Limits())),
+                            "effective": attrs.asdict(rule.key_limits),
+                            "tenant": attrs.asdict(rule.tenant_limits),
+                        }
+                        for rule in view.model_rules
+                    ],
+                }
+            )
+            return
+        logging_on = view.tenant.prompt_logging if key.prompt_logging is None else key.prompt_logging
+        fields = Table.grid(padding=(0, 2))
+        fields.add_column(style="bold")
+        fields.add_column()
+        for label, value in (
+            ("tenant", f"{view.tenant_name} ({view.tenant.status})"),
+            ("name", key.name),
+            ("status", "[green]active[/]" if key.status == "active" else "[red]revoked[/]"),
+            ("created", _when(key.created_at)),
+            ("expires", _when(key.expires_at)),
+            ("last used", _when(key.last_used_at)),
+            ("models", _models(key.allowed_models, key=True)),
+            ("models in force", _models(view.allowed_models, key=False)),
+            ("prompt logs", "on" if logging_on else "off"),
+            ("reload options", "[yellow]allowed[/]" if key.allow_reload_options else "no"),
+            ("templates", "[yellow]allowed[/]" if key.allow_templates else "no"),
+        ):
+            fields.add_row(label, value)
+        self.console.print(Panel(fields, title=f"key nz_{key.prefix}", expand=False))
+        limits = Table(title="limits (both the key's and the tenant's apply)")
+        for column in ("limit", "key's own", "key in force", "tenant"):
+            limits.add_column(column)
+        for name in LIMIT_NAMES:
+            limits.add_row(
+                LIMIT_LABELS[name],
+                _limit(getattr(key.limits, name), key=True),
+                _limit(getattr(view.limits, name), key=False),
+                _limit(getattr(view.tenant.limits, name), key=False),
+            )
+        self.console.print(limits)
+        if not view.model_rules:
+            self.console.print("no model limits")
+            return
+        rules = Table(title="model limits (on every model the pattern matches)")
+        for column in ("pattern", "limit", "key's own", "key in force", "tenant"):
+            rules.add_column(column)
+        for rule in view.model_rules:
+            mine = own.get(rule.pattern, Limits())
+            shown = [
+                n
+                for n in LIMIT_NAMES
+                if getattr(mine, n) is not None or getattr(rule.tenant_limits, n) is not None
+            ]
+            for i, name in enumerate(shown):
+                rules.add_row(
+                    rule.pattern if i == 0 else "",
+                    LIMIT_LABELS[name],
+                    _limit(getattr(mine, name), key=True),
+                    _limit(getattr(rule.key_limits, name), key=False),
+                    _limit(getattr(rule.tenant_limits, name), key=False),
+                    end_section=i == len(shown) - 1,
+                )
+        self.console.print(rules)
 
 
 Handler = Callable[[argparse.Namespace, asyncpg.Connection, Output, AdminConfig], Awaitable[list[Any]]]
@@ -234,6 +343,13 @@ async def _list_keys(
     return []
 
 
+async def _show_key(
+    args: argparse.Namespace, conn: asyncpg.Connection, out: Output, _: AdminConfig
+) -> list[Any]:
+    out.key_view(await admin.show_key(conn, prefix=args.prefix))
+    return []
+
+
 async def _revoke_key(
     args: argparse.Namespace, conn: asyncpg.Connection, out: Output, _: AdminConfig
 ) -> list[Any]:
@@ -253,9 +369,21 @@ async def _set_limits(
     args: argparse.Namespace, conn: asyncpg.Connection, out: Output, _: AdminConfig
 ) -> list[Any]:
     changed, notices = await admin.set_limits(
-        conn, tenant=args.tenant, prefix=args.prefix, limits=args.limits, models=args.models
+        conn,
+        tenant=args.tenant,
+        prefix=args.prefix,
+        limits=args.limits,
+        models=args.models,
+        model=args.model,
+        remove=args.remove,
     )
-    await _show_changed(conn, out, changed, "limits changed")
+    if args.model is None:
+        title = "limits changed"
+    else:
+        title = f"model limits on {admin.parse_pattern(args.model)} " + (
+            "removed" if args.remove else "changed"
+        )
+    await _show_changed(conn, out, changed, title)
     return notices
 
 
@@ -288,11 +416,30 @@ async def _set_reload_options(
 async def _usage(
     args: argparse.Namespace, conn: asyncpg.Connection, out: Output, _: AdminConfig
 ) -> list[Any]:
-    result = await admin.usage(conn, tenant=args.tenant, prefix=args.prefix, zone=ZoneInfo(_.budget.timezone))
-    if out.as_json:
-        out.json(attrs.asdict(result))
-        return []
+    by_model = args.by == "model"
     zone = _.budget.timezone
+    result = await admin.usage(
+        conn, tenant=args.tenant, prefix=args.prefix, zone=ZoneInfo(zone), by_model=by_model
+    )
+    if out.as_json:
+        document = attrs.asdict(result)
+        if not by_model:
+            del document["models"]
+        out.json(document)
+        return []
+    if result.models is not None:
+        table = Table(
+            title=f"usage of {result.scope} {result.name} by model (tokens; days and months in {zone})"
+        )
+        table.add_column("model")
+        for column in ("today", "this month", "total", "requests"):
+            table.add_column(column, justify="right")
+        for m in result.models:
+            table.add_row(m.model, f"{m.day:,}", f"{m.month:,}", f"{m.total:,}", f"{m.requests:,}")
+        out.console.print(
+            table if result.models else f"no usage by model recorded for {result.scope} {result.name}"
+        )
+        return []
     table = Table(title=f"usage of {result.scope} {result.name} (tokens; days and months in {zone})")
     for column in ("today", "this month", "total", "requests"):
         table.add_column(column, justify="right")
@@ -393,6 +540,7 @@ HANDLERS: dict[str, Handler] = {
     "resume-tenant": _tenant_status,
     "create-key": _create_key,
     "list-keys": _list_keys,
+    "show-key": _show_key,
     "revoke-key": _revoke_key,
     "set-limits": _set_limits,
     "set-prompt-logging": _set_prompt_logging,
@@ -454,12 +602,21 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--name", required=True)
     create.add_argument("--expires-in", type=_duration, help="e.g. 90d; default never")
     command("list-keys", "list API keys").add_argument("--tenant", type=_tenant_name)
+    command("show-key", "show a key with its limits and model limits in force").add_argument(
+        "--prefix", required=True, type=_prefix
+    )
     command("revoke-key", "revoke an API key").add_argument("--prefix", required=True, type=_prefix)
     limits = command("set-limits", "set limits and allowed models of a tenant or key")
     target(limits)
     for flag in LIMIT_FLAGS:
         limits.add_argument(f"--{flag}", metavar="N|inherit|unlimited")
     limits.add_argument("--models", metavar="a,b|all|inherit")
+    limits.add_argument(
+        "--model",
+        metavar="PATTERN",
+        help="the limits given apply to the models this pattern matches (qwen3:*, big*), as one rule",
+    )
+    limits.add_argument("--remove", action="store_true", help="with --model: delete the rule for the pattern")
     limits.add_argument(
         "--max-num-ctx", metavar="N|unlimited", help="tenant only: a larger options.num_ctx is refused"
     )
@@ -486,7 +643,9 @@ def build_parser() -> argparse.ArgumentParser:
     reload_switch = reload_cmd.add_mutually_exclusive_group(required=True)
     reload_switch.add_argument("--on", action="store_true", default=None)
     reload_switch.add_argument("--off", dest="on", action="store_false")
-    target(command("usage", "tokens used today, this month and in total"))
+    usage_cmd = command("usage", "tokens used today, this month and in total")
+    target(usage_cmd)
+    usage_cmd.add_argument("--by", choices=["model"], help="one row per model, from the settled budgets")
     audit_cmd = command("audit", "show the audit log, newest first")
     audit_cmd.add_argument("--tenant", type=_tenant_name)
     audit_cmd.add_argument("--prefix", type=_prefix)
@@ -520,7 +679,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                 raise AdminError(f"--{admin.CAP_FLAGS[min(caps)]} only applies to a tenant (--tenant)")
             args.limits.update(caps)
             args.models = None if args.models is None else admin.parse_models(args.models)
-            if not args.limits and args.models is None:
+            if args.model is not None or args.remove:
+                admin.check_model_change(
+                    model=args.model, remove=args.remove, limits=args.limits, models=args.models
+                )
+            elif not args.limits and args.models is None:
                 raise AdminError("nothing to change: give at least one limit or --models")
             if args.tenant is not None and (
                 any(c.value == "inherit" for c in args.limits.values()) or args.models == "inherit"

@@ -29,7 +29,11 @@ import attrs
 import coredis
 import orjson
 
+from shared import model_limits
+from shared.db import LIMIT_COLUMNS
 from shared.limits import LOCK_MS, LOCK_POLL_S, CountersBusy, LimitScripts
+from shared.model_names import unqualified
+from shared.models import Limits, ModelLimit, model_rules
 from shared.periods import PERIODS, Periods, periods_at
 from shared.redis_keys import RedisKeys
 
@@ -76,6 +80,7 @@ class Reservation:
     charged: frozenset[int]
     day: str
     month: str
+    model: str | None = None  # canonical, when the request named one
 
 
 def amount(raw: bytes | str | int | None) -> int | None:
@@ -105,7 +110,10 @@ def reservation(request_id: str, record: dict[bytes, bytes]) -> Reservation | No
         log.warning("unreadable reservation record skipped", extra={"request_id": request_id[:80]})
         return None
     value, sec, key_id, expires = (int(f) for f in fields if f is not None)
-    return Reservation(request_id, value, sec, key_id, expires, charged, day, month)
+    model = record.get(b"model", b"").decode("utf-8", "replace")
+    return Reservation(
+        request_id, value, sec, key_id, expires, charged, day, month, unqualified(model) if model else None
+    )
 
 
 @attrs.frozen
@@ -115,6 +123,49 @@ class _Snapshot:
     totals: dict[tuple[str, int, str], int]  # (scope, scope id, period) -> settled tokens
     ledgered: dict[str, int]  # request id -> tokens, of the requests Redis still counts beyond
     buckets: dict[str, dict[str, int]]  # scope name -> {second: tokens} of the TPM window
+    # (scope, scope id, period) -> {canonical model: settled tokens}
+    model_totals: dict[tuple[str, int, str], dict[str, int]] = attrs.Factory(dict)
+    # scope name -> {canonical model: {second: tokens}} of the TPM window
+    model_buckets: dict[str, dict[str, dict[str, int]]] = attrs.Factory(dict)
+
+    def model_total(self, who: str, scope_id: int, period: str, pattern: str) -> int:
+        """A model rule's settled total: the sum over the models its pattern matches."""
+        models = self.model_totals.get((who, scope_id, period), {})
+        return sum(tokens for model, tokens in models.items() if model_limits.matches(pattern, model))
+
+    def model_window(self, name: str, pattern: str) -> dict[str, int]:
+        """A model rule's TPM buckets from the ledger."""
+        window: dict[str, int] = defaultdict(int)
+        for model, buckets in self.model_buckets.get(name, {}).items():
+            if model_limits.matches(pattern, model):
+                for second, tokens in buckets.items():
+                    window[second] += tokens
+        return dict(window)
+
+
+ModelScope = tuple[Literal["key", "tenant"], int | None, str]  # (scope, key id or None, pattern)
+
+
+async def model_scopes(conn: Conn, tenant_id: int, key_ids: list[int]) -> list[ModelScope]:
+    """Every model rule's scope of a tenant and its keys: the counters a full rebuild writes."""
+    rows = await conn.fetch(
+        f"SELECT key_id, pattern, {LIMIT_COLUMNS} FROM model_limits WHERE tenant_id = $1", tenant_id
+    )
+
+    def limits(row: Any) -> Limits:
+        return Limits(**{c.strip(): row[c.strip()] for c in LIMIT_COLUMNS.split(",")})
+
+    tenant_rules = tuple(ModelLimit(r["pattern"], limits(r)) for r in rows if r["key_id"] is None)
+    scopes: list[ModelScope] = [("tenant", None, m.pattern) for m in tenant_rules if m.limits != Limits()]
+    for key_id in key_ids:
+        own = tuple(ModelLimit(r["pattern"], limits(r)) for r in rows if r["key_id"] == key_id)
+        # The key's scope only where a request counts in it (ModelRule.scopes).
+        scopes += [
+            ("key", key_id, rule.pattern)
+            for rule in model_rules(tenant_rules, own)
+            if any(who == "key" for who, _ in rule.scopes())
+        ]
+    return scopes
 
 
 @attrs.frozen
@@ -127,7 +178,8 @@ class _Rebuild:
     tenant_id: int
     key_ids: list[int]
     periods: Periods | None
-    missing: set[tuple[str, str]] | None
+    missing: set[tuple[str, str, str | None]] | None
+    models: list[ModelScope] = attrs.Factory(list)
 
     async def snapshot(self, periods: Periods, tpm_since: dt.datetime | None) -> _Snapshot:
         """Settled totals, the ledger's tokens of what Redis still counts, TPM buckets."""
@@ -156,25 +208,48 @@ class _Rebuild:
                 ids,
             )
             ledgered = {r["request_id"]: amount(r["total_tokens"]) or 0 for r in rows}
+            model_totals: dict[tuple[str, int, str], dict[str, int]] = defaultdict(dict)
+            if self.models:
+                for row in await self.conn.fetch(
+                    "SELECT scope, scope_id, model, period, tokens FROM model_budget_periods WHERE "
+                    "((scope = 'tenant' AND scope_id = $1) "
+                    "OR (scope = 'key' AND scope_id = ANY($2::bigint[]))) "
+                    "AND ((period = 'day' AND period_start = $3) OR (period = 'month' AND period_start = $4) "
+                    "OR period = 'total')",
+                    tenant_id,
+                    self.key_ids,
+                    periods.day,
+                    periods.month,
+                ):
+                    model_totals[(row["scope"], row["scope_id"], row["period"])][row["model"]] = (
+                        amount(row["tokens"]) or 0
+                    )
+            model_buckets: dict[str, dict[str, dict[str, int]]] = defaultdict(
+                lambda: defaultdict(lambda: defaultdict(int))
+            )
             buckets: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
             if tpm_since is not None:
                 # The live windows count a request at the second it was reserved: its start.
                 for row in await self.conn.fetch(
-                    "SELECT key_id, floor(extract(epoch FROM started_at))::bigint AS sec, "
+                    "SELECT key_id, model_key, floor(extract(epoch FROM started_at))::bigint AS sec, "
                     "sum(total_tokens) AS tokens FROM usage_ledger WHERE tenant_id = $1 "
                     "AND finished_at >= $2 AND started_at >= $2 AND NOT (request_id = ANY($3::text[])) "
-                    "GROUP BY key_id, sec",
+                    "GROUP BY key_id, model_key, sec",
                     tenant_id,
                     tpm_since,
                     ids,
                 ):
-                    tokens = amount(row["tokens"]) or 0
-                    buckets["t"][str(row["sec"])] += tokens
-                    buckets[f"k{row['key_id']}"][str(row["sec"])] += tokens
+                    tokens, second = amount(row["tokens"]) or 0, str(row["sec"])
+                    for name in ("t", f"k{row['key_id']}"):
+                        buckets[name][second] += tokens
+                        if row["model_key"] is not None:
+                            model_buckets[name][row["model_key"]][second] += tokens
         return _Snapshot(
             {(r["scope"], r["scope_id"], r["period"]): amount(r["tokens"]) or 0 for r in totals},
             ledgered,
             buckets,
+            model_totals,
+            model_buckets,
         )
 
     async def run(self, token: str) -> int | None:
@@ -196,7 +271,7 @@ class _Rebuild:
         for who, key_id in scopes:
             name = "t" if key_id is None else f"k{key_id}"
             for period in PERIODS:
-                if self.missing is not None and (who, period) not in self.missing:
+                if self.missing is not None and (who, period, None) not in self.missing:
                     continue
                 left = periods.seconds_left(period, now, self.zone)
                 counter_keys.append(keys.budget(tenant_id, name, period, names[period]))
@@ -224,6 +299,38 @@ class _Rebuild:
                         "missing_only": False,
                     }
                 )
+        for who, key_id, pattern in self.models:
+            name, scope_id = ("t", tenant_id) if key_id is None else (f"k{key_id}", key_id)
+            short = model_limits.digest(pattern)
+            for period in PERIODS:
+                if self.missing is not None and (who, period, pattern) not in self.missing:
+                    continue
+                left = periods.seconds_left(period, now, self.zone)
+                counter_keys.append(keys.model_budget(tenant_id, short, name, period, names[period]))
+                plan.append(
+                    {
+                        "k": len(counter_keys) + 3,
+                        "scope": "t" if key_id is None else key_id,
+                        "period": period,
+                        "value": seen.model_total(who, scope_id, period, pattern),
+                        "ttl": -1 if left is None else int(left) + EXTRA_TTL_SECONDS,
+                        "pattern": model_limits.lua_pattern(pattern),
+                        "missing_only": not full,
+                    }
+                )
+            if full:
+                counter_keys.append(keys.model(tenant_id, short, "tpm", name))
+                plan.append(
+                    {
+                        "k": len(counter_keys) + 3,
+                        "scope": "t" if key_id is None else key_id,
+                        "period": "tpm",
+                        "value": seen.model_window(name, pattern),
+                        "ttl": WINDOW_SECONDS + 5,
+                        "pattern": model_limits.lua_pattern(pattern),
+                        "missing_only": False,
+                    }
+                )
         document = {
             "resv_prefix": keys.reservation(tenant_id, ""),
             "day": names["day"],
@@ -243,13 +350,24 @@ async def rebuild_tenant(
     tenant_id: int,
     key_ids: list[int],
     periods: Periods | None = None,
-    missing: set[tuple[str, str]] | None = None,
+    missing: set[tuple[str, str, str | None]] | None = None,
     wait: float = 10.0,
 ) -> int:
     """Rebuild one tenant's counters for the tenant and `key_ids`: all of them and the TPM windows,
-    or (`missing`: (who, period) pairs, as hydration asks) only those missing. Returns the counters
-    written; CountersBusy when the lock stays taken for `wait` seconds (0: one try)."""
-    job = _Rebuild(conn, scripts, zone, tenant_id, key_ids, periods, missing)
+    model rules' included, or (`missing`: (who, period, pattern or None) as hydration asks, for the
+    one key in `key_ids`) only those missing. Returns the counters written; CountersBusy when the
+    lock stays taken for `wait` seconds (0: one try)."""
+    if missing is None:
+        models = await model_scopes(conn, tenant_id, key_ids)
+    else:
+        key_id = key_ids[0] if key_ids else None
+        wanted: set[ModelScope] = {
+            (who, None if who == "tenant" else key_id, pattern)  # type: ignore[misc]
+            for who, _, pattern in missing
+            if pattern is not None
+        }
+        models = sorted(wanted, key=str)
+    job = _Rebuild(conn, scripts, zone, tenant_id, key_ids, periods, missing, models)
     redis, lock = scripts.redis, scripts.keys.hydrate_lock(tenant_id)
     deadline = time.monotonic() + wait
     while True:
@@ -286,6 +404,7 @@ async def rebuild(
             for r in await conn.fetch("SELECT id FROM api_keys WHERE tenant_id = $1 ORDER BY id", tenant_id)
         ]
         await rebuild_tenant(conn, scripts, zone=zone, tenant_id=tenant_id, key_ids=key_ids)
-        budgets += len(PERIODS) * (1 + len(key_ids))
-        tpms += 1 + len(key_ids)
+        models = len(await model_scopes(conn, tenant_id, key_ids))
+        budgets += len(PERIODS) * (1 + len(key_ids) + models)
+        tpms += 1 + len(key_ids) + models
     return Rebuilt(tenants=len(tenant_ids), budget_counters=budgets, tpm_windows=tpms)

@@ -6,9 +6,10 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
+import orjson
 
 from shared.config import PostgresConfig
-from shared.models import ApiKey, Limits, Tenant
+from shared.models import ApiKey, Limits, ModelLimit, Tenant
 
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
@@ -33,6 +34,32 @@ DB_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 LIMIT_COLUMNS = "rpm, tpm, max_concurrent, daily_tokens, monthly_tokens, total_tokens"
+
+
+def model_limits_sql(tenant: str, key: str | None) -> str:
+    """A subquery: the model rules of a tenant (`key` None) or of a key, as one JSON array, for the
+    row that names their ids as `tenant` / `key` (SQL expressions of the outer query)."""
+    owner = "m.key_id IS NULL" if key is None else f"m.key_id = {key}"
+    fields = ", ".join(f"'{c.strip()}', m.{c.strip()}" for c in LIMIT_COLUMNS.split(","))
+    return (
+        f"(SELECT coalesce(json_agg(json_build_object('pattern', m.pattern, {fields}) ORDER BY m.pattern), "
+        f"'[]') FROM model_limits m WHERE m.tenant_id = {tenant} AND {owner})"
+    )
+
+
+def model_limits_from_json(value: str | bytes | None) -> tuple[ModelLimit, ...]:
+    """The JSON array `model_limits_sql` gives, as models."""
+    if not value:
+        return ()
+    return tuple(
+        ModelLimit(
+            pattern=str(item["pattern"]),
+            limits=Limits(**{c.strip(): item.get(c.strip()) for c in LIMIT_COLUMNS.split(",")}),
+        )
+        for item in orjson.loads(value)
+    )
+
+
 TENANT_COLUMNS = (
     f"id, name, status, {LIMIT_COLUMNS}, allowed_models, max_body_bytes, max_num_ctx, "
     "max_keep_alive_seconds, prompt_logging, prompt_log_ttl_seconds, created_at"
@@ -103,6 +130,14 @@ def limits_from_row(row: Row) -> Limits:
     )
 
 
+def _get(row: Row, name: str) -> Any:
+    """A column the query may not have selected (model rules are read where they are shown)."""
+    try:
+        return row[name]
+    except (KeyError, IndexError):
+        return None
+
+
 def _models(value: list[str] | None) -> tuple[str, ...] | None:
     return None if value is None else tuple(value)
 
@@ -121,6 +156,7 @@ def tenant_from_row(row: Row) -> Tenant:
         prompt_logging=row["prompt_logging"],
         prompt_log_ttl_seconds=row["prompt_log_ttl_seconds"],
         created_at=row["created_at"],
+        model_limits=model_limits_from_json(_get(row, "model_limits")),
     )
 
 
@@ -142,4 +178,5 @@ def key_from_row(row: Row) -> ApiKey:
         prompt_log_ttl_seconds=row["prompt_log_ttl_seconds"],
         allow_templates=row["allow_templates"],
         allow_reload_options=row["allow_reload_options"],
+        model_limits=model_limits_from_json(_get(row, "model_limits")),
     )

@@ -16,7 +16,7 @@ import attrs
 import cattrs
 import orjson
 
-from shared.models import Limits
+from shared.models import Limits, ModelRule
 
 VERSION = "v1"
 MAX_TTL = 60.0
@@ -65,6 +65,9 @@ class Grant:
     client_addr: str | None = None
     metered: bool = False  # a token-consuming route: a lease was taken, a reservation follows
     periods: dict[str, str] | None = None  # budget period names in force at admission
+    model_rules: tuple[ModelRule, ...] = ()  # the key's model rules, decided by the reservation
+    admitted_second: int | None = None  # the RPM bucket the admission counted the request in
+    rollovers: dict[str, float] | None = None  # unix times the day and month periods end
 
 
 _wire = cattrs.Converter(omit_if_default=True)

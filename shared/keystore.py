@@ -9,7 +9,7 @@ import asyncpg
 import attrs
 
 from shared import keys
-from shared.db import KEY_COLUMNS, TENANT_COLUMNS, key_from_row, tenant_from_row
+from shared.db import KEY_COLUMNS, TENANT_COLUMNS, key_from_row, model_limits_sql, tenant_from_row
 from shared.exceptions import KeyFormatError
 from shared.hashing import verify_key
 from shared.models import ApiKey, KeyContext, Tenant, resolve_context
@@ -18,6 +18,8 @@ from shared.models import ApiKey, KeyContext, Tenant, resolve_context
 _KEY_SELECT = ", ".join(f"k.{c.strip()} AS k_{c.strip()}" for c in KEY_COLUMNS.split(","))
 _TENANT_SELECT = ", ".join(f"t.{c.strip()} AS t_{c.strip()}" for c in TENANT_COLUMNS.split(","))
 _LOOKUP_SQL = "SELECT " + _KEY_SELECT + ", k.hash AS k_hash, " + _TENANT_SELECT
+_LOOKUP_SQL += f", {model_limits_sql('t.id', None)} AS t_model_limits"
+_LOOKUP_SQL += f", {model_limits_sql('t.id', 'k.id')} AS k_model_limits"
 _LOOKUP_SQL += " FROM api_keys k JOIN tenants t ON t.id = k.tenant_id WHERE k.prefix = $1"
 
 Verifier = Callable[[str, str, str], Awaitable[bool]]

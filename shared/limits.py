@@ -8,6 +8,7 @@ Script time comes from Redis `TIME` unless `now_ms` is given (tests pin it).
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
@@ -16,8 +17,10 @@ from typing import Any, Literal
 import attrs
 import coredis
 
+from shared import model_limits
 from shared.grant import RateInfo
-from shared.models import Limits
+from shared.model_names import qualified
+from shared.models import Limits, ModelRule
 from shared.periods import PERIODS, Periods
 from shared.redis_keys import RedisKeys
 
@@ -68,11 +71,22 @@ class Scope:
     key_limits: Limits
     tenant_limits: Limits
     periods: Periods
+    rules: tuple[ModelRule, ...] = ()  # the key's model rules (shared/models.py `model_rules`)
+    model: str | None = None  # the canonical model the request names, once it is known
 
     @property
     def key_scope(self) -> str:
         """The key's scope name in Redis key names."""
         return f"k{self.key_id}"
+
+    def model_scopes(self) -> list[tuple[ModelRule, Literal["key", "tenant"], Limits]]:
+        """The model scopes that apply to this request: each rule covering its model, at the key's
+        scope and at the tenant's where that has a limit."""
+        return [
+            (rule, who, limits)
+            for rule in model_limits.applicable(self.rules, self.model)
+            for who, limits in rule.scopes()
+        ]
 
 
 @attrs.frozen
@@ -80,6 +94,7 @@ class Admitted:
     """Admitted; the values for the x-ratelimit-* headers."""
 
     rate: RateInfo
+    second: int | None = None  # the RPM window bucket the request was counted in (None: not counted)
 
 
 @attrs.frozen
@@ -89,13 +104,16 @@ class Refused:
     reason: str  # rpm, tpm, concurrency, budget_day, budget_month, budget_total, budget
     retry_after_ms: int
     scope: Literal["key", "tenant"]
+    model: str | None = None  # the pattern of the model rule that refused (None: an unscoped limit)
+    limit: int | None = None  # a model rule's limit and what was used of it, for the headers
+    used: int | None = None
 
 
 @attrs.frozen
 class NeedsHydration:
     """Budget counters are missing from Redis: rebuild these from Postgres, then retry."""
 
-    missing: tuple[tuple[Literal["key", "tenant"], str], ...]  # (scope, period)
+    missing: tuple[tuple[Literal["key", "tenant"], str, str | None], ...]  # (scope, period, pattern)
 
 
 @attrs.frozen
@@ -120,6 +138,40 @@ def _budget_specs(scope: Scope) -> list[tuple[Literal["key", "tenant"], str, int
     return specs
 
 
+@functools.lru_cache(maxsize=1024)
+def _packed(who: str, limits: Limits) -> str:
+    """A model scope's limits as reserve.lua takes them: one argument."""
+    values = [
+        limits.rpm,
+        limits.tpm,
+        limits.max_concurrent,
+        *(getattr(limits, BUDGET_FIELDS[p]) for p in PERIODS),
+    ]
+    return ",".join([who, *(str(_limit(v)) for v in values)])
+
+
+def budgeted(rules: tuple[ModelRule, ...]) -> bool:
+    """Whether any model rule has a budget (its counters must exist before a reservation)."""
+    return any(
+        getattr(limits, field) is not None
+        for rule in rules
+        for _, limits in rule.scopes()
+        for field in BUDGET_FIELDS.values()
+    )
+
+
+def _model_budget_specs(scope: Scope) -> list[tuple[Literal["key", "tenant"], str, str]]:
+    """(scope, period, pattern) of every limited budget of the key's model rules, whatever the model
+    (the admission checks they exist)."""
+    specs: list[tuple[Literal["key", "tenant"], str, str]] = []
+    for rule in scope.rules:
+        for who, limits in rule.scopes():
+            for period in PERIODS:
+                if getattr(limits, BUDGET_FIELDS[period]) is not None:
+                    specs.append((who, period, rule.pattern))
+    return specs
+
+
 # A stream_proxy re-registers a tenant at most this often; the sweeper unlists a tenant only when
 # its registration is older than TENANT_KEEP_MS (far longer, so skipped refreshes never unlist it).
 TENANT_REFRESH_SECONDS = 10.0
@@ -138,6 +190,7 @@ class LimitScripts:
     _lease: Any = attrs.field(init=False)
     _tenants: Any = attrs.field(init=False)
     _rebuild: Any = attrs.field(init=False)
+    _names: dict[tuple[int, str, str, Any, Any], tuple[str, ...]] = attrs.field(init=False, factory=dict)
 
     def __attrs_post_init__(self) -> None:
         self._admit = self.redis.register_script(_lua("admit"))
@@ -152,14 +205,42 @@ class LimitScripts:
         name = scope.key_scope if who == "key" else "t"
         return self.keys.budget(scope.tenant_id, name, period, scope.periods.names()[period])  # type: ignore[index]
 
+    def _model_keys(self, scope: Scope, pattern: str, who: str) -> tuple[str, ...]:
+        """rpm, tpm, leases and the three budget counters of a rule's scope, in the script's order
+        (remembered: the same few are named on every request of a key)."""
+        day, month = scope.periods.day, scope.periods.month
+        name = scope.key_scope if who == "key" else "t"
+        at = (scope.tenant_id, name, pattern, day, month)
+        found = self._names.get(at)
+        if found is None:
+            if len(self._names) >= 4096:
+                self._names.clear()
+            found = self._names[at] = (
+                self.model_key(scope, pattern, who, "rpm"),
+                self.model_key(scope, pattern, who, "tpm"),
+                self.model_key(scope, pattern, who, "leases"),
+                *(self.model_budget_key(scope, pattern, who, period) for period in PERIODS),
+            )
+        return found
+
+    def model_key(self, scope: Scope, pattern: str, who: str, kind: str) -> str:
+        """A model rule's rpm / tpm / leases state for a scope."""
+        name = scope.key_scope if who == "key" else "t"
+        return self.keys.model(scope.tenant_id, model_limits.digest(pattern), kind, name)
+
+    def model_budget_key(self, scope: Scope, pattern: str, who: str, period: str) -> str:
+        """A model rule's counter of one budget period for a scope."""
+        name = scope.key_scope if who == "key" else "t"
+        start = scope.periods.names()[period]  # type: ignore[index]
+        return self.keys.model_budget(scope.tenant_id, model_limits.digest(pattern), name, period, start)
+
     def _budget_keys(self, scope: Scope) -> list[str]:
         return [self.budget_key(scope, who, period) for who, period, _ in _budget_specs(scope)]
 
-    def _missing(self, scope: Scope, reply: list[Any], first_index: int) -> NeedsHydration:
-        specs = _budget_specs(scope)
-        return NeedsHydration(
-            tuple((specs[int(i) - first_index][0], specs[int(i) - first_index][1]) for i in reply[1:])
-        )
+    def _missing(
+        self, reply: list[Any], specs: list[tuple[Literal["key", "tenant"], str, str | None]], first: int
+    ) -> NeedsHydration:
+        return NeedsHydration(tuple(specs[int(i) - first] for i in reply[1:]))
 
     async def admit(
         self,
@@ -181,6 +262,7 @@ class LimitScripts:
             self.keys.leases(t, k),
             self.keys.leases(t, "t"),
             *self._budget_keys(scope),
+            *(self.model_budget_key(scope, p, who, period) for who, period, p in _model_budget_specs(scope)),
         ]
         kl, tl = scope.key_limits, scope.tenant_limits
         args = [
@@ -200,7 +282,8 @@ class LimitScripts:
         reply = await self._admit(keys=keys, args=args)
         code = int(reply[0])
         if code == 2:
-            return self._missing(scope, reply, 8)
+            specs = [(who, period, None) for who, period, _ in _budget_specs(scope)]
+            return self._missing(reply, [*specs, *_model_budget_specs(scope)], 8)
         if code == 0:
             return Refused(_text(reply[1]), int(reply[2]), _text(reply[3]))  # type: ignore[arg-type]
         lim_req, rem_req, reset_req, lim_tok, rem_tok, reset_tok = (int(v) for v in reply[1:7])
@@ -212,7 +295,8 @@ class LimitScripts:
                 limit_tokens=None if lim_tok < 0 else lim_tok,
                 remaining_tokens=None if lim_tok < 0 else max(0, rem_tok),
                 reset_tokens=None if lim_tok < 0 else reset_tok / 1000,
-            )
+            ),
+            second=int(reply[7]) if len(reply) > 7 else None,
         )
 
     async def reserve(
@@ -225,10 +309,14 @@ class LimitScripts:
         requested_completion: int | None,
         default_completion: int | None,
         lease_ttl_ms: int,
+        admitted_second: int | None = None,
         now_ms: int | None = None,
     ) -> Reserved | Spent | Refused | NeedsHydration:
-        """Spend the grant and, for metered requests, reserve prompt bound + completion limit."""
+        """Spend the grant and, for metered requests, decide the model rules covering `scope.model`
+        and reserve prompt bound + completion limit; a refusal gives back the request the admission
+        counted in `admitted_second`."""
         t, k = scope.tenant_id, scope.key_scope
+        models = scope.model_scopes() if metered else []
         keys = [
             self.keys.grant_spent(t, request_id),
             self.keys.tpm(t, k),
@@ -236,7 +324,13 @@ class LimitScripts:
             *self._budget_keys(scope),
             self.keys.reservation(t, request_id),
             self.keys.reservation_index(t),
+            self.keys.rpm(t, k),
+            self.keys.rpm(t, "t"),
         ]
+        model_args: list[Any] = []
+        for rule, who, limits in models:
+            keys += self._model_keys(scope, rule.pattern, who)
+            model_args.append(_packed(who, limits))
         args = [
             "" if now_ms is None else now_ms,
             request_id,
@@ -252,14 +346,34 @@ class LimitScripts:
             scope.key_id,
             scope.periods.names()["day"],
             scope.periods.names()["month"],
+            NO_LIMIT if admitted_second is None else admitted_second,
+            "" if scope.model is None else qualified(scope.model),
+            len(models),
+            *model_args,
         ]
         reply = await self._reserve(keys=keys, args=args)
         code = int(reply[0])
         if code == 2:
-            return self._missing(scope, reply, 4)
+            specs: list[tuple[Literal["key", "tenant"], str, str | None]] = [
+                (who, period, None) for who, period, _ in _budget_specs(scope)
+            ]
+            specs += [("key", "", None)] * 4  # KEYS 10..13: no budget counters
+            for rule, who, _ in models:
+                specs += [(who, "", None)] * 3 + [(who, period, rule.pattern) for period in PERIODS]
+            return self._missing(reply, specs, 4)
         if code == 0:
             if _text(reply[1]) == "used":
                 return Spent()
+            if len(reply) > 4:
+                rule = models[int(reply[4]) - 1][0]
+                return Refused(
+                    _text(reply[1]),
+                    int(reply[2]),
+                    _text(reply[3]),  # type: ignore[arg-type]
+                    model=rule.pattern,
+                    limit=int(reply[5]),
+                    used=int(reply[6]),
+                )
             return Refused(_text(reply[1]), int(reply[2]), _text(reply[3]))  # type: ignore[arg-type]
         completion = int(reply[1])
         return Reserved(completion_limit=None if completion < 0 else completion, reserved=int(reply[2]))
@@ -289,6 +403,7 @@ class LimitScripts:
             scope.key_id,
             names["day"],
             names["month"],
+            "" if scope.model is None else qualified(scope.model),
         ]
         return keys, args
 

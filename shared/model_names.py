@@ -51,3 +51,52 @@ def normalise(name: str) -> str:
     prefix = "" if host == DEFAULT_HOST else f"{host}/"
     prefix += "" if namespace == DEFAULT_NAMESPACE and not prefix else f"{namespace}/"
     return f"{prefix}{model}:{tag}"
+
+
+# A pattern is a name whose parts may hold `*` (any run of characters inside that part): the same
+# grammar with `*` allowed, the same defaults (`big` is `big:latest`; `big:*` is every tag of it).
+_PPART = r"[A-Za-z0-9_*][A-Za-z0-9_.*-]{0,79}"
+_PNAMESPACE = r"[A-Za-z0-9_*][A-Za-z0-9_*-]{0,79}"
+_PHOST = r"[A-Za-z0-9_*][A-Za-z0-9_.:*-]{0,349}"
+_PATTERN_RE = re.compile(
+    rf"^(?:(?P<host>{_PHOST})/)?(?:(?P<ns>{_PNAMESPACE})/)?(?P<model>{_PPART})(?::(?P<tag>{_PPART}))?$"
+)
+
+
+def normalise_pattern(text: str) -> str:
+    """The canonical short form of a model pattern, as `normalise` gives a name's; raises
+    InvalidModelName."""
+    stripped = text.strip()
+    match = _PATTERN_RE.match(stripped)
+    if match is None:
+        raise InvalidModelName(text)
+    host = (match["host"] or DEFAULT_HOST).lower()
+    namespace = (match["ns"] or DEFAULT_NAMESPACE).lower()
+    if match["host"] and not match["ns"]:
+        if not re.fullmatch(_PNAMESPACE, match["host"]):
+            raise InvalidModelName(text)
+        namespace, host = host, DEFAULT_HOST
+    model = match["model"].lower()
+    tag = (match["tag"] or DEFAULT_TAG).lower()
+    prefix = "" if host == DEFAULT_HOST else f"{host}/"
+    prefix += "" if namespace == DEFAULT_NAMESPACE and not prefix else f"{namespace}/"
+    return f"{prefix}{model}:{tag}"
+
+
+def qualified(canonical: str) -> str:
+    """`host/namespace/model:tag` of a canonical short name or pattern (every default written out),
+    the form patterns are matched in: a `*` never reaches across a `/`."""
+    parts = canonical.split("/")
+    if len(parts) == 1:
+        return f"{DEFAULT_HOST}/{DEFAULT_NAMESPACE}/{canonical}"
+    if len(parts) == 2:
+        return f"{DEFAULT_HOST}/{canonical}"
+    return canonical
+
+
+def unqualified(name: str) -> str:
+    """The canonical short form of a qualified name (the inverse of `qualified`)."""
+    for default in (f"{DEFAULT_HOST}/{DEFAULT_NAMESPACE}/", f"{DEFAULT_HOST}/"):
+        if name.startswith(default) and name.count("/") == 2:
+            return name[len(default) :]
+    return name

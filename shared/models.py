@@ -36,6 +36,50 @@ class Limits:
 
 
 @attrs.frozen
+class ModelLimit:
+    """Limits a tenant or a key sets on the models a pattern matches (docs/ARCHITECTURE.md#model-limits);
+    `pattern` is canonical (shared/model_names.py `normalise_pattern`)."""
+
+    pattern: str
+    limits: Limits
+
+
+@attrs.frozen
+class ModelRule:
+    """One pattern's effective limits for a key: its own (inherited from the tenant's rule on the same
+    pattern) and the tenant's, both enforced on every model the pattern matches."""
+
+    pattern: str
+    key_limits: Limits
+    tenant_limits: Limits
+
+    def scopes(self) -> list[tuple[Literal["key", "tenant"], Limits]]:
+        """The scopes this rule is counted in. The key's is left out when it holds exactly the
+        tenant's limits (inherited, the common case): the tenant's counters include the key's
+        requests, so they refuse whatever the key's would (docs/DECISIONS.md)."""
+        scopes: list[tuple[Literal["key", "tenant"], Limits]] = []
+        if self.key_limits != Limits() and self.key_limits != self.tenant_limits:
+            scopes.append(("key", self.key_limits))
+        if self.tenant_limits != Limits():
+            scopes.append(("tenant", self.tenant_limits))
+        return scopes
+
+
+def model_rules(tenant: tuple[ModelLimit, ...], key: tuple[ModelLimit, ...]) -> tuple[ModelRule, ...]:
+    """The rules in force for a key, by pattern: a key's unset value takes the tenant's on the same
+    pattern, as unscoped limits do; a pattern limited nowhere is left out."""
+    tenant_by = {m.pattern: m.limits for m in tenant}
+    key_by = {m.pattern: m.limits for m in key}
+    rules = []
+    for pattern in sorted({*tenant_by, *key_by}):
+        tenant_limits = tenant_by.get(pattern, Limits())
+        key_limits = key_by.get(pattern, Limits()).inherit_from(tenant_limits)
+        if key_limits != Limits() or tenant_limits != Limits():
+            rules.append(ModelRule(pattern, key_limits, tenant_limits))
+    return tuple(rules)
+
+
+@attrs.frozen
 class Tenant:
     """A customer: owns keys and carries the default policy."""
 
@@ -50,6 +94,7 @@ class Tenant:
     prompt_logging: bool
     prompt_log_ttl_seconds: int | None
     created_at: dt.datetime
+    model_limits: tuple[ModelLimit, ...] = ()
 
 
 @attrs.frozen
@@ -71,6 +116,7 @@ class ApiKey:
     prompt_log_ttl_seconds: int | None
     allow_templates: bool = False  # /api/generate's template and _debug_render_only
     allow_reload_options: bool = False  # options that reload a shared model (num_gpu, …)
+    model_limits: tuple[ModelLimit, ...] = ()  # a value None: inherit the tenant's on that pattern
 
     def is_usable(self, now: dt.datetime) -> bool:
         """Active and not expired."""
@@ -96,6 +142,7 @@ class KeyContext:
     key_expires_at: dt.datetime | None = None
     allow_templates: bool = False
     allow_reload_options: bool = False
+    model_rules: tuple[ModelRule, ...] = ()
 
 
 def effective_models(
@@ -130,6 +177,7 @@ def resolve_context(tenant: Tenant, key: ApiKey) -> KeyContext:
         key_expires_at=key.expires_at,
         allow_templates=key.allow_templates,
         allow_reload_options=key.allow_reload_options,
+        model_rules=model_rules(tenant.model_limits, key.model_limits),
     )
 
 
@@ -173,6 +221,7 @@ class UsageEvent:
     prompt_log_ttl_seconds: int | None = None
     metered: bool = True
     periods: dict[str, str] | None = None  # the budget periods charged (from the grant)
+    model_key: str | None = None  # the canonical model the reservation charged (shared/model_names.py)
 
     @property
     def total_tokens(self) -> int:

@@ -39,6 +39,15 @@ class RedisKeys:
         """Tokens used (settled plus reserved) in one budget period of a scope."""
         return self._t(tenant_id, f"budget:{scope}:{period}:{period_start}")
 
+    def model(self, tenant_id: int, pattern: str, kind: str, scope: str) -> str:
+        """A model rule's rpm / tpm / leases state for a scope; `pattern` is the rule's digest
+        (shared/model_limits.py)."""
+        return self._t(tenant_id, f"m:{pattern}:{kind}:{scope}")
+
+    def model_budget(self, tenant_id: int, pattern: str, scope: str, period: str, period_start: str) -> str:
+        """Tokens used (settled plus reserved) in one budget period of a model rule's scope."""
+        return self._t(tenant_id, f"m:{pattern}:budget:{scope}:{period}:{period_start}")
+
     def decision(self, tenant_id: int, request_id: str) -> str:
         """The remembered admission of one request id (idempotent auth retries)."""
         return self._t(tenant_id, f"req:{request_id}")

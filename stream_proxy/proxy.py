@@ -31,6 +31,7 @@ from shared.config import ProxyConfig
 from shared.grant import Grant, RateInfo
 from shared.limits import TENANT_REFRESH_SECONDS, LimitScripts, NeedsHydration, Reserved, Scope, Spent
 from shared.limits import Refused as LimitRefused
+from shared.model_limits import canonical_model
 from shared.models import EstimateReason, UsageEvent
 from shared.periods import from_names
 from shared.untrusted import printable
@@ -92,15 +93,48 @@ def anthropic_ratelimit_headers(rate: RateInfo, reserved: int, now: float) -> di
     return headers
 
 
-def scope_of(grant: Grant) -> Scope:
-    """The limit scope a grant was admitted under."""
+def scope_of(grant: Grant, model: str | None = None) -> Scope:
+    """The limit scope a grant was admitted under; `model`: the canonical model the body names."""
     return Scope(
         tenant_id=grant.tenant_id,
         key_id=grant.key_id,
         key_limits=grant.key_limits,
         tenant_limits=grant.tenant_limits,
         periods=from_names(grant.periods or {"day": "1970-01-01", "month": "1970-01-01"}),
+        rules=grant.model_rules,
+        model=model,
     )
+
+
+_WHAT = {"rpm": "requests per minute", "tpm": "tokens per minute", "concurrency": "concurrent streams"}
+_BUDGETS = {"budget_day": "daily", "budget_month": "monthly", "budget_total": "total"}
+
+
+def model_refusal(outcome: LimitRefused, grant: Grant, family: policy.Family, now: float) -> Refused:
+    """429 for a model rule, naming the pattern and the limit, with Retry-After and the rate-limit
+    headers of the scope that refused (docs/ARCHITECTURE.md#model-limits)."""
+    pattern, limit = outcome.model, outcome.limit or 0
+    if outcome.reason in _BUDGETS:
+        period = outcome.reason.removeprefix("budget_")
+        ends = (grant.rollovers or {}).get(period)
+        headers = {} if ends is None else {"Retry-After": str(max(1, math.ceil(ends - now)))}
+        budget = _BUDGETS[outcome.reason]
+        message = f"{outcome.scope} {budget} token budget of {limit} for model {pattern} exhausted"
+        return Refused(429, message, code="insufficient_quota", headers=headers)
+    wait = max(1, math.ceil(outcome.retry_after_ms / 1000))
+    headers = {"Retry-After": str(wait)}
+    if outcome.reason == "rpm":
+        headers |= ratelimit_headers(
+            RateInfo(limit_requests=limit, remaining_requests=0, reset_requests=wait), 0, family
+        )
+    elif outcome.reason == "tpm":
+        left = max(0, limit - (outcome.used or 0))
+        headers |= ratelimit_headers(
+            RateInfo(limit_tokens=limit, remaining_tokens=left, reset_tokens=wait), 0, family
+        )
+    what = _WHAT.get(outcome.reason, outcome.reason)
+    message = f"{outcome.scope} limit of {limit} {what} for model {pattern} reached"
+    return Refused(429, message, code="rate_limit_exceeded", headers=headers)
 
 
 # Routes whose body or path names the model a backend must have; listings merged across backends.
@@ -143,7 +177,7 @@ class Proxy:
         return int(self.config.options.lease_ttl * 1000)
 
     async def _reserve(
-        self, grant: Grant, route: policy.Route, doc: body.Body | None
+        self, grant: Grant, route: policy.Route, doc: body.Body | None, model: str | None
     ) -> tuple[Reserved, int]:
         options = self.config.options
         metered = grant.metered and route in policy.METERED and doc is not None
@@ -151,13 +185,14 @@ class Proxy:
         bound = await self._prompt_bound(route, doc) if metered and doc is not None else 0
         try:
             outcome = await self.scripts.reserve(
-                scope_of(grant),
+                scope_of(grant, model),
                 grant.request_id,
                 metered=metered,
                 prompt_bound=bound,
                 requested_completion=adapter.requested_completion(route, doc.document) if doc else None,
                 default_completion=options.default_completion_tokens,
                 lease_ttl_ms=self._lease_ms,
+                admitted_second=grant.admitted_second,
             )
         except STORE_ERRORS:
             raise Refused(503, "gateway state store unavailable", headers=UNAVAILABLE) from None
@@ -166,6 +201,8 @@ class Proxy:
         if isinstance(outcome, NeedsHydration):
             raise Refused(503, "budget counters are being rebuilt", headers=UNAVAILABLE)
         if isinstance(outcome, LimitRefused):
+            if outcome.model is not None:
+                raise model_refusal(outcome, grant, policy.FAMILY[route], self.clock())
             if outcome.reason == "tpm":
                 retry = str(max(1, math.ceil(outcome.retry_after_ms / 1000)))
                 message = f"{outcome.scope} limit on tokens per minute reached"
@@ -267,7 +304,7 @@ class Proxy:
                 body_policy.check_model(grant, in_path)
             model = in_path or self._model(doc)
             await self._servable(route, model)
-            reserved, bound = await self._reserve(grant, route, doc)
+            reserved, bound = await self._reserve(grant, route, doc, self._model_key(route, doc))
         except GrantSpent:
             raise
         except Refused as refused:
@@ -571,6 +608,7 @@ class Proxy:
             prompt_log_ttl_seconds=grant.prompt_log_ttl_seconds if grant.prompt_logging else None,
             metered=metered,
             periods=grant.periods,
+            model_key=self._model_key(route, doc) if metered else None,
         )
         settle_now = grant.metered and reserved is not None and event.metered
         # With the event on the stream, settle in the same round trip so the next request sees the
@@ -579,7 +617,11 @@ class Proxy:
             event,
             then=(
                 lambda pipe: self.scripts.settle_in(
-                    pipe, scope_of(grant), grant.request_id, event.total_tokens, ledgered=False
+                    pipe,
+                    scope_of(grant, event.model_key),
+                    grant.request_id,
+                    event.total_tokens,
+                    ledgered=False,
                 )
             )
             if settle_now
@@ -623,6 +665,13 @@ class Proxy:
         """The request body for the prompt log: at most GATEWAY_PROMPT_LOG_MAX_BYTES, never half a
         character (the body parsed as JSON, so it is UTF-8)."""
         return doc.raw[: self.config.options.prompt_log_max_bytes].decode("utf-8", "ignore")
+
+    @staticmethod
+    def _model_key(route: policy.Route, doc: body.Body | None) -> str | None:
+        """The canonical model a metered body names (the one its model rules are decided on)."""
+        if doc is None or route not in policy.METERED:
+            return None
+        return canonical_model(body.get(doc.document, "model"))
 
     @staticmethod
     def _model(doc: body.Body | None) -> str | None:

@@ -6,11 +6,14 @@
 --       4 tpm key   5 tpm tenant      (HASH second -> tokens, settled + reserved)
 --       6 leases key 7 leases tenant  (ZSET request id -> expiry ms)
 --       8..13 budgets: key day, key month, key total, tenant day, tenant month, tenant total
+--       14.. the limited budget counters of the key's model rules: only checked to exist here (the
+--            reservation, which knows the model, decides them; it has no Postgres to rebuild one)
 -- ARGV  1 now ms ('' = Redis TIME)   2 request id   3 metered (1/0)   4 lease ttl ms
 --       5..6 rpm key/tenant   7..8 tpm key/tenant   9..10 concurrency key/tenant
 --       11..16 budget limits in KEYS order          (-1 = no limit everywhere)
 --       17 decision ttl ms
--- Returns {1, lim_req, rem_req, reset_req_ms, lim_tok, rem_tok, reset_tok_ms}      admitted
+-- Returns {1, lim_req, rem_req, reset_req_ms, lim_tok, rem_tok, reset_tok_ms, second}   admitted
+--         (second: the window bucket the request was counted in; a refused reservation gives it back)
 --         (the token values are reported for every route; only metered ones are checked)
 --         {0, reason, retry_after_ms, scope}                                     refused
 --         {2, i1, i2, ...}           budget counters (KEYS indices) missing: hydrate, then retry
@@ -34,6 +37,9 @@ if metered then
     if tonumber(ARGV[i + 3]) >= 0 and redis.call('EXISTS', KEYS[i]) == 0 then
       table.insert(missing, i)
     end
+  end
+  for i = 14, #KEYS do
+    if redis.call('EXISTS', KEYS[i]) == 0 then table.insert(missing, i) end
   end
   if #missing > 0 then
     table.insert(missing, 1, 2)
@@ -114,4 +120,4 @@ for s = 1, 2 do
     end
   end
 end
-return answer({1, lim_req, rem_req, reset_req, lim_tok, rem_tok, reset_tok})
+return answer({1, lim_req, rem_req, reset_req, lim_tok, rem_tok, reset_tok, sec})

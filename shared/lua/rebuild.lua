@@ -11,7 +11,9 @@
 --   day, month    the current period names
 --   counters      [{k = KEYS index, scope = 't' | key id, period = 'day'|'month'|'total'|'tpm',
 --                   value = settled total (budgets) or {second = tokens} (tpm), ttl = seconds (-1: none),
---                   index = the reservation's charged index, missing_only = bool}]
+--                   index = the reservation's charged index (unscoped counters), or
+--                   pattern = the Lua pattern of a model rule (its counters: a request counts in
+--                   them when its qualified model matches), missing_only = bool}]
 --   ledgered      {request id = tokens the ledger holds}, for open reservations and unledgered settles
 -- Returns {1, counters written} or {0} when the lock was lost (nothing written; rebuild again).
 
@@ -25,13 +27,18 @@ local sec = math.floor(now / 1000)
 local items = {}
 for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
   local rk = plan.resv_prefix .. id
-  local r = redis.call('HMGET', rk, 'amount', 'sec', 'charged', 'key', 'day', 'month')
+  local r = redis.call('HMGET', rk, 'amount', 'sec', 'charged', 'key', 'day', 'month', 'model', 'mc')
   local amount, at = tonumber(r[1]), tonumber(r[2])
   if amount and at and r[4] and r[5] and r[6] then
     local charged = {}
     for index in string.gmatch(r[3] or '', '%d+') do charged[tonumber(index)] = true end
+    local mc = {}
+    if r[8] then mc = cjson.decode(r[8]) end
+    local mcharged = {}
+    for _, key in ipairs(mc.w or {}) do mcharged[key] = true end
+    for _, key in ipairs(mc.b or {}) do mcharged[key] = true end
     table.insert(items, {id = id, rk = rk, tokens = amount, sec = at, key = r[4], day = r[5],
-      month = r[6], charged = charged, added = false})
+      month = r[6], model = r[7] or '', charged = charged, mc = mc, mcharged = mcharged, added = false})
   end
 end
 local entries = redis.call('HGETALL', KEYS[2])
@@ -43,12 +50,13 @@ for i = 1, #entries, 2 do
     redis.call('HDEL', KEYS[2], entries[i])
   else
     table.insert(items, {id = entries[i], tokens = tokens, sec = at, key = f[1], day = f[4],
-      month = f[5]})
+      month = f[5], model = f[7] or ''})
   end
 end
 
 local function covers(item, c)
   if c.scope ~= 't' and tostring(c.scope) ~= item.key then return false end
+  if c.pattern and not string.find(item.model, c.pattern) then return false end
   if c.period == 'day' then return item.day == plan.day end
   if c.period == 'month' then return item.month == plan.month end
   if c.period == 'tpm' then return item.sec >= sec - WINDOW end
@@ -77,7 +85,16 @@ for _, c in ipairs(plan.counters) do
         else
           value = value + item.tokens - (plan.ledgered[item.id] or 0)
         end
-        if item.charged and not item.charged[c.index] then
+        if c.pattern then
+          if item.mcharged and not item.mcharged[key] then
+            item.mcharged[key] = true
+            local list = 'b'
+            if c.period == 'tpm' then list = 'w' end
+            item.mc[list] = item.mc[list] or {}
+            table.insert(item.mc[list], key)
+            item.added = true
+          end
+        elseif item.charged and not item.charged[c.index] then
           item.charged[c.index] = true
           item.added = true
         end
@@ -103,7 +120,7 @@ for _, item in ipairs(items) do
     local list = {}
     for index in pairs(item.charged) do table.insert(list, index) end
     table.sort(list)
-    redis.call('HSET', item.rk, 'charged', table.concat(list, ','))
+    redis.call('HSET', item.rk, 'charged', table.concat(list, ','), 'mc', cjson.encode(item.mc))
   end
 end
 redis.call('DEL', KEYS[3])

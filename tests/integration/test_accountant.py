@@ -38,8 +38,16 @@ from shared import admin, counters, usage_wire
 from shared.config import AccountantOptions, PostgresConfig
 from shared.db import create_pool
 from shared.hashing import Argon2Params
-from shared.limits import TENANT_KEEP_MS, CountersBusy, LimitScripts, NeedsHydration, Reserved, Scope
-from shared.models import Limits, UsageEvent
+from shared.limits import (
+    TENANT_KEEP_MS,
+    Admitted,
+    CountersBusy,
+    LimitScripts,
+    NeedsHydration,
+    Reserved,
+    Scope,
+)
+from shared.models import Limits, ModelLimit, ModelRule, UsageEvent, model_rules
 from shared.periods import PERIODS, Periods, periods_at
 from shared.redis_keys import RedisKeys
 
@@ -1098,10 +1106,16 @@ class LiveTraffic:
     spent: dict[tuple[str, int], int] = attrs.field(factory=lambda: defaultdict(int))
     requests: int = 0
     hydrations: int = 0
+    # The keys' model rules and, per model the requests name, the patterns of the rules covering it
+    # (written out by the test, not computed by the matcher under test).
+    rules: tuple[ModelRule, ...] = ()
+    models: Mapping[str, tuple[str, ...]] = attrs.field(factory=lambda: {"llama3.2:latest": ()})
+    model_spent: dict[tuple[str, int, str], int] = attrs.field(factory=lambda: defaultdict(int))
 
     async def one(self, key: admin.CreatedKey, request_id: str, limits: Limits) -> None:
         started = float((await self.redis.time()).timestamp())
-        scope = scope_for(key, period_names(started), limits)
+        model = self.rng.choice(sorted(self.models))
+        scope = attrs.evolve(scope_for(key, period_names(started), limits), rules=self.rules, model=model)
         prompt, completion = self.rng.randint(20, 300), self.rng.randint(0, 200)
         for _ in range(100):
             outcome = await self.scripts.reserve(
@@ -1141,6 +1155,8 @@ class LiveTraffic:
             completion_tokens=actual - actual // 2,
             reserved_tokens=outcome.reserved,
             started_at=started,
+            model=model,
+            model_key=model,
         )
         settle = self.rng.random() < 0.8  # the rest: stream_proxy's settle did not happen
         async with self.redis.pipeline(transaction=False, raise_on_error=False) as pipe:
@@ -1153,6 +1169,9 @@ class LiveTraffic:
             assert await settled() == 1
         self.spent[("tenant", key.tenant.id)] += actual
         self.spent[("key", key.key.id)] += actual
+        for pattern in self.models[model]:
+            self.model_spent[("tenant", key.tenant.id, pattern)] += actual
+            self.model_spent[("key", key.key.id, pattern)] += actual
         self.requests += 1
 
     async def worker(self, n: int, count: int, limits: Limits) -> None:
@@ -1326,3 +1345,201 @@ async def test_a_rebuild_counts_each_state_of_a_request_once_and_holds_off_only_
             for period in PERIODS:
                 value = await counter(client, scripts.budget_key(scope, who, period))
                 assert value == spent, (who, period, value, spent)
+
+
+async def test_model_rule_counters_stay_exact_under_live_traffic_rebuilds_and_lost_counters(
+    db: asyncpg.Connection, database_url: str, redis_url: str, redis_prefix: str
+) -> None:
+    """As above, with model rules: a tenant rule on `big:*` (TPM and every budget) and a key rule on
+    `*:*` for one key; requests name big:70b, big:8b, small:1b and ns/big:1 (which `big:*` does not
+    cover: `*` stays inside one part). While rebuilds run and model budget counters are deleted (and
+    hydrated again by the next request), every rule's budget counter and TPM window ends equal to
+    the tokens the workers spent on the models it covers."""
+    keys = await new_keys(db, {"models": 2})
+    tenant = keys[0].tenant.id
+    names = RedisKeys(redis_prefix)
+    limits = attrs.evolve(ROOMY, tpm=10**9)
+    roomy = Limits(tpm=10**9, daily_tokens=10**12, monthly_tokens=10**12, total_tokens=10**12)
+    await db.execute(
+        "INSERT INTO model_limits (tenant_id, key_id, pattern, tpm, daily_tokens, monthly_tokens, "
+        "total_tokens) VALUES ($1, NULL, 'big:*', $2, $3, $3, $3), ($1, $4, '*:*', $2, $3, $3, $3)",
+        tenant,
+        10**9,
+        10**12,
+        keys[0].key.id,
+    )
+    tenant_rules = (ModelLimit("big:*", roomy),)
+    rules = {
+        k.key.id: model_rules(tenant_rules, (ModelLimit("*:*", roomy),) if k is keys[0] else ()) for k in keys
+    }
+    covering = {"big:70b": ("big:*", "*:*"), "big:8b": ("big:*", "*:*"), "small:1b": ("*:*",), "ns/big:1": ()}
+    pool = await create_pool(PostgresConfig(url=database_url, pool_min=1, pool_max=4))
+    try:
+        async with accountant_on(database_url, redis_url, redis_prefix) as accountant:
+            client, scripts = accountant.redis, accountant.scripts
+            by_key = {
+                k.key.id: LiveTraffic(
+                    client,
+                    scripts,
+                    pool,
+                    [k],
+                    random.Random(23 + n),  # noqa: S311 - test data
+                    rules=rules[k.key.id],
+                    models=covering,
+                )
+                for n, k in enumerate(keys)
+            }
+            await counters.rebuild(db, client, names, zone=UTC, tenant_ids=[tenant])
+            stop, done = asyncio.Event(), asyncio.Event()
+
+            async def apply() -> None:
+                while not stop.is_set():
+                    await accountant.read_batch(block_ms=20)
+
+            rebuilds, lost = 0, 0
+
+            async def rebuild() -> None:
+                nonlocal rebuilds, lost
+                rng = random.Random(7)  # noqa: S311 - test data
+                for n in itertools.count():
+                    if done.is_set():
+                        return
+                    if n % 3 == 1 and sum(t.requests for t in by_key.values()) < 200:
+                        day = period_names(float((await client.time()).timestamp()))
+                        victim = rng.choice(keys)
+                        who, pattern = rng.choice([("tenant", "big:*"), ("key", "*:*")])
+                        await client.delete(
+                            [scripts.model_budget_key(scope_for(victim, day), pattern, who, "day")]
+                        )
+                        lost += 1
+                    else:
+                        await counters.rebuild(db, client, names, zone=UTC, tenant_ids=[tenant])
+                        rebuilds += 1
+                    await asyncio.sleep(rng.random() * 0.01)
+
+            async def workers() -> None:
+                await asyncio.gather(
+                    *(
+                        by_key[k.key.id].worker(3 * i + n, 40, limits)
+                        for i, k in enumerate(keys)
+                        for n in range(3)
+                    )
+                )
+                done.set()
+
+            applier = asyncio.create_task(apply())
+            await asyncio.gather(rebuild(), workers())
+            total = sum(t.requests for t in by_key.values())
+            assert total == 240
+            assert rebuilds >= 10, rebuilds
+            assert lost > 0
+            assert sum(t.hydrations for t in by_key.values()) > 0
+
+            async def drained() -> bool:
+                count = await db.fetchval("SELECT count(*) FROM usage_ledger WHERE tenant_id = $1", tenant)
+                pending = await client.xpending(names.usage_stream, GROUP)
+                return bool(count == total and isinstance(pending, StreamPending) and not pending.pending)
+
+            await until(drained, WAIT_SECONDS, "every event applied")
+            stop.set()
+            await applier
+
+            spent: dict[tuple[str, int, str], int] = defaultdict(int)
+            for traffic in by_key.values():
+                for where, tokens in traffic.model_spent.items():
+                    spent[where] += tokens
+            today = period_names(float((await client.time()).timestamp()))
+            checked = 0
+            for key in keys:
+                scope = scope_for(key, today)
+                # The keys inherit the tenant's big:* rule unchanged: counted at the tenant's scope
+                # only (ModelRule.scopes); the first key's own *:* rule at its own scope.
+                expected_scopes = [("tenant", tenant, "big:*")]
+                if key is keys[0]:
+                    expected_scopes.append(("key", key.key.id, "*:*"))
+                for who, ident, pattern in expected_scopes:
+                    for period in PERIODS:
+                        value = await counter(client, scripts.model_budget_key(scope, pattern, who, period))
+                        assert value == spent[(who, ident, pattern)], (who, ident, pattern, period, value)
+                        checked += 1
+                    window = await client.hgetall(scripts.model_key(scope, pattern, who, "tpm"))
+                    assert sum(int(v) for v in window.values()) == spent[(who, ident, pattern)]
+            assert checked == 3 * 3
+            assert spent[("tenant", tenant, "big:*")] > 0
+            # The per-model totals the counters are rebuilt from agree with the workers' tally too.
+            rows = await db.fetch(
+                "SELECT model, tokens FROM model_budget_periods WHERE scope = 'tenant' AND scope_id = $1 "
+                "AND period = 'total'",
+                tenant,
+            )
+            per_model = {r["model"]: r["tokens"] for r in rows}
+            assert per_model["big:70b"] + per_model["big:8b"] == spent[("tenant", tenant, "big:*")]
+            assert set(per_model) == set(covering)
+    finally:
+        await pool.close()
+
+
+async def test_hydrating_a_model_rule_counter_sums_the_models_its_pattern_covers(
+    db: asyncpg.Connection, database_url: str, redis_url: str, redis_prefix: str
+) -> None:
+    """Events of big:70b, BIG:8B, small:1b and ns/big:1 applied by the accountant; a reservation on
+    big:70b under a new tenant rule `big:*` with a daily budget asks for its counter, and the
+    hydration (the admission's) sets it to the tokens of big:70b and big:8b only; `usage`'s source,
+    model_budget_periods, holds one row per canonical model with its requests."""
+    (key,) = await new_keys(db, {"hydrate-models": 1})
+    now = float(int(time.time()))
+    sent = {"big:70b": (100, 20), "BIG:8B": (7, 3), "small:1b": (1000, 0), "ns/big:1": (500, 5)}
+    canonical = {"big:70b": "big:70b", "BIG:8B": "big:8b", "small:1b": "small:1b", "ns/big:1": "ns/big:1"}
+    events = [
+        usage_event(
+            key,
+            f"m-{n}-{i}",
+            now - 1 - i,
+            model=model,
+            model_key=canonical[model],
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+        )
+        for n, (model, (prompt, completion)) in enumerate(sent.items())
+        for i in range(2)
+    ]
+    async with accountant_on(database_url, redis_url, redis_prefix) as accountant:
+        for event in events:
+            await accountant.redis.xadd(accountant.keys.usage_stream, usage_wire.encode(event))
+        assert await accountant.read_batch(block_ms=100) == len(events)
+        client, scripts = accountant.redis, accountant.scripts
+        today = period_names(float((await client.time()).timestamp()))
+        rule = ModelRule("big:*", Limits(), Limits(daily_tokens=10_000))
+        scope = attrs.evolve(scope_for(key, today, Limits()), rules=(rule,), model="big:70b")
+        need = await scripts.admit(scope, "first", metered=True, lease_ttl_ms=LEASE_MS)
+        assert need == NeedsHydration((("tenant", "day", "big:*"),))
+        assert isinstance(need, NeedsHydration)
+        written = await counters.rebuild_tenant(
+            db,
+            scripts,
+            zone=UTC,
+            tenant_id=key.tenant.id,
+            key_ids=[key.key.id],
+            periods=scope.periods,
+            missing=set(need.missing),
+        )
+        assert written == 1
+        counter_key = scripts.model_budget_key(scope, "big:*", "tenant", "day")
+        assert await counter(client, counter_key) == 2 * (100 + 20 + 7 + 3)
+        assert await counter(client, scripts.budget_key(scope, "tenant", "day")) is None  # not asked for
+        assert isinstance(await scripts.admit(scope, "first", metered=True, lease_ttl_ms=LEASE_MS), Admitted)
+    rows = await db.fetch(
+        "SELECT model, tokens, requests FROM model_budget_periods WHERE scope = 'key' AND scope_id = $1 "
+        "AND period = 'day' ORDER BY model COLLATE \"C\"",
+        key.key.id,
+    )
+    assert [(r["model"], r["tokens"], r["requests"]) for r in rows] == [
+        ("big:70b", 240, 2),
+        ("big:8b", 20, 2),
+        ("ns/big:1", 1010, 2),
+        ("small:1b", 2000, 2),
+    ]
+    ledger = await db.fetch(
+        "SELECT DISTINCT model, model_key FROM usage_ledger WHERE key_id = $1", key.key.id
+    )
+    assert {(r["model"], r["model_key"]) for r in ledger} == set(canonical.items())

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
+from zoneinfo import ZoneInfo
 
 import asyncpg
 import attrs
@@ -30,13 +31,24 @@ from shared.exceptions import AdminError
 from shared.hashing import Argon2Params, verify_key
 from shared.invalidation import Invalidation
 from shared.keystore import Verdict, authenticate
+from shared.model_limits import MAX_RULES_PER_SCOPE
+from shared.periods import periods_at
 from shared.redis_keys import RedisKeys
 
 pytestmark = pytest.mark.integration
 
 PEPPER = "cli-test-pepper-0123456789abcdef0123456789"
 CHEAP = Argon2Params(memory_kib=64, time_cost=1)
-TABLES = ("tenants", "api_keys", "usage_ledger", "budget_periods", "audit_log", "prompt_logs")
+TABLES = (
+    "tenants",
+    "api_keys",
+    "usage_ledger",
+    "budget_periods",
+    "audit_log",
+    "prompt_logs",
+    "model_limits",
+    "model_budget_periods",
+)
 SCRIPT = Path(sys.executable).parent / "neuronetz-gateway"
 # The installed console script when it exists (see test_console_script_is_installed), else the
 # same entry point through `python -m`, so the behaviour tests still run.
@@ -57,6 +69,7 @@ TENANT_FIELDS = {
     "prompt_logging",
     "prompt_log_ttl_seconds",
     "created_at",
+    "model_limits",
 }
 KEY_FIELDS = {
     "id",
@@ -74,8 +87,12 @@ KEY_FIELDS = {
     "prompt_log_ttl_seconds",
     "allow_templates",
     "allow_reload_options",
+    "model_limits",
     "tenant",
 }
+
+
+SHOW_KEY_EXTRA = {"effective_limits", "tenant_limits", "effective_models", "model_rules"}
 
 
 @attrs.frozen
@@ -663,6 +680,221 @@ async def test_usage(cli: Cli, db: asyncpg.Connection) -> None:
     assert cells(out, "50,001") == ["50,001", "50,001", "50,001", "1"]
 
 
+async def test_set_limits_with_model(
+    cli: Cli, db: asyncpg.Connection, redis_url: str, redis_prefix: str
+) -> None:
+    """set-limits --model stores a rule for the canonical pattern on a tenant or a key (a key's
+    'unlimited' as -1), moves the owner's updated_at, shows the rule in the changed row's table
+    ("model limits" column) and JSON, publishes the same invalidation as unscoped limits, and
+    --remove deletes it; list-tenants and list-keys show and carry the rules."""
+    tenant = await admin.create_tenant(db, name="acme")
+    made = await admin.create_key(db, tenant="acme", name="one", pepper=PEPPER, params=CHEAP)
+    prefix = made.key.prefix
+    rules_sql = "SELECT key_id, pattern, rpm, tpm, max_concurrent, daily_tokens FROM model_limits ORDER BY id"
+    stamp = "SELECT updated_at FROM {} WHERE id = $1"
+    async with listen(redis_url, redis_prefix) as notices:
+        before = await db.fetchval(stamp.format("tenants"), tenant.id)
+        out = await cli.ok(
+            "set-limits", "--tenant", "acme", "--model", "Big:*", "--rpm", "5", "--tpm", "9000"
+        )
+        assert "model limits on big:* changed" in out
+        assert cells(out, "acme")[11] == "big:* rpm 5 · tpm 9,000"
+        assert await notices.next() == Invalidation("tenant", tenant.id, reason="limits")
+        assert await db.fetchval(stamp.format("tenants"), tenant.id) > before
+        assert await db.fetchval("SELECT rpm FROM tenants WHERE id = $1", tenant.id) is None  # unscoped
+
+        before = await db.fetchval(stamp.format("api_keys"), made.key.id)
+        [doc] = await cli.json(
+            "set-limits", "--prefix", prefix, "--model", "big:*", "--rpm", "unlimited", "--concurrency", "2"
+        )
+        _check_key_json(doc, tenant="acme")
+        assert doc["model_limits"] == [
+            {"pattern": "big:*", "rpm": -1, "tpm": None, "max_concurrent": 2}
+            | dict.fromkeys(("daily_tokens", "monthly_tokens", "total_tokens"))
+        ]
+        assert await notices.next() == Invalidation("key", tenant.id, made.key.id, reason="limits")
+        assert await db.fetchval(stamp.format("api_keys"), made.key.id) > before
+        out = await cli.ok("set-limits", "--prefix", prefix, "--model", "small", "--daily-tokens", "100")
+        assert cells(out, f"nz_{prefix}")[14] == "big:* rpm unlimited · streams 2"
+        assert "small:latest daily 100" in out
+        assert await notices.next() == Invalidation("key", tenant.id, made.key.id, reason="limits")
+        assert [tuple(r.values()) for r in await db.fetch(rules_sql)] == [
+            (None, "big:*", 5, 9000, None, None),
+            (made.key.id, "big:*", -1, None, 2, None),
+            (made.key.id, "small:latest", None, None, None, 100),
+        ]
+
+        [listed] = await cli.json("list-tenants")
+        _check_tenant_json(listed, keys_counted=True)
+        assert [(r["pattern"], r["rpm"], r["tpm"]) for r in listed["model_limits"]] == [("big:*", 5, 9000)]
+        [listed_key] = await cli.json("list-keys")
+        _check_key_json(listed_key, tenant="acme")
+        assert [r["pattern"] for r in listed_key["model_limits"]] == ["big:*", "small:latest"]
+        assert cells(await cli.ok("list-tenants"), "acme")[11] == "big:* rpm 5 · tpm 9,000"
+        assert cells(await cli.ok("list-keys"), f"nz_{prefix}")[14] == "big:* rpm unlimited · streams 2"
+
+        out = await cli.ok("set-limits", "--prefix", prefix, "--model", "small", "--remove")
+        assert "model limits on small:latest removed" in out
+        assert "small:latest" not in out.split("removed", 1)[1]
+        assert await notices.next() == Invalidation("key", tenant.id, made.key.id, reason="limits")
+        [doc] = await cli.json("set-limits", "--tenant", "acme", "--model", "big:*", "--remove")
+        assert doc["model_limits"] == []
+        assert await notices.next() == Invalidation("tenant", tenant.id, reason="limits")
+        assert [tuple(r.values()) for r in await db.fetch(rules_sql)] == [
+            (made.key.id, "big:*", -1, None, 2, None)
+        ]
+        out = await cli.ok("list-tenants")
+        assert cells(out, "acme")[11] == "—"
+
+
+async def test_model_rule_leaving_nothing_is_deleted(cli: Cli, db: asyncpg.Connection) -> None:
+    """A --model change after which the rule limits nothing ('unlimited' on a tenant, 'inherit' on a
+    key) deletes its row."""
+    await admin.create_tenant(db, name="acme")
+    made = await admin.create_key(db, tenant="acme", name="one", pepper=PEPPER, params=CHEAP)
+    await cli.ok("set-limits", "--tenant", "acme", "--model", "big:*", "--rpm", "5")
+    await cli.ok("set-limits", "--prefix", made.key.prefix, "--model", "big:*", "--tpm", "7")
+    assert await db.fetchval("SELECT count(*) FROM model_limits") == 2
+    [doc] = await cli.json("set-limits", "--tenant", "acme", "--model", "big:*", "--rpm", "unlimited")
+    assert doc["model_limits"] == []
+    [doc] = await cli.json("set-limits", "--prefix", made.key.prefix, "--model", "big:*", "--tpm", "inherit")
+    assert doc["model_limits"] == []
+    assert await db.fetchval("SELECT count(*) FROM model_limits") == 0
+
+
+async def test_show_key(cli: Cli, db: asyncpg.Connection) -> None:
+    """show-key prints the key's fields, its limits (own, in force, the tenant's) and its model rules
+    with inheritance from the tenant's rule on the same pattern, as tables or JSON; never the token
+    or its hash."""
+    await admin.create_tenant(db, name="acme")
+    made = await admin.create_key(db, tenant="acme", name="one", pepper=PEPPER, params=CHEAP)
+    prefix = made.key.prefix
+    await cli.ok("set-limits", "--tenant", "acme", "--rpm", "100", "--tpm", "5000")
+    await cli.ok("set-limits", "--prefix", prefix, "--tpm", "unlimited", "--concurrency", "3")
+    await cli.ok("set-limits", "--tenant", "acme", "--model", "big:*", "--rpm", "5", "--tpm", "9000")
+    await cli.ok(
+        "set-limits", "--prefix", prefix, "--model", "big:*", "--rpm", "unlimited", "--concurrency", "2"
+    )
+    await cli.ok("set-limits", "--prefix", prefix, "--model", "small:*", "--daily-tokens", "100")
+    stored = await db.fetchval("SELECT hash FROM api_keys WHERE id = $1", made.key.id)
+
+    out = await cli.ok("show-key", "--prefix", f"nz_{prefix}")
+    assert f"key nz_{prefix}" in out
+    assert "acme (active)" in out
+    limits, rules = out.split("model limits (", 1)
+    assert cells(limits, "rpm  ") == ["rpm", "inherit", "100", "100"]
+    assert cells(limits, "tpm  ") == ["tpm", "unlimited", "—", "5,000"]
+    assert cells(limits, "│ streams ") == ["streams", "3", "3", "—"]
+    assert cells(rules, "big:*") == ["big:*", "rpm", "unlimited", "—", "5"]
+    assert cells(rules, "9,000") == ["", "tpm", "inherit", "9,000", "9,000"]
+    assert cells(rules, "streams") == ["", "streams", "2", "2", "—"]
+    assert cells(rules, "small:*") == ["small:*", "daily", "100", "100", "—"]
+    for text in (out, (await cli("show-key", "--prefix", prefix, "--json")).stdout):
+        assert made.token not in text
+        assert stored not in text
+        assert not TOKEN_RE.search(text)
+
+    doc = await cli.json("show-key", "--prefix", prefix)
+    _check_key_json({k: v for k, v in doc.items() if k not in SHOW_KEY_EXTRA}, tenant="acme")
+    assert set(doc) == KEY_FIELDS | SHOW_KEY_EXTRA
+    assert doc["effective_limits"] == {**dict.fromkeys(LIMIT_FIELDS), "rpm": 100, "max_concurrent": 3}
+    assert doc["tenant_limits"] == {**dict.fromkeys(LIMIT_FIELDS), "rpm": 100, "tpm": 5000}
+    nothing = dict.fromkeys(LIMIT_FIELDS)
+    assert doc["model_rules"] == [
+        {
+            "pattern": "big:*",
+            "own": {**nothing, "rpm": -1, "max_concurrent": 2},
+            "effective": {**nothing, "tpm": 9000, "max_concurrent": 2},
+            "tenant": {**nothing, "rpm": 5, "tpm": 9000},
+        },
+        {
+            "pattern": "small:*",
+            "own": {**nothing, "daily_tokens": 100},
+            "effective": {**nothing, "daily_tokens": 100},
+            "tenant": nothing,
+        },
+    ]
+    await cli.ok("set-limits", "--prefix", prefix, "--model", "big:*", "--rpm", "inherit")
+    doc = await cli.json("show-key", "--prefix", prefix)
+    assert doc["model_rules"][0]["effective"] == {**nothing, "rpm": 5, "tpm": 9000, "max_concurrent": 2}
+
+
+async def test_model_rule_cap_and_bad_pattern_messages(cli: Cli, db: asyncpg.Connection) -> None:
+    """The 33rd rule of a tenant is refused (exit 1, one error line naming the cap) and changes
+    nothing; a bad pattern is a usage error (exit 2) that names the pattern."""
+    await admin.create_tenant(db, name="acme")
+    one = admin.parse_limit("rpm", "1")
+    for i in range(MAX_RULES_PER_SCOPE):
+        await admin.set_limits(db, tenant="acme", model=f"m{i}:*", limits={"rpm": one})
+    before = await snapshot(db)
+    done = await cli("set-limits", "--tenant", "acme", "--model", "one-more:*", "--rpm", "1")
+    assert (done.code, done.stdout) == (1, "")
+    assert done.stderr.strip() == (
+        "error: tenant 'acme' already has 32 model rules, the most allowed; remove one first (--model "
+        "PATTERN --remove)"
+    )
+    done = await cli("set-limits", "--tenant", "acme", "--model", "big model", "--rpm", "1")
+    assert (done.code, done.stdout) == (2, "")
+    assert done.stderr.startswith("error: bad model pattern 'big model': ")
+    assert await snapshot(db) == before
+    await cli.ok(
+        "set-limits", "--tenant", "acme", "--model", "m0:*", "--rpm", "2"
+    )  # changing one still works
+
+
+async def test_usage_by_model(cli: Cli, db: asyncpg.Connection) -> None:
+    """usage --by model lists each model's tokens of today, this month and in total and its requests,
+    from model_budget_periods of the tenant or the key only, sorted by model, as a table or JSON:
+    yesterday's day row and another tenant's rows do not count."""
+    acme = await admin.create_tenant(db, name="acme")
+    other = await admin.create_tenant(db, name="other")
+    made = await admin.create_key(db, tenant="acme", name="one", pepper=PEPPER, params=CHEAP)
+    periods = periods_at(dt.datetime.now(dt.UTC).timestamp(), ZoneInfo("UTC"))
+    yesterday = periods.day - dt.timedelta(days=1)
+    rows = [
+        ("tenant", acme.id, "qwen3:8b", "day", periods.day, 10, 1),
+        ("tenant", acme.id, "qwen3:8b", "day", yesterday, 1000, 3),
+        (
+            "tenant",
+            acme.id,
+            "qwen3:8b",
+            "month",
+            periods.month,
+            1010,
+            1,
+        ),
+        ("tenant", acme.id, "qwen3:8b", "total", dt.date(1970, 1, 1), 5010, 9),
+        ("tenant", acme.id, "big/model:q4", "total", dt.date(1970, 1, 1), 7, 2),
+        ("tenant", other.id, "qwen3:8b", "day", periods.day, 70000, 7),
+        ("tenant", other.id, "other:latest", "total", dt.date(1970, 1, 1), 70000, 7),
+        ("key", made.key.id, "qwen3:8b", "day", periods.day, 4, 1),
+        ("key", made.key.id, "qwen3:8b", "total", dt.date(1970, 1, 1), 40, 4),
+    ]
+    await db.executemany(
+        "INSERT INTO model_budget_periods (scope, scope_id, model, period, period_start, tokens, requests) "
+        "VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        rows,
+    )
+    doc = await cli.json("usage", "--tenant", "acme", "--by", "model")
+    assert (doc["scope"], doc["name"]) == ("tenant", "acme")
+    assert doc["models"] == [
+        {"model": "big/model:q4", "day": 0, "month": 0, "total": 7, "requests": 2},
+        {"model": "qwen3:8b", "day": 10, "month": 1010, "total": 5010, "requests": 9},
+    ]
+    doc = await cli.json("usage", "--prefix", f"nz_{made.key.prefix}", "--by", "model")
+    assert doc["models"] == [{"model": "qwen3:8b", "day": 4, "month": 0, "total": 40, "requests": 4}]
+    out = await cli.ok("usage", "--tenant", "acme", "--by", "model")
+    assert "usage of tenant acme by model" in out
+    assert cells(out, "qwen3:8b") == ["qwen3:8b", "10", "1,010", "5,010", "9"]
+    assert cells(out, "big/model:q4") == ["big/model:q4", "0", "0", "7", "2"]
+    assert "other:latest" not in out
+    await admin.create_tenant(db, name="quiet")
+    assert "no usage by model recorded for tenant quiet" in await cli.ok(
+        "usage", "--tenant", "quiet", "--by", "model"
+    )
+    assert (await cli.json("usage", "--tenant", "quiet", "--by", "model"))["models"] == []
+
+
 def _database_url(admin_url: str, name: str) -> str:
     parts = urlsplit(admin_url)
     return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, parts.fragment))
@@ -750,6 +982,18 @@ BAD_INPUTS: dict[str, list[str]] = {
     "bad-duration": ["create-key", "--tenant", "acme", "--name", "k2", "--expires-in", "7x"],
     "duration-overflow": ["create-key", "--tenant", "acme", "--name", "k2", "--expires-in", "999999999w"],
     "expiry-after-year-9999": ["create-key", "--tenant", "acme", "--name", "k2", "--expires-in", "3000000d"],
+    "model-bad-pattern": ["set-limits", "--tenant", "acme", "--model", "no such/model", "--rpm", "5"],
+    "model-with-models": ["set-limits", "--tenant", "acme", "--model", "big:*", "--models", "big"],
+    "model-with-cap": ["set-limits", "--tenant", "acme", "--model", "big:*", "--max-num-ctx", "4096"],
+    "model-nothing-to-change": ["set-limits", "--prefix", "{prefix}", "--model", "big:*"],
+    "model-inherit-on-tenant": ["set-limits", "--tenant", "acme", "--model", "big:*", "--rpm", "inherit"],
+    "remove-without-model": ["set-limits", "--tenant", "acme", "--remove"],
+    "remove-with-limits": ["set-limits", "--tenant", "acme", "--model", "big:*", "--remove", "--rpm", "5"],
+    "remove-missing-rule": ["set-limits", "--tenant", "acme", "--model", "big:*", "--remove"],
+    "model-unknown-prefix": ["set-limits", "--prefix", "nz_ZZZZZZZZ", "--model", "big:*", "--rpm", "5"],
+    "show-key-unknown-prefix": ["show-key", "--prefix", "nz_ZZZZZZZZ"],
+    "show-key-without-prefix": ["show-key"],
+    "usage-by-unknown": ["usage", "--tenant", "acme", "--by", "tenant"],
 }
 
 

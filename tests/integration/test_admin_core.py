@@ -3,26 +3,39 @@ the edge cases the CLI tests do not reach."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import uuid
 from collections.abc import Awaitable, Callable
+from zoneinfo import ZoneInfo
 
 import asyncpg
 import pytest
 
 from shared import admin, keys
+from shared.db import asyncpg_dsn
 from shared.exceptions import AdminError, ConflictError, KeyFormatError, NotFoundError
 from shared.hashing import Argon2Params
 from shared.invalidation import Invalidation
 from shared.keystore import Verdict, authenticate
-from shared.models import UNLIMITED, Limits
+from shared.model_limits import MAX_RULES_PER_SCOPE
+from shared.models import UNLIMITED, ApiKey, Limits, ModelLimit, ModelRule, Tenant
 
 pytestmark = pytest.mark.integration
 
 PEPPER = "core-test-pepper-0123456789abcdef0123456789"
 CHEAP = Argon2Params(memory_kib=64, time_cost=1)
 T0 = dt.datetime(2026, 11, 27, 12, 0, tzinfo=dt.UTC)
-TABLES = ("tenants", "api_keys", "usage_ledger", "budget_periods", "audit_log", "prompt_logs")
+TABLES = (
+    "tenants",
+    "api_keys",
+    "usage_ledger",
+    "budget_periods",
+    "audit_log",
+    "prompt_logs",
+    "model_limits",
+    "model_budget_periods",
+)
 
 
 async def snapshot(db: asyncpg.Connection) -> dict[str, list[str]]:
@@ -308,3 +321,290 @@ def test_parse_limit_and_models() -> None:
     for bad in ("", " , ", "a/b/c/d"):
         with pytest.raises(AdminError):
             admin.parse_models(bad)
+
+
+def lim(**values: str) -> dict[str, admin.LimitChange]:
+    """Limit changes as the CLI parses them: lim(rpm="5", tpm="unlimited")."""
+    return {name: admin.parse_limit(name, text) for name, text in values.items()}
+
+
+async def rule_rows(db: asyncpg.Connection) -> list[tuple[object, ...]]:
+    """Every model_limits row as (key_id, pattern, six limits), ordered."""
+    rows = await db.fetch(
+        "SELECT key_id, pattern, rpm, tpm, max_concurrent, daily_tokens, monthly_tokens, total_tokens "
+        "FROM model_limits ORDER BY key_id NULLS FIRST, pattern"
+    )
+    return [tuple(r.values()) for r in rows]
+
+
+async def updated_at(db: asyncpg.Connection, table: str, ident: int) -> dt.datetime:
+    """The updated_at of a tenant or key row."""
+    value = await db.fetchval(f"SELECT updated_at FROM {table} WHERE id = $1", ident)  # noqa: S608 - fixed names
+    assert isinstance(value, dt.datetime)
+    return value
+
+
+async def test_model_rules_on_a_tenant_and_a_key(db: asyncpg.Connection) -> None:
+    """set_limits with `model` stores a rule for the canonical pattern on the tenant (key_id NULL) or
+    on the key, bumps that row's updated_at, returns the same invalidation as an unscoped change and
+    the changed tenant or key with its rules; list_tenants, list_keys and show_key carry them, and the
+    key's unset values inherit the tenant's on the same pattern."""
+    tenant = await admin.create_tenant(db, name="acme")
+    created = await new_key(db)
+    prefix = created.key.prefix
+    tenant_before = await updated_at(db, "tenants", tenant.id)
+    changed, notices = await admin.set_limits(
+        db, tenant="acme", model="Big:*", limits=lim(rpm="5", tpm="9000")
+    )
+    assert isinstance(changed, Tenant)
+    assert changed.model_limits == (ModelLimit("big:*", Limits(rpm=5, tpm=9000)),)
+    assert notices == [Invalidation("tenant", tenant.id, reason="limits")]
+    assert await updated_at(db, "tenants", tenant.id) > tenant_before
+
+    key_before = await updated_at(db, "api_keys", created.key.id)
+    changed, notices = await admin.set_limits(
+        db, prefix=prefix, model="big:*", limits=lim(rpm="unlimited", max_concurrent="2")
+    )
+    assert isinstance(changed, ApiKey)
+    assert changed.model_limits == (ModelLimit("big:*", Limits(rpm=UNLIMITED, max_concurrent=2)),)
+    assert notices == [Invalidation("key", tenant.id, created.key.id, reason="limits")]
+    assert await updated_at(db, "api_keys", created.key.id) > key_before
+    await admin.set_limits(db, prefix=prefix, model="small", limits=lim(daily_tokens="100"))
+    assert await rule_rows(db) == [
+        (None, "big:*", 5, 9000, None, None, None, None),
+        (created.key.id, "big:*", -1, None, 2, None, None, None),
+        (created.key.id, "small:latest", None, None, None, 100, None, None),
+    ]
+
+    [(listed_tenant, _)] = await admin.list_tenants(db)
+    assert listed_tenant.model_limits == (ModelLimit("big:*", Limits(rpm=5, tpm=9000)),)
+    [(listed_key, _)] = await admin.list_keys(db)
+    assert [m.pattern for m in listed_key.model_limits] == ["big:*", "small:latest"]
+
+    view = await admin.show_key(db, prefix=prefix)
+    assert (view.key.id, view.tenant_name) == (created.key.id, "acme")
+    assert view.model_rules == (
+        ModelRule("big:*", Limits(tpm=9000, max_concurrent=2), Limits(rpm=5, tpm=9000)),
+        ModelRule("small:latest", Limits(daily_tokens=100), Limits()),
+    )
+    await admin.set_limits(db, prefix=prefix, model="big:*", limits=lim(rpm="inherit"))
+    view = await admin.show_key(db, prefix="nz_" + prefix)
+    assert view.model_rules[0] == ModelRule(
+        "big:*", Limits(rpm=5, tpm=9000, max_concurrent=2), Limits(rpm=5, tpm=9000)
+    )
+    verdict = await authenticate(db, created.token, pepper=PEPPER, now=T0)
+    assert verdict.context is not None
+    assert verdict.context.model_rules == view.model_rules
+
+
+async def test_show_key_reports_effective_unscoped_limits(db: asyncpg.Connection) -> None:
+    """show_key's limits are the key's own value, else the tenant's, none where the key says unlimited;
+    its models are the narrowed allowlist."""
+    await admin.create_tenant(db, name="acme")
+    created = await new_key(db)
+    await admin.set_limits(
+        db, tenant="acme", limits=lim(rpm="100", tpm="1000"), models=admin.parse_models("a,b")
+    )
+    await admin.set_limits(
+        db,
+        prefix=created.key.prefix,
+        limits=lim(tpm="unlimited", max_concurrent="3"),
+        models=admin.parse_models("b,c"),
+    )
+    view = await admin.show_key(db, prefix=created.key.prefix)
+    assert view.limits == Limits(rpm=100, max_concurrent=3)
+    assert view.tenant.limits == Limits(rpm=100, tpm=1000)
+    assert view.allowed_models == ("b:latest",)
+    assert view.model_rules == ()
+    with pytest.raises(NotFoundError):
+        await admin.show_key(db, prefix="ZZZZZZZZ" if created.key.prefix != "ZZZZZZZZ" else "YYYYYYYY")
+
+
+async def test_model_rule_that_limits_nothing_is_deleted(db: asyncpg.Connection) -> None:
+    """A change leaving every value of a rule NULL deletes its row (a tenant's 'unlimited', a key's
+    'inherit'); a key's 'unlimited' is -1 and keeps the row; 'unlimited' on a pattern with no tenant
+    rule creates none; each change still returns its invalidation."""
+    tenant = await admin.create_tenant(db, name="acme")
+    created = await new_key(db)
+    prefix = created.key.prefix
+    await admin.set_limits(db, tenant="acme", model="big:*", limits=lim(rpm="5", tpm="10"))
+    await admin.set_limits(db, tenant="acme", model="big:*", limits=lim(rpm="unlimited"))
+    assert await rule_rows(db) == [(None, "big:*", None, 10, None, None, None, None)]
+    changed, notices = await admin.set_limits(db, tenant="acme", model="big:*", limits=lim(tpm="unlimited"))
+    assert await rule_rows(db) == []
+    assert changed.model_limits == ()
+    assert notices == [Invalidation("tenant", tenant.id, reason="limits")]
+    await admin.set_limits(db, tenant="acme", model="never:*", limits=lim(rpm="unlimited"))
+    assert await rule_rows(db) == []
+
+    await admin.set_limits(db, prefix=prefix, model="big:*", limits=lim(rpm="unlimited", tpm="7"))
+    await admin.set_limits(db, prefix=prefix, model="big:*", limits=lim(tpm="inherit"))
+    assert await rule_rows(db) == [(created.key.id, "big:*", -1, None, None, None, None, None)]
+    changed, notices = await admin.set_limits(db, prefix=prefix, model="big:*", limits=lim(rpm="inherit"))
+    assert await rule_rows(db) == []
+    assert changed.model_limits == ()
+    assert notices == [Invalidation("key", tenant.id, created.key.id, reason="limits")]
+
+
+async def test_removing_a_model_rule(db: asyncpg.Connection) -> None:
+    """remove=True deletes the tenant's or the key's rule on the pattern only (the other scope's rule
+    on the same pattern stays) and bumps updated_at; removing a rule that does not exist is an
+    AdminError that changes nothing."""
+    tenant = await admin.create_tenant(db, name="acme")
+    created = await new_key(db)
+    prefix = created.key.prefix
+    await admin.set_limits(db, tenant="acme", model="big:*", limits=lim(rpm="5"))
+    await admin.set_limits(db, prefix=prefix, model="big:*", limits=lim(rpm="2"))
+    key_before = await updated_at(db, "api_keys", created.key.id)
+    changed, notices = await admin.set_limits(db, prefix=prefix, model="BIG:*", remove=True)
+    assert changed.model_limits == ()
+    assert notices == [Invalidation("key", tenant.id, created.key.id, reason="limits")]
+    assert await updated_at(db, "api_keys", created.key.id) > key_before
+    assert await rule_rows(db) == [(None, "big:*", 5, None, None, None, None, None)]
+    before = await snapshot(db)
+    with pytest.raises(NotFoundError, match="no model rule for 'big:\\*'"):
+        await admin.set_limits(db, prefix=prefix, model="big:*", remove=True)
+    assert await snapshot(db) == before
+    changed, notices = await admin.set_limits(db, tenant="acme", model="big:*", remove=True)
+    assert (changed.model_limits, notices) == ((), [Invalidation("tenant", tenant.id, reason="limits")])
+    assert await rule_rows(db) == []
+
+
+async def test_model_rules_are_capped_per_scope(db: asyncpg.Connection) -> None:
+    """A tenant and a key each hold at most MAX_RULES_PER_SCOPE rules: the 33rd is refused and changes
+    nothing, while changing or removing an existing rule at the cap works, and the key's rules count
+    apart from the tenant's."""
+    await admin.create_tenant(db, name="acme")
+    created = await new_key(db)
+    assert MAX_RULES_PER_SCOPE == 32
+    for i in range(MAX_RULES_PER_SCOPE):
+        await admin.set_limits(db, tenant="acme", model=f"m{i}:*", limits=lim(rpm="1"))
+    before = await snapshot(db)
+    with pytest.raises(AdminError, match="already has 32 model rules"):
+        await admin.set_limits(db, tenant="acme", model="one-more:*", limits=lim(rpm="1"))
+    assert await snapshot(db) == before
+    await admin.set_limits(db, tenant="acme", model="m0:*", limits=lim(rpm="2"))
+    await admin.set_limits(db, prefix=created.key.prefix, model="one-more:*", limits=lim(rpm="1"))
+    await admin.set_limits(db, tenant="acme", model="m1:*", remove=True)
+    await admin.set_limits(db, tenant="acme", model="one-more:*", limits=lim(rpm="1"))
+    assert await db.fetchval("SELECT count(*) FROM model_limits WHERE key_id IS NULL") == 32
+
+
+async def test_concurrent_admins_cannot_pass_the_rule_cap(db: asyncpg.Connection, database_url: str) -> None:
+    """With 31 rules, two admins adding a rule at once on two connections: the tenant row's lock
+    queues them, so exactly one gets the 32nd rule and the other is refused."""
+    await admin.create_tenant(db, name="acme")
+    for i in range(MAX_RULES_PER_SCOPE - 1):
+        await admin.set_limits(db, tenant="acme", model=f"m{i}:*", limits=lim(rpm="1"))
+    other = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        results = await asyncio.gather(
+            admin.set_limits(db, tenant="acme", model="first:*", limits=lim(rpm="1")),
+            admin.set_limits(other, tenant="acme", model="second:*", limits=lim(rpm="1")),
+            return_exceptions=True,
+        )
+    finally:
+        await other.close()
+    refused = [r for r in results if isinstance(r, AdminError)]
+    assert len(refused) == 1, results
+    assert await db.fetchval("SELECT count(*) FROM model_limits") == MAX_RULES_PER_SCOPE
+
+
+async def test_rejected_model_rule_changes_touch_nothing(db: asyncpg.Connection) -> None:
+    """A bad pattern (named in the message), --models or a cap with a pattern, --remove without a
+    pattern or with limits, a pattern with nothing to change, 'inherit' on a tenant's rule and an
+    unknown key are AdminErrors; no row changes."""
+    await admin.create_tenant(db, name="acme")
+    created = await new_key(db)
+    prefix = created.key.prefix
+    stranger = "ZZZZZZZZ" if prefix != "ZZZZZZZZ" else "YYYYYYYY"
+    await admin.set_limits(db, tenant="acme", model="big:*", limits=lim(rpm="5"))
+    before = await snapshot(db)
+    attempts: list[tuple[str, Callable[[], Awaitable[object]]]] = [
+        ("bad model pattern 'no such/model'", lambda: admin.set_limits(
+            db, tenant="acme", model="no such/model", limits=lim(rpm="1"))),
+        ("bad model pattern 'a/b/c/d'", lambda: admin.set_limits(
+            db, prefix=prefix, model="a/b/c/d", limits=lim(rpm="1"))),
+        ("--models does not combine with --model", lambda: admin.set_limits(
+            db, tenant="acme", model="big:*", models="all")),
+        ("--max-num-ctx does not combine with --model", lambda: admin.set_limits(
+            db, tenant="acme", model="big:*", limits={"max_num_ctx": admin.parse_limit("max_num_ctx", "8")})),
+        ("--max-keep-alive does not combine", lambda: admin.set_limits(
+            db, prefix=prefix, model="big:*",
+            limits={"max_keep_alive_seconds": admin.parse_limit("max_keep_alive_seconds", "60")})),
+        ("--remove needs --model", lambda: admin.set_limits(db, tenant="acme", remove=True)),
+        ("--remove takes no limits", lambda: admin.set_limits(
+            db, tenant="acme", model="big:*", remove=True, limits=lim(rpm="1"))),
+        ("nothing to change", lambda: admin.set_limits(db, tenant="acme", model="big:*")),
+        ("inherit only applies to a key", lambda: admin.set_limits(
+            db, tenant="acme", model="big:*", limits=lim(rpm="inherit"))),
+        ("no key with prefix", lambda: admin.set_limits(
+            db, prefix=stranger, model="big:*", limits=lim(rpm="1"))),
+        ("no tenant named", lambda: admin.set_limits(
+            db, tenant="nosuch", model="big:*", limits=lim(rpm="1"))),
+    ]  # fmt: skip
+    for message, attempt in attempts:
+        with pytest.raises(AdminError) as refused:
+            await attempt()
+        assert message in str(refused.value)
+    assert await snapshot(db) == before
+
+
+ModelUsageRow = tuple[str, int, str, str, dt.date, int]  # scope, scope_id, model, period, start, tokens
+
+
+async def _model_usage(db: asyncpg.Connection, row: ModelUsageRow) -> None:
+    """One model_budget_periods row, with a tenth of its tokens as requests."""
+    scope, scope_id, model, period, start, tokens = row
+    await db.execute(
+        "INSERT INTO model_budget_periods (scope, scope_id, model, period, period_start, tokens, requests) "
+        "VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        scope,
+        scope_id,
+        model,
+        period,
+        start,
+        tokens,
+        tokens // 10,
+    )
+
+
+async def test_usage_by_model(db: asyncpg.Connection) -> None:
+    """usage(by_model=True) gives, per canonical model sorted by name, the tokens of the current day
+    and month period and of the total, and the total's requests, from model_budget_periods of that
+    scope only: yesterday's day row, last month's row, another tenant's and a key's rows do not count;
+    the current periods follow the budget time zone."""
+    acme = await admin.create_tenant(db, name="acme")
+    other = await admin.create_tenant(db, name="other")
+    await new_key(db, name="k0")  # the created key is then not the one whose id is acme's
+    created = await new_key(db)
+    assert created.key.id != acme.id  # so a key row with the tenant's id is another scope's
+    now = dt.datetime(2026, 11, 15, 9, 30, tzinfo=dt.UTC)
+    today, yesterday = dt.date(2026, 11, 15), dt.date(2026, 11, 14)
+    month, last_month, total = dt.date(2026, 11, 1), dt.date(2026, 10, 1), dt.date(1970, 1, 1)
+    rows: list[ModelUsageRow] = [
+        ("tenant", acme.id, "big:latest", "day", today, 10),
+        ("tenant", acme.id, "big:latest", "day", yesterday, 1000),
+        ("tenant", acme.id, "big:latest", "month", month, 1010),
+        ("tenant", acme.id, "big:latest", "month", last_month, 50000),
+        ("tenant", acme.id, "big:latest", "total", total, 51010),
+        ("tenant", acme.id, "alpha:1b", "total", total, 30),
+        ("tenant", other.id, "big:latest", "day", today, 7000),
+        ("tenant", other.id, "other:latest", "total", total, 7000),
+        ("key", acme.id, "keyonly:latest", "total", total, 90),  # a key scope with the tenant's id
+        ("key", created.key.id, "big:latest", "day", today, 4),
+        ("key", created.key.id, "big:latest", "total", total, 40),
+    ]
+    for row in rows:
+        await _model_usage(db, row)
+    result = await admin.usage(db, tenant="acme", now=now, by_model=True)
+    assert result.models == (
+        admin.ModelUsage("alpha:1b", day=0, month=0, total=30, requests=3),
+        admin.ModelUsage("big:latest", day=10, month=1010, total=51010, requests=5101),
+    )
+    assert (await admin.usage(db, tenant="acme", now=now)).models is None
+    by_key = await admin.usage(db, prefix=created.key.prefix, now=now, by_model=True)
+    assert by_key.models == (admin.ModelUsage("big:latest", day=4, month=0, total=40, requests=4),)
+    honolulu = await admin.usage(db, tenant="acme", now=now, zone=ZoneInfo("Pacific/Honolulu"), by_model=True)
+    assert honolulu.models is not None
+    assert honolulu.models[1].day == 1000  # 23:30 on the 14th there

@@ -110,10 +110,18 @@ class Lab:
             now_ms=now,
         )
 
-    async def hydrate(self, who: Scope, values: Mapping[tuple[Who, str], int]) -> None:
-        """What BudgetHydrator does after Postgres: set the named counters (only where missing)."""
-        for (whom, period), tokens in values.items():
-            key = self.scripts.budget_key(who, whom, period)
+    async def hydrate(
+        self, who: Scope, values: Mapping[tuple[Who, str] | tuple[Who, str, str | None], int]
+    ) -> None:
+        """What BudgetHydrator does after Postgres: set the named counters (only where missing);
+        (scope, period) or (scope, period, model pattern or None)."""
+        for spec, tokens in values.items():
+            whom, period = spec[0], spec[1]
+            pattern = spec[2] if len(spec) > 2 else None
+            if pattern is None:
+                key = self.scripts.budget_key(who, whom, period)
+            else:
+                key = self.scripts.model_budget_key(who, pattern, whom, period)
             await self.redis.set(key, str(tokens), condition=coredis.PureToken.NX)
 
     async def admitted(self, who: Scope, request_id: str, now: int, *, lease_ms: int = LEASE_MS) -> Admitted:
@@ -273,7 +281,7 @@ async def test_a_key_without_its_own_limit_is_held_to_the_tenants(lab_args: tupl
         assert isinstance(refused, Refused)
         assert (refused.reason, refused.scope) == ("rpm", "key")
         need = await lab.admit(first, "i3", T0)
-        assert need == NeedsHydration((("key", "total"), ("tenant", "total")))
+        assert need == NeedsHydration((("key", "total", None), ("tenant", "total", None)))
 
         second = scope(unlimited, Limits(rpm=2), tenant_id=22)
         for i in range(2):
@@ -621,7 +629,7 @@ async def test_missing_budget_counters_ask_for_hydration_only_for_configured_bud
     is admitted. A non-metered admission never asks."""
     async with lab_on(*lab_args) as lab:
         who = scope(Limits(daily_tokens=100, rpm=10), Limits(total_tokens=1000))
-        need = NeedsHydration((("key", "day"), ("tenant", "total")))
+        need = NeedsHydration((("key", "day", None), ("tenant", "total", None)))
         assert await lab.admit(who, "r", T0) == need
         assert await lab.reserve(who, "r", T0, prompt=5) == need
         assert not await lab.exists(lab.keys.rpm(TENANT_ID, f"k{KEY_ID}"))
@@ -631,7 +639,7 @@ async def test_missing_budget_counters_ask_for_hydration_only_for_configured_bud
         assert isinstance(await lab.admit(who, "plain", T0, metered=False), Admitted)
 
         await lab.hydrate(who, {("key", "day"): 0})
-        assert await lab.admit(who, "r", T0) == NeedsHydration((("tenant", "total"),))
+        assert await lab.admit(who, "r", T0) == NeedsHydration((("tenant", "total", None),))
         await lab.hydrate(who, {("tenant", "total"): 0})
         assert isinstance(await lab.admit(who, "r", T0), Admitted)
 
@@ -696,7 +704,7 @@ async def test_a_new_period_uses_new_counters_and_the_total_carries_over(lab_arg
         assert await lab.scripts.settle(jan, "jan", None) is True
 
         assert await lab.admit(feb, "feb", before_ms + 1) == NeedsHydration(
-            (("key", "day"), ("key", "month"))
+            (("key", "day", None), ("key", "month", None))
         )
         await lab.admitted(feb, "feb", before_ms + 1)
         assert await lab.reserve(feb, "feb", before_ms + 1, prompt=30, completion=20) == Reserved(20, 50)

@@ -10,7 +10,16 @@ from shared.db import asyncpg_dsn
 
 pytestmark = pytest.mark.integration
 
-TABLES = {"tenants", "api_keys", "usage_ledger", "budget_periods", "audit_log", "prompt_logs"}
+TABLES = {
+    "tenants",
+    "api_keys",
+    "usage_ledger",
+    "budget_periods",
+    "audit_log",
+    "prompt_logs",
+    "model_limits",
+    "model_budget_periods",
+}
 
 
 async def _tables(url: str) -> set[str]:

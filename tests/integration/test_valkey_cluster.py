@@ -114,7 +114,7 @@ async def hydrated_reserve(
     """Reserve; when budget counters are missing, set them to 0 (as BudgetHydrator would) and retry."""
     outcome = await reserve(scripts, who, request_id)
     if isinstance(outcome, NeedsHydration):
-        for whom, period in outcome.missing:
+        for whom, period, _ in outcome.missing:
             await client.set(scripts.budget_key(who, whom, period), "0", condition=coredis.PureToken.NX)
         outcome = await reserve(scripts, who, request_id)
     assert isinstance(outcome, Reserved), outcome

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from shared import grant as grants
 from shared.grant import MAX_TTL, Grant, GrantError, RateInfo
-from shared.models import Limits
+from shared.models import Limits, ModelRule
 
 NOW = 1_800_000_000.0
 SECRET = "grant-secret-\u00e9-0123456789abcdef"
@@ -52,6 +52,9 @@ FULL = Grant(
     client_addr="203.0.113.9",
     metered=True,
     periods={"day": "2026-11-27", "month": "2026-11", "total": "1970-01-01"},
+    model_rules=(ModelRule("big:*", Limits(rpm=2), Limits(rpm=5, daily_tokens=300)),),
+    admitted_second=1_790_000_000,
+    rollovers={"day": 1_790_050_000.0, "month": 1_791_000_000.0},
 )
 MINIMAL = Grant(
     request_id="r-1",
