@@ -32,6 +32,8 @@ from shared.models import LIMIT_NAMES
 CHAT_PATH = "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "Say hi"}]
 LOADGEN = localstack.ROOT / "scripts" / "loadgen.py"
+FLOOR_SCRIPT = localstack.ROOT / "scripts" / "floor_relay.py"
+FLOOR = "shape floor"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -60,6 +62,13 @@ def cpu_seconds(pid: int) -> float:
             fields = Path(f"/proc/{each}/stat").read_text().rsplit(")", 1)[1].split()
             total += int(fields[11]) + int(fields[12])
     return total / CLK_TCK
+
+
+def machine_cpu_seconds() -> float:
+    """Busy CPU of the whole machine so far (every process: the arm, the simulator, the load)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / CLK_TCK
 
 
 def rss_mb(pid: int) -> float:
@@ -100,6 +109,13 @@ class Sample:
     cpu: dict[str, float] = attrs.Factory(dict)  # process → CPU seconds during the runs
     rss: dict[str, float] = attrs.Factory(dict)  # process → peak MB
     loadgen_cpu: float = 0.0
+    machine_cpu: float = 0.0  # busy CPU seconds of the whole machine during the runs
+    chunks: int = 0  # streamed events received
+
+    @property
+    def machine_cpu_per_request(self) -> float:
+        """Seconds of machine CPU per completed request."""
+        return self.machine_cpu / self.requests if self.requests else float("nan")
 
     @property
     def rate(self) -> float:
@@ -192,8 +208,11 @@ async def measure(
     for _ in range(rounds):
         for arm in arms:
             before = {name: cpu_seconds(pid) for name, pid in arm.pids.items()}
+            machine = machine_cpu_seconds()
             part = await generator.run(arm, concurrency=concurrency, seconds=seconds, stream=stream)
             sample = samples[arm.name]
+            sample.machine_cpu += machine_cpu_seconds() - machine
+            sample.chunks += part["events"]
             for name, pid in arm.pids.items():
                 sample.cpu[name] = sample.cpu.get(name, 0.0) + cpu_seconds(pid) - before[name]
                 sample.rss[name] = max(sample.rss.get(name, 0.0), rss_mb(pid))
@@ -301,6 +320,45 @@ def _bare_caddy(workdir: Path, sim_port: int, sidecar_port: int) -> Iterator[tup
         localstack.terminate(proc)
 
 
+@contextlib.contextmanager
+def _shape_floor(workdir: Path, sim_url: str) -> Iterator[tuple[int, dict[str, int]]]:
+    """The gateway's shape doing nothing: the gateway's own Caddyfile (caddy/Caddyfile.dev), its
+    forward_auth answered by a do-nothing responder and its reverse_proxy to a do-nothing relay
+    (scripts/floor_relay.py, both on uvloop). Yields Caddy's port and the three processes."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    python, script = str(localstack.ROOT / ".venv" / "bin" / "python"), str(FLOOR_SCRIPT)
+    responder, relay, port, admin_port = (localstack.free_port() for _ in range(4))
+    config = workdir / "Caddyfile"
+    config.write_text(f"import {localstack.ROOT / 'caddy' / 'Caddyfile.dev'}\n")
+    env = {
+        **os.environ,
+        "XDG_DATA_HOME": str(workdir / "data"),
+        "XDG_CONFIG_HOME": str(workdir / "config"),
+        "CADDY_ADMIN_PORT": str(admin_port),
+        "GATEWAY_PORT": str(port),
+        "SIDECAR_UPSTREAMS": f"127.0.0.1:{responder}",
+        "PROXY_UPSTREAMS": f"127.0.0.1:{relay}",
+    }
+    commands = {
+        "floor responder": ([python, script, "--authz", str(responder)], responder),
+        "floor relay": ([python, script, str(relay), sim_url], relay),
+        "caddy (floor)": (
+            [localstack.caddy_binary(), "run", "--config", str(config), "--adapter", "caddyfile"],
+            port,
+        ),
+    }
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    with (workdir / "floor.log").open("ab") as log:
+        try:
+            for name, (argv, listen) in commands.items():
+                procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+                localstack.wait_for_port(listen, proc=procs[name])
+            yield port, {name: proc.pid for name, proc in procs.items()}
+        finally:
+            for proc in reversed(procs.values()):
+                localstack.terminate(proc)
+
+
 @attrs.define
 class Bench:
     """The local stack plus the extra arms, started once for the HTTP scenarios."""
@@ -334,6 +392,7 @@ class Bench:
             bare, auth, caddy_pid = stop.enter_context(
                 _bare_caddy(self.workdir / "bare-caddy", sim_port, sidecar_port)
             )
+            floor_port, floor_pids = stop.enter_context(_shape_floor(self.workdir / "floor", self.sim_url))
             token, auth_token = await _keys(stack)
             gateway_pids = {name: pids[name] for name in ("caddy", "authz_sidecar", "stream_proxy")}
             self.arms = [
@@ -344,6 +403,9 @@ class Bench:
                     f"http://127.0.0.1:{auth}",
                     {"Authorization": f"Bearer {auth_token}"},
                     {"caddy (bare)": caddy_pid, "authz_sidecar": pids["authz_sidecar"]},
+                ),
+                Arm(
+                    FLOOR, f"http://127.0.0.1:{floor_port}", {"Authorization": "Bearer nz_floor"}, floor_pids
                 ),
                 Arm(
                     "gateway",
@@ -426,10 +488,6 @@ def _table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
     return "\n".join(out)
 
 
-def _met(value: float, limit: float) -> bool:
-    return value <= limit
-
-
 def _ok_share(sample: Sample) -> str:
     total = sum(sample.statuses.values()) + sample.errors
     bad = total - sample.statuses.get("200", 0)
@@ -490,31 +548,49 @@ def _ratio_table(
     figures: Sequence[tuple[str, str, str]],
     targets: dict[str, str],
 ) -> str:
-    """gateway ÷ bare Caddy and gateway ÷ LiteLLM for every figure."""
+    """The gateway divided by the shape floor, bare Caddy and LiteLLM for every figure."""
+    versus = [(FLOOR, "floor"), ("bare Caddy", "bare"), ("LiteLLM", "peer"), ("Portkey", "portkey")]
+    present = [(arm, tag) for arm, tag in versus if any(arm in samples for samples in results.values())]
     lines = []
     for concurrency, samples in results.items():
-        gateway, bare, peer = samples["gateway"], samples["bare Caddy"], samples.get("LiteLLM")
+        gateway = samples["gateway"]
         for label, attribute, kind in figures:
 
             def value(s: Sample, attribute: str = attribute, kind: str = kind) -> float:
                 if kind == "rate":
                     return s.rate
+                if kind == "cpu":
+                    return s.machine_cpu_per_request
                 return percentile(getattr(s, attribute), float(kind))
 
             mine = value(gateway)
             key = f"{label} @ {concurrency}"
-            versus_bare = f"{mine / value(bare):.2f}" if value(bare) else "—"
-            versus_peer = f"{mine / value(peer):.2f}" if peer is not None and value(peer) else "not run"
-            lines.append(
-                [
-                    key,
-                    versus_bare,
-                    targets.get(f"bare:{key}", "—"),
-                    versus_peer,
-                    targets.get(f"peer:{key}", "—"),
-                ]
-            )
-    return _table(["figure", "gateway ÷ bare Caddy", "target", "gateway ÷ LiteLLM", "target"], lines)
+            line = [key]
+            for arm, tag in present:
+                other = samples.get(arm)
+                line.append(f"{mine / value(other):.2f}" if other is not None and value(other) else "not run")
+                line.append(targets.get(f"{tag}:{key}", "—"))
+            lines.append(line)
+    header = ["figure"]
+    for arm, _ in present:
+        header += [f"gateway ÷ {arm}", "target"]
+    return _table(header, lines)
+
+
+def _machine_table(results: Mapping[int, Mapping[str, Sample]], *, stream: bool) -> str:
+    """Machine CPU (every process on the machine) per request, and per relayed chunk when streaming."""
+    header = ["concurrency", "arm", "machine CPU per request"]
+    if stream:
+        header += ["chunks per request", "machine CPU per chunk"]
+    lines = []
+    for concurrency, samples in results.items():
+        for name, s in samples.items():
+            line = [str(concurrency), name, _ms(s.machine_cpu_per_request)]
+            if stream:
+                per = s.chunks / s.requests if s.requests else 0.0
+                line += [f"{per:.0f}", f"{s.machine_cpu / s.chunks * 1e6:.1f} µs" if s.chunks else "—"]
+            lines.append(line)
+    return _table(header, lines)
 
 
 def _chart(path: Path, results: Mapping[int, Mapping[str, Sample]], *, attribute: str, title: str) -> None:
@@ -565,6 +641,7 @@ STREAM_SIMULATOR = {
     "completion_tokens": 20,
     "max_records": 50,
 }
+LONG_STREAM_SIMULATOR = {**STREAM_SIMULATOR, "tokens_per_second": 200, "completion_tokens": 200}
 
 
 def _settings_text(settings: Mapping[str, Any]) -> str:
@@ -589,58 +666,42 @@ async def scenario_chat(
     def added(samples: Mapping[str, Sample], arm: str, base: str, q: float) -> float:
         return percentile(samples[arm].latency, q) - percentile(samples[base].latency, q)
 
+    value = added(one, "gateway", FLOOR, 50)
+    rows.append(Row("added p50 over the shape floor, 1 concurrent", _ms(value), "≤ 1 ms", value <= 1e-3))
+    value = added(one, "gateway", FLOOR, 99)
+    rows.append(Row("added p99 over the shape floor, 1 concurrent", _ms(value), "—", None))
+    rows.append(_ratio_row("requests/s at 64 concurrent", top, FLOOR, "rate", 0.5))
+    rows.append(_ratio_row("machine CPU per request at 64 concurrent", top, FLOOR, "cpu", 2.0))
+    rows.append(_ratio_row("requests/s at 64 concurrent", top, "LiteLLM", "rate", 15.0))
+    rows.append(_ratio_row("requests/s at 64 concurrent", top, "Portkey", "rate", None))
     hops = (
-        ("whole gateway added over bare Caddy", "gateway", "bare Caddy", 1.5, 4.0),
-        ("forward_auth round trip incl. sidecar decision", "Caddy + forward_auth", "bare Caddy", 0.6, 1.5),
-        ("stream_proxy hop (gateway − Caddy + forward_auth)", "gateway", "Caddy + forward_auth", 0.6, 1.5),
+        ("whole gateway added over bare Caddy", "gateway", "bare Caddy"),
+        ("forward_auth round trip incl. sidecar decision", "Caddy + forward_auth", "bare Caddy"),
+        ("stream_proxy hop (gateway − Caddy + forward_auth)", "gateway", "Caddy + forward_auth"),
     )
-    for label, arm, base, p50, p99 in hops:
-        for q, limit in ((50, p50), (99, p99)):
-            value = added(one, arm, base, q)
-            rows.append(
-                Row(f"{label}, p{q:g}, 1 concurrent", _ms(value), f"≤ {limit} ms", _met(value * 1e3, limit))
-            )
-    share = top["gateway"].rate / top["bare Caddy"].rate if top["bare Caddy"].rate else 0.0
-    rows.append(
-        Row(
-            "throughput at 64 concurrent, gateway ÷ bare Caddy",
-            f"{share:.2f} ({top['gateway'].rate:,.0f} ÷ {top['bare Caddy'].rate:,.0f} req/s)",
-            "≥ 0.50",
-            share >= 0.5,
-        )
-    )
-    if "LiteLLM" in top:
-        factor = top["gateway"].rate / top["LiteLLM"].rate if top["LiteLLM"].rate else float("inf")
-        rows.append(
-            Row(
-                "throughput at 64 concurrent, gateway ÷ LiteLLM",
-                f"{factor:.1f} ({top['gateway'].rate:,.0f} ÷ {top['LiteLLM'].rate:,.0f} req/s)",
-                "≥ 5",
-                factor >= 5,
-            )
-        )
-    else:
-        rows.append(
-            Row("throughput at 64 concurrent, gateway ÷ LiteLLM", "not run (add --peer litellm)", "≥ 5", None)
-        )
-    harder = top["bare Caddy"].rate > top["gateway"].rate
-    rows.append(
-        Row(
-            "the load generator drives bare Caddy harder than the gateway (64 concurrent)",
-            f"{top['bare Caddy'].rate:,.0f} vs {top['gateway'].rate:,.0f} req/s",
-            "bare > gateway",
-            harder,
-        )
-    )
+    for label, arm, base in hops:
+        values = " / ".join(_ms(added(one, arm, base, q)) for q in (50, 99))
+        rows.append(Row(f"{label}, p50 / p99, 1 concurrent", values, "—", None))
+    rows.append(_ratio_row("requests/s at 64 concurrent", top, "bare Caddy", "rate", None))
     rows += _error_rows(results)
     _chart(charts / "chat.png", results, attribute="latency", title="non-streaming chat")
-    targets = {"bare:requests/s @ 64": "≥ 0.50", "peer:requests/s @ 64": "≥ 5"}
-    figures = [("latency p50", "latency", "50"), ("latency p99", "latency", "99"), ("requests/s", "", "rate")]
+    targets = {
+        "floor:requests/s @ 64": "≥ 0.5",
+        "floor:machine CPU per request @ 64": "≤ 2",
+        "peer:requests/s @ 64": "≥ 15",
+    }
+    figures = [
+        ("latency p50", "latency", "50"),
+        ("latency p99", "latency", "99"),
+        ("requests/s", "", "rate"),
+        ("machine CPU per request", "", "cpu"),
+    ]
     markdown = "\n\n".join(
         [
             "![non-streaming chat: latency and throughput per arm](bench/chat.png)",
             "#### every arm\n\n" + _arm_table(results, stream=False),
             "#### ratios\n\n" + _ratio_table(results, figures, targets),
+            "#### machine CPU\n\n" + _machine_table(results, stream=False),
             "#### processes (64 concurrent)\n\n" + _process_table(top, 64),
         ]
     )
@@ -650,7 +711,8 @@ async def scenario_chat(
 async def scenario_stream(
     bench: Bench, generator: LoadGenerator, *, rounds: int, seconds: float, charts: Path
 ) -> Outcome:
-    """Streaming chat at 1 / 64 / 256 concurrent at a realistic token rate."""
+    """Streaming chat: latency at 1 / 64 / 256 concurrent at a realistic token rate, then the
+    machine's CPU for 200-chunk answers at 64 concurrent (every arm, interleaved)."""
     settings = await bench.simulator(**STREAM_SIMULATOR)
     arms = [arm for arm in bench.arms if arm.name != "Caddy + forward_auth"]
     results: dict[int, dict[str, Sample]] = {}
@@ -658,32 +720,35 @@ async def scenario_stream(
         results[concurrency] = await measure(
             generator, arms, concurrency=concurrency, seconds=seconds, rounds=rounds, stream=True
         )
-    rows: list[Row] = []
-    for concurrency in (1, 64):
-        samples = results[concurrency]
-        for q, limit in ((50, 2.0), (99, 5.0)):
-            value = percentile(samples["gateway"].ttfb, q) - percentile(samples["bare Caddy"].ttfb, q)
-            rows.append(
-                Row(
-                    f"added time to first byte over bare Caddy, p{q:g}, {concurrency} concurrent",
-                    _ms(value),
-                    f"≤ {limit} ms",
-                    _met(value * 1e3, limit),
-                )
-            )
-        value = percentile(samples["gateway"].gaps, 99) - percentile(samples["bare Caddy"].gaps, 99)
-        rows.append(
-            Row(
-                f"added inter-chunk delay p99 over bare Caddy, {concurrency} concurrent",
-                _ms(value),
-                "≤ 0.5 ms",
-                _met(value * 1e3, 0.5),
-            )
+    await bench.simulator(**LONG_STREAM_SIMULATOR)
+    long = {
+        64: await measure(
+            generator, arms, concurrency=64, seconds=max(3.0, seconds), rounds=rounds, stream=True
         )
+    }
+    await bench.simulator(**STREAM_SIMULATOR)
+    rows: list[Row] = [
+        _ratio_row("200-chunk answers at 64 concurrent: machine CPU per request", long[64], FLOOR, "cpu", 1.2)
+    ]
+    for base in (FLOOR, "bare Caddy"):
+        for concurrency in (1, 64):
+            samples = results[concurrency]
+            ttfb = " / ".join(
+                _ms(percentile(samples["gateway"].ttfb, q) - percentile(samples[base].ttfb, q))
+                for q in (50, 99)
+            )
+            gap = percentile(samples["gateway"].gaps, 99) - percentile(samples[base].gaps, 99)
+            rows.append(
+                Row(f"added first byte over {base}, p50 / p99, {concurrency} concurrent", ttfb, "—", None)
+            )
+            rows.append(
+                Row(f"added inter-chunk p99 over {base}, {concurrency} concurrent", _ms(gap), "—", None)
+            )
     big = results[256]
-    value = percentile(big["gateway"].ttfb, 50) - percentile(big["bare Caddy"].ttfb, 50)
-    rows.append(Row("added time to first byte over bare Caddy, p50, 256 concurrent", _ms(value), "—", None))
+    value = percentile(big["gateway"].ttfb, 50) - percentile(big[FLOOR].ttfb, 50)
+    rows.append(Row("added first byte over the shape floor, p50, 256 concurrent", _ms(value), "—", None))
     rows += _error_rows(results)
+    rows += _error_rows(long, label="200-chunk answers: responses other than 200")
     _chart(charts / "stream.png", results, attribute="ttfb", title="streaming chat (first byte)")
     figures = [
         ("first byte p50", "ttfb", "50"),
@@ -691,24 +756,52 @@ async def scenario_stream(
         ("inter-chunk p99", "gaps", "99"),
         ("requests/s", "", "rate"),
     ]
+    long_figures = [("machine CPU per request", "", "cpu"), ("requests/s", "", "rate")]
     markdown = "\n\n".join(
         [
             "![streaming chat: time to first byte and throughput per arm](bench/stream.png)",
             "#### every arm\n\n" + _arm_table(results, stream=True),
             "#### ratios\n\n" + _ratio_table(results, figures, {}),
+            f"#### 200-chunk answers at 64 concurrent ({_settings_text(LONG_STREAM_SIMULATOR)})\n\n"
+            + _machine_table(long, stream=True)
+            + "\n\n"
+            + _ratio_table(long, long_figures, {"floor:machine CPU per request @ 64": "≤ 1.2"}),
+            "#### processes (200-chunk answers, 64 concurrent)\n\n" + _process_table(long[64], 64),
             "#### processes (256 concurrent)\n\n" + _process_table(big, 256),
         ]
     )
     return Outcome(rows, markdown, {"simulator": _settings_text(settings), **_shape(rounds, seconds)})
 
 
-def _error_rows(results: Mapping[int, Mapping[str, Sample]]) -> list[Row]:
+def _ratio_row(label: str, samples: Mapping[str, Sample], base: str, kind: str, bound: float | None) -> Row:
+    """gateway ÷ `base` for one figure; a rate must reach `bound`, a CPU figure stay under it."""
+    target = "—" if bound is None else (f"≥ {bound:g}" if kind == "rate" else f"≤ {bound:g}")
+    figure = f"{label}, gateway ÷ {base}"
+    other = samples.get(base)
+    if other is None:
+        flag = {"LiteLLM": "litellm", "Portkey": "portkey"}.get(base, base)
+        return Row(figure, f"not run (add --peer {flag})", target, None)
+    gateway = samples["gateway"]
+    if kind == "rate":
+        mine, theirs, unit = gateway.rate, other.rate, "req/s"
+        text = f"{mine:,.0f} ÷ {theirs:,.0f} {unit}"
+    else:
+        mine, theirs = gateway.machine_cpu_per_request, other.machine_cpu_per_request
+        text = f"{_ms(mine)} ÷ {_ms(theirs)}"
+    ratio = mine / theirs if theirs else float("inf")
+    met = None if bound is None else (ratio >= bound if kind == "rate" else ratio <= bound)
+    return Row(figure, f"{ratio:.2f} ({text})", target, met)
+
+
+def _error_rows(
+    results: Mapping[int, Mapping[str, Sample]], label: str = "responses other than 200"
+) -> list[Row]:
     rows = []
     for concurrency, samples in results.items():
         bad = {name: _ok_share(s) for name, s in samples.items() if s.statuses.keys() - {"200"} or s.errors}
         rows.append(
             Row(
-                f"responses other than 200, {concurrency} concurrent",
+                f"{label}, {concurrency} concurrent",
                 "; ".join(f"{n}: {v}" for n, v in bad.items()) or "none",
                 "none",
                 not bad,

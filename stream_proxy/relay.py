@@ -56,6 +56,14 @@ class RelayResult:
     response_text: list[str] = attrs.Factory(list)
 
 
+class Coalesced(web.StreamResponse):
+    """A response whose status line and headers leave with its first body bytes (one send for a
+    whole answer, headers and the first chunk together for a stream) instead of a send of their own
+    at `prepare` (aiohttp 3.14, pinned: the class attribute `web.Response` itself sets)."""
+
+    _send_headers_immediately = False
+
+
 def framing_of(content_type: str | None) -> str:
     """`ndjson`, `sse` or `whole`, from the answer's Content-Type."""
     media = (content_type or "").split(";", 1)[0].strip().lower()
@@ -167,7 +175,7 @@ class Relay:
         upstream = await self._open(payload)
         result = self.result
         result.upstream_status = result.status = upstream.status
-        response = web.StreamResponse(status=upstream.status)
+        response = Coalesced(status=upstream.status)
         for name in RELAYED_RESPONSE_HEADERS:
             if name in upstream.headers:
                 response.headers[name] = upstream.headers[name]

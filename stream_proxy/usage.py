@@ -5,6 +5,12 @@ A full spool makes the process not ready (/readyz 503) and new requests are refu
 nothing already accepted is dropped. If the process dies with events in the spool, those events
 are lost, but their reservations are still charged in full when the leases expire (flagged
 estimated), so budgets are never undercounted.
+
+Events are written by group commit (docs/ARCHITECTURE.md#usage-events): a request's event (and its
+settle) joins whatever is waiting while the previous round trip is in flight, and one pipeline
+writes them all, so under load the cost of a round trip is shared by every request that ended
+meanwhile, and at rest an event leaves at once. Each event keeps its own reply: one that failed is
+spooled, whatever happened to the others.
 """
 
 from __future__ import annotations
@@ -27,6 +33,19 @@ STORE_ERRORS = (coredis.exceptions.RedisError, OSError, TimeoutError)
 
 
 @attrs.define
+class _Waiting:
+    """An event waiting for the next group commit, and how its caller learns the outcome."""
+
+    event: UsageEvent
+    then: Callable[[Any], Callable[[], Awaitable[Any]]] | None
+    done: asyncio.Future[bool]
+
+    def resolve(self, written: bool) -> None:
+        if not self.done.done():
+            self.done.set_result(written)
+
+
+@attrs.define
 class UsageReporter:
     """Writes usage events; spools them while Redis is unavailable."""
 
@@ -41,6 +60,9 @@ class UsageReporter:
     _bytes: int = 0
     written: int = 0
     spooled: int = 0
+    batches: int = 0  # pipelines sent by group commit
+    _pending: list[_Waiting] = attrs.field(factory=list)
+    _flusher: asyncio.Task[None] | None = None
 
     @property
     def depth(self) -> int:
@@ -78,15 +100,57 @@ class UsageReporter:
             return False
         if isinstance(self.redis, coredis.RedisCluster) and then is not None:
             return await self._report_then(event, then)
-        follow = written = None
+        waiting = _Waiting(event, then, asyncio.get_running_loop().create_future())
+        self._pending.append(waiting)
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush())
+        # Shielded: a cancelled request does not take its event (or anyone else's) with it.
+        return await asyncio.shield(waiting.done)
+
+    async def _flush(self) -> None:
+        """Write what waits, one pipeline at a time, until nothing does."""
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                await self._write(batch)
+        finally:
+            self._flusher = None
+            for waiting in self._pending:  # only when cancelled on the way out
+                self._keep(waiting.event)
+                waiting.resolve(False)
+            self._pending = []
+
+    async def _write(self, batch: list[_Waiting]) -> None:
+        queued: list[tuple[Any, Callable[[], Awaitable[Any]] | None]] = []
         try:
             # Errors stay with their command: a failed follow-up never hides a written event. On a
             # cluster the pipeline may raise for one node after another node took the event, so
             # the event's own reply decides (it raises RuntimeError when the command never ran).
             with contextlib.suppress(*STORE_ERRORS):
                 async with self.redis.pipeline(transaction=False, raise_on_error=False) as pipe:
-                    written = pipe.xadd(self.stream, usage_wire.encode(event))
-                    follow = then(pipe) if then is not None else None
+                    for waiting in batch:
+                        command = pipe.xadd(self.stream, usage_wire.encode(waiting.event))
+                        queued.append((command, waiting.then(pipe) if waiting.then is not None else None))
+            self.batches += 1
+        finally:
+            cancelled = None
+            for index, waiting in enumerate(batch):
+                written, follow = queued[index] if index < len(queued) else (None, None)
+                if cancelled is None:
+                    try:
+                        waiting.resolve(await self._outcome(waiting.event, written, follow))
+                        continue
+                    except asyncio.CancelledError as error:
+                        cancelled = error
+                self._keep(waiting.event)  # cancelled on the way out: the spool's last drain takes it
+                waiting.resolve(False)
+            if cancelled is not None:
+                raise cancelled
+
+    async def _outcome(
+        self, event: UsageEvent, written: Any, follow: Callable[[], Awaitable[Any]] | None
+    ) -> bool:
+        try:
             if written is None:
                 raise RuntimeError("the event was never queued")
             await written

@@ -9,7 +9,7 @@ import secrets
 import time
 import uuid
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import attrs
 import pytest
@@ -85,6 +85,42 @@ async def test_events_wait_in_order_while_redis_is_gone_and_are_written_once_whe
             assert written == 3
             assert (reporter.depth, reporter.full) == (0, False)
         assert await stream_ids(valkey.url, stream) == [e.request_id for e in events]
+    finally:
+        valkey.stop()
+
+
+async def test_events_ending_together_share_a_pipeline_and_each_keeps_its_own_settle(
+    tmp_path: Path,
+) -> None:
+    """Group commit: 200 events reported at once reach the stream exactly once each in fewer
+    pipelines than events, every follow-up runs after its own event in the same round trip (each
+    INCRBY lands on its own counter), and an event reported alone afterwards still leaves at once."""
+    valkey = localstack.Valkey(tmp_path / "valkey").start()
+    stream = f"spool:{uuid.uuid4().hex[:6]}:usage"
+    try:
+        async with store.connect(valkey.url) as client:
+            reporter = UsageReporter(client, stream)
+            events = [event(n) for n in range(200)]
+
+            def then(n: int) -> Any:
+                def queue(pipe: Any) -> Any:
+                    reply = pipe.incrby(f"{stream}:settled:{n}", n + 1)
+                    return lambda: reply
+
+                return queue
+
+            results = await asyncio.gather(*(reporter.report(e, then=then(n)) for n, e in enumerate(events)))
+            assert results == [True] * 200
+            assert 1 <= reporter.batches < 200
+            written_batches = reporter.batches
+            assert sorted(await stream_ids(valkey.url, stream)) == sorted(e.request_id for e in events)
+            settled = await client.mget([f"{stream}:settled:{n}" for n in range(200)])
+            assert [int(v or 0) for v in settled] == [n + 1 for n in range(200)]
+            alone = event(999)
+            assert await asyncio.wait_for(reporter.report(alone), 5) is True
+            assert reporter.batches == written_batches + 1
+            assert (await stream_ids(valkey.url, stream))[-1] == alone.request_id
+            assert reporter.depth == 0
     finally:
         valkey.stop()
 
