@@ -255,7 +255,12 @@ class Accountant:
             block=block_ms,
         )
         entries = next(iter(reply.values())) if reply else ()
-        return await self.apply(entries)
+        applied = await self.apply(entries)
+        if entries and len(entries) < self.options.batch_size and self.options.linger:
+            # A short batch: let the next one gather, so the ledger's cost is paid per batch of
+            # many events and not per event (docs/ARCHITECTURE.md#accounting).
+            await asyncio.sleep(self.options.linger)
+        return applied
 
     async def claim(self) -> int:
         """Take over entries another consumer left pending for longer than `claim_idle`."""

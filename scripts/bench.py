@@ -58,6 +58,7 @@ HTTP_SCENARIOS = {
     "chat": bench_http.scenario_chat,
     "stream": bench_http.scenario_stream,
     "replicas": bench_http.scenario_replicas,
+    "slow": bench_http.scenario_slow,
 }
 console = Console(highlight=False)
 

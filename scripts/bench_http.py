@@ -370,6 +370,7 @@ class Bench:
     peer: str | None = None
     arms: list[Arm] = attrs.Factory(list)
     sim_url: str = ""
+    simulator_pid: int = 0
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Bench]:
@@ -387,6 +388,7 @@ class Bench:
             stop.callback(stack.stop)
             pids = stack.pids()
             self.sim_url = stack.urls["ollama_url"]
+            self.simulator_pid = pids["simulator"]
             sim_port = int(self.sim_url.rsplit(":", 1)[1])
             sidecar_port = int(stack.urls["sidecar_url"].rsplit(":", 1)[1])
             bare, auth, caddy_pid = stop.enter_context(
@@ -816,11 +818,13 @@ def _shape(rounds: int, seconds: float) -> dict[str, str]:
 
 @contextlib.asynccontextmanager
 async def _replica_arm(
-    bench: Bench, name: str, *, sidecars: int, proxies: int, cluster: bool
+    bench: Bench, name: str, *, sidecars: int, proxies: int, cluster: bool, workers: int = 1
 ) -> AsyncIterator[Arm]:
-    """A whole gateway (its own simulator and Caddy) with replicas, as one arm."""
+    """A whole gateway (its own simulator and Caddy) with replicas (or worker processes), as one arm."""
     environ = {
         **os.environ,
+        "GATEWAY_SIDECAR_WORKERS": str(workers),
+        "GATEWAY_PROXY_WORKERS": str(workers),
         "GATEWAY_DATABASE_URL": bench.database_url,
         "GATEWAY_REDIS_PREFIX": f"bench:{uuid.uuid4().hex[:6]}:",
         "GATEWAY_SIM_TOKENS_PER_SECOND": "0",
@@ -858,17 +862,21 @@ async def _replica_arm(
 async def scenario_replicas(
     bench: Bench, generator: LoadGenerator, *, rounds: int, seconds: float, charts: Path
 ) -> Outcome:
-    """2 sidecars + 2 stream_proxies on a 3-primary Valkey cluster versus 1 + 1 on one Valkey, both
-    with every limit configured, non-streaming chat at 1 and 64 concurrent (interleaved)."""
+    """2 sidecars + 2 stream_proxies on a 3-primary Valkey cluster, and 1 + 1 with 2 worker
+    processes each (SO_REUSEPORT), versus 1 + 1 on one Valkey, all with every limit configured,
+    non-streaming chat at 1 and 64 concurrent (interleaved)."""
     del charts
     async with (
         _replica_arm(bench, "1+1 (one Valkey)", sidecars=1, proxies=1, cluster=False) as single,
         _replica_arm(bench, "2+2 (3-primary cluster)", sidecars=2, proxies=2, cluster=True) as double,
+        _replica_arm(
+            bench, "1+1, 2 workers each (one Valkey)", sidecars=1, proxies=1, cluster=False, workers=2
+        ) as forked,
     ):
         results = {
             concurrency: await measure(
                 generator,
-                [single, double],
+                [single, double, forked],
                 concurrency=concurrency,
                 seconds=seconds,
                 rounds=rounds,
@@ -879,13 +887,15 @@ async def scenario_replicas(
     one, top = results[1], results[64]
     rows = [
         Row(f"requests/s at 64 concurrent, {arm.name}", f"{top[arm.name].rate:,.0f}", "—", None)
-        for arm in (single, double)
+        for arm in (single, double, forked)
     ]
     gain = top[double.name].rate / top[single.name].rate if top[single.name].rate else 0.0
     rows.append(
         Row("throughput 2+2 ÷ 1+1 at 64 concurrent", f"{gain:.2f}", "— (2 cores: little gain expected)", None)
     )
-    for arm in (single, double):
+    gain = top[forked.name].rate / top[single.name].rate if top[single.name].rate else 0.0
+    rows.append(Row("throughput with 2 workers each ÷ 1 worker, 64 concurrent", f"{gain:.2f}", "—", None))
+    for arm in (single, double, forked):
         rows.append(
             Row(
                 f"latency p50 / p99 at 1 concurrent, {arm.name}",
@@ -904,3 +914,68 @@ async def scenario_replicas(
     return Outcome(
         rows, markdown, {"simulator": _settings_text(OVERHEAD_SIMULATOR), **_shape(rounds, seconds)}
     )
+
+
+SLOW_STREAMS = 5000
+SLOW_SIMULATOR = {**STREAM_SIMULATOR, "tokens_per_second": 1, "completion_tokens": 8}
+
+
+async def _slow_stream(session: aiohttp.ClientSession, arm: Arm, body: bytes) -> bool:
+    """One streamed chat read to its end; whether it was a 200 whose last line says done."""
+    headers = {"Content-Type": "application/json", **arm.headers}
+    try:
+        async with session.post(arm.url + "/api/chat", data=body, headers=headers) as resp:
+            if resp.status != 200:
+                return False
+            last = b""
+            async for line in resp.content:
+                if line.strip():
+                    last = line
+            return bool(orjson.loads(last).get("done"))
+    except (aiohttp.ClientError, OSError, TimeoutError, orjson.JSONDecodeError):
+        return False
+
+
+async def scenario_slow(
+    bench: Bench, generator: LoadGenerator, *, rounds: int, seconds: float, charts: Path
+) -> Outcome:
+    """5,000 concurrent slow streams (1 token/s, 8 tokens each) through the whole gateway (Caddy,
+    forward_auth, stream_proxy, every limit set), opened over about 5 s: failures, and the peak
+    resident memory of every process."""
+    del generator, rounds, seconds, charts
+    settings = await bench.simulator(**SLOW_SIMULATOR)
+    arm = next(a for a in bench.arms if a.name == "gateway")
+    pids = {**arm.pids, "simulator": bench.simulator_pid}
+    idle = {name: rss_mb(pid) for name, pid in pids.items()}
+    peak = dict(idle)
+    body = orjson.dumps({"model": arm.model, "messages": MESSAGES, "stream": True})
+    connector = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=300, sock_read=60)
+    started = time.monotonic()
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        tasks = []
+        for n in range(SLOW_STREAMS):
+            tasks.append(asyncio.create_task(_slow_stream(session, arm, body)))
+            if n % 100 == 99:
+                await asyncio.sleep(0.1)
+        while not all(t.done() for t in tasks):
+            for name, pid in pids.items():
+                peak[name] = max(peak[name], rss_mb(pid))
+            await asyncio.sleep(0.5)
+        served = sum(1 for t in tasks if t.result())
+    elapsed = time.monotonic() - started
+    failed = SLOW_STREAMS - served
+    await bench.simulator(**STREAM_SIMULATOR)
+    rows = [
+        Row(
+            f"{SLOW_STREAMS:,} concurrent slow streams through the gateway: failed",
+            f"{failed} ({served:,} complete in {elapsed:.0f} s)",
+            "0",
+            failed == 0,
+        )
+    ]
+    rows += [
+        Row(f"RSS of {name} (peak; idle)", f"{peak[name]:.0f} MB; {idle[name]:.0f} MB", "—", None)
+        for name in pids
+    ]
+    return Outcome(rows, "", {"simulator": _settings_text(settings)})

@@ -301,6 +301,13 @@ class SidecarOptions:
     drain_seconds: float = env(
         "SIDECAR_DRAIN_SECONDS", 5.0, minimum=0, help="seconds the sidecar's /readyz is 503 before exit"
     )
+    workers: int = env(
+        "SIDECAR_WORKERS",
+        1,
+        minimum=1,
+        maximum=64,
+        help="authz_sidecar worker processes (SO_REUSEPORT)",
+    )
     lease_ttl: float = env("LEASE_TTL", 30.0, minimum=1, help="seconds a stream lease lives unless renewed")
     grant_ttl: float = env(
         "GRANT_TTL", 60.0, minimum=1, maximum=60, help="seconds a grant stays valid (at most 60)"
@@ -392,6 +399,13 @@ class ProxyOptions:
         minimum=0,
         help="seconds stream_proxy serves with /readyz 503 before it stops (> Caddy's health checks)",
     )
+    workers: int = env(
+        "PROXY_WORKERS",
+        1,
+        minimum=1,
+        maximum=64,
+        help="stream_proxy worker processes (SO_REUSEPORT)",
+    )
     idle_timeout: float = env("UPSTREAM_IDLE_TIMEOUT", 120.0, minimum=0.001, help="seconds between chunks")
 
     def backends(self) -> list[BackendSpec]:
@@ -420,6 +434,13 @@ class AccountantOptions:
     )
     consumer: str = env("ACCOUNTANT_CONSUMER", "", help="consumer name in the group (default: host and pid)")
     batch_size: int = env("ACCOUNTANT_BATCH", 500, minimum=1, maximum=10_000, help="events per transaction")
+    linger: float = env(
+        "ACCOUNTANT_LINGER",
+        0.05,
+        minimum=0,
+        maximum=1,
+        help="seconds to let events gather after a batch smaller than GATEWAY_ACCOUNTANT_BATCH (0: none)",
+    )
     claim_idle: float = env(
         "ACCOUNTANT_CLAIM_IDLE",
         30.0,

@@ -3,14 +3,24 @@
 On SIGTERM or SIGINT the `draining` event is set (so /readyz answers 503 and load balancers stop
 sending new requests), requests in flight keep being served for `drain_seconds`, then the server
 shuts down and the application's cleanup contexts run.
+
+With `workers` above 1 (GATEWAY_SIDECAR_WORKERS, GATEWAY_PROXY_WORKERS) the process forks that many
+workers before any event loop exists; each builds its own application and listens on the same port
+with SO_REUSEPORT, so the kernel spreads connections over them. The parent only supervises: it
+forwards SIGTERM and SIGINT, and when a worker dies unasked it stops the others and exits non-zero,
+so the service's supervisor (Compose, systemd) restarts it whole. Every limit, lease and budget
+lives in Redis, so workers share them as replicas do (docs/ARCHITECTURE.md#scale-out).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import socket
 import sys
+import traceback
 from collections.abc import Callable
 from typing import Protocol, TypeVar
 
@@ -29,7 +39,13 @@ HEADER_LIMITS = {"max_line_size": 128 * 1024, "max_field_size": 128 * 1024, "max
 
 
 async def _serve(
-    app: web.Application, host: str, port: int, draining: asyncio.Event, drain_seconds: float
+    app: web.Application,
+    host: str,
+    port: int,
+    draining: asyncio.Event,
+    drain_seconds: float,
+    *,
+    reuse_port: bool = False,
 ) -> None:
     runner = web.AppRunner(
         app,
@@ -42,7 +58,7 @@ async def _serve(
     )
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port, reuse_address=True)
+        site = web.TCPSite(runner, host, port, reuse_address=True, reuse_port=reuse_port or None)
         await site.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -56,9 +72,66 @@ async def _serve(
         await runner.cleanup()
 
 
-def run(app: web.Application, *, host: str, port: int, draining: asyncio.Event, drain_seconds: float) -> None:
+def run(
+    app: web.Application,
+    *,
+    host: str,
+    port: int,
+    draining: asyncio.Event,
+    drain_seconds: float,
+    reuse_port: bool = False,
+) -> None:
     """Serve until a stop signal, then drain and clean up."""
-    uvloop.run(_serve(app, host, port, draining, drain_seconds))
+    uvloop.run(_serve(app, host, port, draining, drain_seconds, reuse_port=reuse_port))
+
+
+def supervise(workers: int, host: str, port: int, work: Callable[[int], None]) -> int:
+    """Fork `workers` processes running `work(port)` on one SO_REUSEPORT port (port 0: one free
+    port chosen here, for all of them); wait for them; the exit code of the first that failed."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    holder = socket.socket(family, socket.SOCK_STREAM)
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    holder.bind((host, port))  # bound, never listening: it only holds the port for the workers
+    port = holder.getsockname()[1]
+    children: list[int] = []
+    for _ in range(workers):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the worker; its coverage is the service's own
+            holder.close()
+            code = 1
+            try:
+                work(port)
+                code = 0
+            except BaseException:  # noqa: BLE001 - reported, then the worker exits non-zero
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        children.append(pid)
+    stopping = False
+    status = 0
+
+    def forward(signum: int, frame: object) -> None:
+        del frame
+        nonlocal stopping
+        stopping = True
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    while children:
+        pid, raw = os.wait()
+        children.remove(pid)
+        code = os.waitstatus_to_exitcode(raw)
+        if not stopping:  # a worker died unasked: stop the rest and let the supervisor restart us
+            status = code or 1
+            forward(signal.SIGTERM, None)
+        elif code and not status:
+            status = code
+    holder.close()
+    return status
 
 
 class _Service(Protocol):
@@ -81,6 +154,9 @@ class _Listening(Protocol):
     @property
     def drain_seconds(self) -> float: ...
 
+    @property
+    def workers(self) -> int: ...
+
 
 def main(
     name: str,
@@ -95,9 +171,27 @@ def main(
         sys.stderr.write(f"{name}: {exc}\n")
         return 2
     logs.setup(config.logging.level)
-    app = create_app(config)
     options = config.options
-    run(
-        app, host=options.host, port=options.port, draining=app[draining], drain_seconds=options.drain_seconds
-    )
-    return 0
+    if options.workers == 1:
+        app = create_app(config)
+        run(
+            app,
+            host=options.host,
+            port=options.port,
+            draining=app[draining],
+            drain_seconds=options.drain_seconds,
+        )
+        return 0
+
+    def work(port: int) -> None:
+        app = create_app(config)
+        run(
+            app,
+            host=options.host,
+            port=port,
+            draining=app[draining],
+            drain_seconds=options.drain_seconds,
+            reuse_port=True,
+        )
+
+    return supervise(options.workers, options.host, options.port, work)

@@ -6,7 +6,7 @@ nothing already accepted is dropped. If the process dies with events in the spoo
 are lost, but their reservations are still charged in full when the leases expire (flagged
 estimated), so budgets are never undercounted.
 
-Events are written by group commit (docs/ARCHITECTURE.md#usage-events): a request's event (and its
+Events are written by group commit (docs/ARCHITECTURE.md#accounting): a request's event (and its
 settle) joins whatever is waiting while the previous round trip is in flight, and one pipeline
 writes them all, so under load the cost of a round trip is shared by every request that ended
 meanwhile, and at rest an event leaves at once. Each event keeps its own reply: one that failed is
@@ -43,6 +43,10 @@ class _Waiting:
     def resolve(self, written: bool) -> None:
         if not self.done.done():
             self.done.set_result(written)
+
+    def fail(self, error: Exception) -> None:
+        if not self.done.done():
+            self.done.set_exception(error)
 
 
 @attrs.define
@@ -112,7 +116,10 @@ class UsageReporter:
         try:
             while self._pending:
                 batch, self._pending = self._pending, []
-                await self._write(batch)
+                try:
+                    await self._write(batch)
+                except Exception as exc:  # noqa: BLE001 - its events are spooled; the next batch goes on
+                    log.error("usage batch not written", extra={"error": type(exc).__name__})
         finally:
             self._flusher = None
             for waiting in self._pending:  # only when cancelled on the way out
@@ -121,21 +128,30 @@ class UsageReporter:
             self._pending = []
 
     async def _write(self, batch: list[_Waiting]) -> None:
+        ready: list[tuple[_Waiting, dict[bytes, bytes]]] = []
+        for waiting in batch:
+            try:
+                ready.append((waiting, usage_wire.encode(waiting.event)))
+            except Exception as exc:  # noqa: BLE001 - handed to that event's caller, as if alone
+                waiting.fail(exc)
         queued: list[tuple[Any, Callable[[], Awaitable[Any]] | None]] = []
+        sent = False
         try:
             # Errors stay with their command: a failed follow-up never hides a written event. On a
             # cluster the pipeline may raise for one node after another node took the event, so
             # the event's own reply decides (it raises RuntimeError when the command never ran).
             with contextlib.suppress(*STORE_ERRORS):
                 async with self.redis.pipeline(transaction=False, raise_on_error=False) as pipe:
-                    for waiting in batch:
-                        command = pipe.xadd(self.stream, usage_wire.encode(waiting.event))
-                        queued.append((command, waiting.then(pipe) if waiting.then is not None else None))
+                    for waiting, fields in ready:
+                        command = pipe.xadd(self.stream, fields)
+                        queued.append((command, self._follow_up(waiting, pipe)))
+            sent = True  # run, or failed in the store: either way each command holds its reply
             self.batches += 1
         finally:
             cancelled = None
-            for index, waiting in enumerate(batch):
-                written, follow = queued[index] if index < len(queued) else (None, None)
+            for index, (waiting, _) in enumerate(ready):
+                # A pipeline that never ran leaves its commands without replies: nothing to await.
+                written, follow = queued[index] if sent else (None, None)
                 if cancelled is None:
                     try:
                         waiting.resolve(await self._outcome(waiting.event, written, follow))
@@ -146,6 +162,21 @@ class UsageReporter:
                 waiting.resolve(False)
             if cancelled is not None:
                 raise cancelled
+
+    @staticmethod
+    def _follow_up(waiting: _Waiting, pipe: Any) -> Callable[[], Awaitable[Any]] | None:
+        """Queue an event's follow-up; one that cannot be queued is logged (by type) and skipped,
+        never taking the event or the batch with it."""
+        if waiting.then is None:
+            return None
+        try:
+            return waiting.then(pipe)
+        except Exception as exc:  # noqa: BLE001 - the event is written regardless
+            log.error(
+                "usage follow-up not queued",
+                extra={"request_id": waiting.event.request_id, "error": type(exc).__name__},
+            )
+            return None
 
     async def _outcome(
         self, event: UsageEvent, written: Any, follow: Callable[[], Awaitable[Any]] | None

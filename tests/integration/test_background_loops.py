@@ -6,6 +6,7 @@ cannot be flooded (docs/RELIABILITY.md#hostile-input)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import time
 import uuid
@@ -430,3 +431,34 @@ async def test_denial_batches_left_pending_are_read_again(
         pending = cast("StreamPending", await redis.xpending(stream, GROUP))
         assert pending.pending == 0
     assert [r["request_id"] for r in await db.fetch("SELECT request_id FROM audit_log")] == ["left"]
+
+
+async def test_events_arriving_one_by_one_are_applied_in_few_batches_after_a_short_one(
+    db: asyncpg.Connection, database_url: str, redis_url: str, redis_prefix: str
+) -> None:
+    """The accountant's linger: after a batch smaller than GATEWAY_ACCOUNTANT_BATCH the run loop
+    waits before reading again, so 20 events written one every 10 ms during that wait land in the
+    ledger in one or two more transactions, not twenty; every one of them is applied."""
+    (key,) = await new_keys(db, {"acme": 1})
+    now = time.time()
+    async with accountant_on(database_url, redis_url, redis_prefix, linger=0.5) as accountant:
+        task = asyncio.create_task(accountant.run())
+        try:
+            redis, names = accountant.redis, accountant.keys
+            await redis.xadd(names.usage_stream, usage_wire.encode(usage_event(key, "first", now)))
+
+            async def ledgered(count: int) -> bool:
+                return len(await ledger_rows(db)) == count
+
+            await until(lambda: ledgered(1), 10, "the first event in the ledger")
+            for n in range(20):
+                await redis.xadd(names.usage_stream, usage_wire.encode(usage_event(key, f"then-{n}", now)))
+                await asyncio.sleep(0.01)
+            await until(lambda: ledgered(21), 10, "every event in the ledger")
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        (histogram,) = accountant.metrics.batch_size.collect()
+        batches = next(s.value for s in histogram.samples if s.name.endswith("_count"))
+    assert 2 <= batches <= 3

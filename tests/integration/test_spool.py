@@ -125,6 +125,45 @@ async def test_events_ending_together_share_a_pipeline_and_each_keeps_its_own_se
         valkey.stop()
 
 
+async def test_an_event_that_cannot_be_encoded_or_settled_never_stalls_its_batch(tmp_path: Path) -> None:
+    """In one group commit: an event whose text cannot be encoded fails for its own caller only
+    (as it would alone), an event whose follow-up cannot be queued is still written, and the rest
+    are written and settled; the next report goes through (the batch did not wedge the writer)."""
+    valkey = localstack.Valkey(tmp_path / "valkey").start()
+    stream = f"spool:{uuid.uuid4().hex[:6]}:usage"
+    try:
+        async with store.connect(valkey.url) as client:
+            reporter = UsageReporter(client, stream)
+            good, unsettled, later = event(1), event(2), event(3)
+            broken = attrs.evolve(event(4), request_text="\udcff not UTF-8")
+
+            def settle(pipe: Any) -> Any:
+                reply = pipe.incrby(f"{stream}:settled", 1)
+                return lambda: reply
+
+            def refuse(pipe: Any) -> Any:
+                raise ValueError("cannot queue")
+
+            outcomes = await asyncio.wait_for(
+                asyncio.gather(
+                    reporter.report(good, then=settle),
+                    reporter.report(broken, then=settle),
+                    reporter.report(unsettled, then=refuse),
+                    return_exceptions=True,
+                ),
+                10,
+            )
+            assert outcomes[0] is True
+            assert isinstance(outcomes[1], TypeError)
+            assert outcomes[2] is True
+            assert await asyncio.wait_for(reporter.report(later), 5) is True
+            assert int(await client.get(f"{stream}:settled") or 0) == 1
+            assert reporter.depth == 0
+        assert await stream_ids(valkey.url, stream) == [e.request_id for e in (good, unsettled, later)]
+    finally:
+        valkey.stop()
+
+
 async def test_the_spool_is_full_by_bytes_before_it_is_full_by_count(tmp_path: Path) -> None:
     """Events with prompt logging carry the request's and answer's text: with Valkey gone, three
     events of 40 kB each fill a spool bounded at 100 kB although it would hold 10,000 by count;
