@@ -680,4 +680,5 @@ class Proxy:
         model = body.get(doc.document, "model")
         if not model:  # /api/show's deprecated `name`
             model = body.get(doc.document, "name")
-        return model[:200] if isinstance(model, str) else None
+        # Printable: a lone surrogate escape (which Go accepts) would make the event unencodable.
+        return printable(model, 200) if isinstance(model, str) else None
