@@ -6,7 +6,7 @@
 The relay forwards every POST to the upstream with one pooled aiohttp client and streams the answer
 back chunk by chunk; the responder answers every forward_auth call 200 with a grant-sized
 `X-Gw-Grant` header. Neither checks, limits, meters or records anything. Behind the gateway's own
-Caddyfile they make "the same shape doing nothing" (docs/BENCHMARKS.md#the-shape-floor): what the
+Caddyfile they make "the same shape doing nothing" (docs/ARCHITECTURE.md#speed-targets): what the
 gateway costs above them is the cost of its own work. Both answer `GET /healthz` for Caddy's health
 checks and run on uvloop like the services they stand in for.
 """

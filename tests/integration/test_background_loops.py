@@ -438,7 +438,7 @@ async def test_events_arriving_one_by_one_are_applied_in_few_batches_after_a_sho
 ) -> None:
     """The accountant's linger: after a batch smaller than GATEWAY_ACCOUNTANT_BATCH the run loop
     waits before reading again, so 20 events written one every 10 ms during that wait land in the
-    ledger in one or two more transactions, not twenty; every one of them is applied."""
+    ledger in at most three transactions in all, not twenty-one; every one of them is applied."""
     (key,) = await new_keys(db, {"acme": 1})
     now = time.time()
     async with accountant_on(database_url, redis_url, redis_prefix, linger=0.5) as accountant:
@@ -461,4 +461,4 @@ async def test_events_arriving_one_by_one_are_applied_in_few_batches_after_a_sho
                 await task
         (histogram,) = accountant.metrics.batch_size.collect()
         batches = next(s.value for s in histogram.samples if s.name.endswith("_count"))
-    assert 2 <= batches <= 3
+    assert 1 <= batches <= 3  # one per event (21) without the linger
