@@ -36,15 +36,19 @@ def normalise(name: str) -> str:
     text = name.strip()
     if text.lower().endswith(":local"):
         text = text[: -len(":local")]
-    match = _NAME_RE.match(text)
+    return _canonical(_NAME_RE.match(text), _NAMESPACE, name)
+
+
+def _canonical(match: re.Match[str] | None, namespace_re: str, original: str) -> str:
+    """The canonical short form of a matched name or pattern (defaults dropped, lower case)."""
     if match is None:
-        raise InvalidModelName(name)
+        raise InvalidModelName(original)
     host = (match["host"] or DEFAULT_HOST).lower()
     namespace = (match["ns"] or DEFAULT_NAMESPACE).lower()
     if match["host"] and not match["ns"]:
         # two parts: "ns/model", not "host/model"; a namespace has no dots or colons
-        if not re.fullmatch(_NAMESPACE, match["host"]):
-            raise InvalidModelName(name)
+        if not re.fullmatch(namespace_re, match["host"]):
+            raise InvalidModelName(original)
         namespace, host = host, DEFAULT_HOST
     model = match["model"].lower()
     tag = (match["tag"] or DEFAULT_TAG).lower()
@@ -66,21 +70,7 @@ _PATTERN_RE = re.compile(
 def normalise_pattern(text: str) -> str:
     """The canonical short form of a model pattern, as `normalise` gives a name's; raises
     InvalidModelName."""
-    stripped = text.strip()
-    match = _PATTERN_RE.match(stripped)
-    if match is None:
-        raise InvalidModelName(text)
-    host = (match["host"] or DEFAULT_HOST).lower()
-    namespace = (match["ns"] or DEFAULT_NAMESPACE).lower()
-    if match["host"] and not match["ns"]:
-        if not re.fullmatch(_PNAMESPACE, match["host"]):
-            raise InvalidModelName(text)
-        namespace, host = host, DEFAULT_HOST
-    model = match["model"].lower()
-    tag = (match["tag"] or DEFAULT_TAG).lower()
-    prefix = "" if host == DEFAULT_HOST else f"{host}/"
-    prefix += "" if namespace == DEFAULT_NAMESPACE and not prefix else f"{namespace}/"
-    return f"{prefix}{model}:{tag}"
+    return _canonical(_PATTERN_RE.match(text.strip()), _PNAMESPACE, text)
 
 
 def qualified(canonical: str) -> str:
