@@ -10,6 +10,7 @@ what limits an arm. Every arm sends the same OpenAI `/v1/chat/completions` body.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import subprocess
@@ -917,31 +918,49 @@ async def scenario_replicas(
 
 
 SLOW_STREAMS = 5000
-SLOW_SIMULATOR = {**STREAM_SIMULATOR, "tokens_per_second": 1, "completion_tokens": 8}
+SLOW_RAMP_SECONDS = 15.0  # about 330 new streams a second: within what the gateway admits
+SLOW_SIMULATOR = {**STREAM_SIMULATOR, "tokens_per_second": 1, "completion_tokens": 30}
 
 
-async def _slow_stream(session: aiohttp.ClientSession, arm: Arm, body: bytes) -> bool:
-    """One streamed chat read to its end; whether it was a 200 whose last line says done."""
+@attrs.define
+class _Open:
+    """Streams answered (200) and not yet ended, and the most there were at once."""
+
+    now: int = 0
+    peak: int = 0
+
+    def opened(self) -> None:
+        self.now += 1
+        self.peak = max(self.peak, self.now)
+
+
+async def _slow_stream(session: aiohttp.ClientSession, arm: Arm, body: bytes, streams: _Open) -> str:
+    """One streamed chat read to its end: "ok" for a 200 whose last line says done, else what
+    went wrong (the status, "not done" or the exception's type)."""
     headers = {"Content-Type": "application/json", **arm.headers}
     try:
         async with session.post(arm.url + "/api/chat", data=body, headers=headers) as resp:
             if resp.status != 200:
-                return False
-            last = b""
-            async for line in resp.content:
-                if line.strip():
-                    last = line
-            return bool(orjson.loads(last).get("done"))
-    except (aiohttp.ClientError, OSError, TimeoutError, orjson.JSONDecodeError):
-        return False
+                return f"HTTP {resp.status}"
+            streams.opened()
+            try:
+                last = b""
+                async for line in resp.content:
+                    if line.strip():
+                        last = line
+            finally:
+                streams.now -= 1
+            return "ok" if orjson.loads(last).get("done") else "not done"
+    except (aiohttp.ClientError, OSError, TimeoutError, orjson.JSONDecodeError) as exc:
+        return type(exc).__name__
 
 
 async def scenario_slow(
     bench: Bench, generator: LoadGenerator, *, rounds: int, seconds: float, charts: Path
 ) -> Outcome:
-    """5,000 concurrent slow streams (1 token/s, 8 tokens each) through the whole gateway (Caddy,
-    forward_auth, stream_proxy, every limit set), opened over about 5 s: failures, and the peak
-    resident memory of every process."""
+    """5,000 concurrent slow streams (1 token/s, 30 tokens each) through the whole gateway (Caddy,
+    forward_auth, stream_proxy, every limit set), opened over about 15 s, so that all are open at
+    once: failures, the most open at once, and the peak resident memory of every process."""
     del generator, rounds, seconds, charts
     settings = await bench.simulator(**SLOW_SIMULATOR)
     arm = next(a for a in bench.arms if a.name == "gateway")
@@ -954,25 +973,34 @@ async def scenario_slow(
     started = time.monotonic()
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         tasks = []
+        streams = _Open()
         for n in range(SLOW_STREAMS):
-            tasks.append(asyncio.create_task(_slow_stream(session, arm, body)))
+            tasks.append(asyncio.create_task(_slow_stream(session, arm, body, streams)))
             if n % 100 == 99:
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(SLOW_RAMP_SECONDS * 100 / SLOW_STREAMS)
         while not all(t.done() for t in tasks):
             for name, pid in pids.items():
                 peak[name] = max(peak[name], rss_mb(pid))
             await asyncio.sleep(0.5)
-        served = sum(1 for t in tasks if t.result())
+        outcomes = collections.Counter(t.result() for t in tasks)
     elapsed = time.monotonic() - started
+    served = outcomes.pop("ok", 0)
     failed = SLOW_STREAMS - served
+    why = ", ".join(f"{count:,} {what}" for what, count in outcomes.most_common())
     await bench.simulator(**STREAM_SIMULATOR)
     rows = [
         Row(
             f"{SLOW_STREAMS:,} concurrent slow streams through the gateway: failed",
-            f"{failed} ({served:,} complete in {elapsed:.0f} s)",
+            f"{failed:,} ({served:,} complete in {elapsed:.0f} s{'; ' + why if why else ''})",
             "0",
             failed == 0,
-        )
+        ),
+        Row(
+            "streams open at once (peak)",
+            f"{streams.peak:,}",
+            f"{SLOW_STREAMS:,}",
+            streams.peak == SLOW_STREAMS,
+        ),
     ]
     rows += [
         Row(f"RSS of {name} (peak; idle)", f"{peak[name]:.0f} MB; {idle[name]:.0f} MB", "—", None)

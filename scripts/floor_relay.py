@@ -73,7 +73,7 @@ def main(argv: list[str]) -> None:
         app.cleanup_ctx.append(_session)
         app.router.add_post("/{tail:.*}", relay)
     uvloop.install()
-    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None, backlog=4096)  # as the gateway
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ ConfigT = TypeVar("ConfigT", bound="_Service")
 # handlers, which answer in the caller's dialect; aiohttp's own 400 (plain text, echoing part of the
 # offending header) is never what a client sees.
 HEADER_LIMITS = {"max_line_size": 128 * 1024, "max_field_size": 128 * 1024, "max_headers": 64 * 1024}
+LISTEN_BACKLOG = 4096
 
 
 async def _serve(
@@ -58,7 +59,11 @@ async def _serve(
     )
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port, reuse_address=True, reuse_port=reuse_port or None)
+        # A burst of new connections (thousands of streams opened at once) waits in the queue
+        # instead of meeting a dropped SYN (aiohttp's default is 128; the kernel caps it at somaxconn).
+        site = web.TCPSite(
+            runner, host, port, reuse_address=True, reuse_port=reuse_port or None, backlog=LISTEN_BACKLOG
+        )
         await site.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

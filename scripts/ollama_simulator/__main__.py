@@ -93,12 +93,20 @@ def write_port_file(path: Path, port: int) -> None:
         raise
 
 
+SOMAXCONN = (
+    int(Path("/proc/sys/net/core/somaxconn").read_text())
+    if Path("/proc/sys/net/core/somaxconn").exists()
+    else 4096
+)
+
+
 async def serve(host: str, port: int, port_file: Path | None, settings: SimulatorSettings) -> None:
     """Run until SIGTERM or SIGINT, then shut down cleanly."""
     runner = web.AppRunner(create_app(settings), access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port)
+        # Go's net.Listen takes the kernel's somaxconn as its backlog (Ollama's listener is Go's).
+        site = web.TCPSite(runner, host, port, backlog=SOMAXCONN)
         await site.start()
         bound = int(runner.addresses[0][1])
         if port_file is not None:
