@@ -38,6 +38,7 @@ from rich.table import Table
 import bench_bound
 import bench_hostile
 import bench_http
+import bench_redis
 import bench_routing
 import localstack
 from authz_sidecar.app import ADMISSION, AUTHENTICATOR, POOL, create_app
@@ -664,6 +665,7 @@ SCENARIOS: dict[str, Callable[..., Awaitable[list[Row]]]] = {
     "bound": bench_bound.scenario_bound,
     "hostile": bench_hostile.scenario_hostile,
     "routing": bench_routing.scenario_routing,
+    "redis": bench_redis.scenario_redis,
 }
 
 
@@ -707,7 +709,7 @@ class Options:
     decisions: int = 20_000
     rounds: int = 4
     seconds: float = 2.0
-    peer: str | None = None
+    peers: tuple[str, ...] = ()
 
 
 async def run(names: Sequence[str], options: Options) -> int:
@@ -725,7 +727,7 @@ async def run(names: Sequence[str], options: Options) -> int:
                     "measured": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
                     "machine": f"{os.cpu_count()} cores, {platform.machine()}, "
                     f"Python {platform.python_version()}",
-                    "command": f"`scripts/bench {name}{' --peer ' + options.peer if options.peer else ''}`",
+                    "command": f"`scripts/bench {name}{''.join(' --peer ' + p for p in options.peers)}`",
                 }
                 extra = ""
                 if name in HTTP_SCENARIOS:
@@ -768,7 +770,7 @@ def _http_bench(
         services.database_url,
         services.redis_url,
         store_pids=stores,
-        peer=options.peer,
+        peers=options.peers,
     ).running()
 
 
@@ -780,12 +782,20 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--decisions", type=int, default=20_000, help="samples per in-process measurement")
     parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds per HTTP measurement")
     parser.add_argument("--seconds", type=float, default=2.0, help="seconds per arm per round")
-    parser.add_argument("--peer", choices=["litellm"], help="add a peer arm (installed under .dev/)")
+    parser.add_argument(
+        "--peer",
+        action="append",
+        choices=["litellm", "portkey"],
+        default=[],
+        help="add a peer arm, installed under .dev/ (repeat for both)",
+    )
     args = parser.parse_args(argv)
     unknown = [n for n in args.scenarios if n not in known]
     if unknown:
         parser.error(f"unknown scenario(s): {', '.join(unknown)}; known: {', '.join(known)}")
-    options = Options(decisions=args.decisions, rounds=args.rounds, seconds=args.seconds, peer=args.peer)
+    options = Options(
+        decisions=args.decisions, rounds=args.rounds, seconds=args.seconds, peers=tuple(args.peer)
+    )
     # SIGTERM unwinds like Ctrl-C, so the scenario's servers and processes are stopped.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     return asyncio.run(run(args.scenarios, options))

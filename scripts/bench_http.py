@@ -1,6 +1,7 @@
 """The HTTP-level arms of `scripts/bench`: the simulator directly, a bare Caddy `reverse_proxy` (the
 floor), Caddy with forward_auth only (the sidecar hop), the full gateway with every limit
-configured, and optionally LiteLLM's proxy (`--peer litellm`), measured the same way.
+configured, and optionally LiteLLM's proxy (`--peer litellm`) and Portkey's gateway (`--peer portkey`),
+measured the same way.
 
 Arms run interleaved in rounds (A B C A B C …) so drift of the machine cancels out; the load comes
 from separate `scripts/loadgen.py` processes (closed-loop aiohttp clients) so the client is not
@@ -368,7 +369,7 @@ class Bench:
     database_url: str
     redis_url: str
     store_pids: dict[str, int] = attrs.Factory(dict)  # Valkey and Postgres, when started here
-    peer: str | None = None
+    peers: tuple[str, ...] = ()
     arms: list[Arm] = attrs.Factory(list)
     sim_url: str = ""
     simulator_pid: int = 0
@@ -417,7 +418,7 @@ class Bench:
                     {**gateway_pids, **self.store_pids},
                 ),
             ]
-            if self.peer == "litellm":
+            if "litellm" in self.peers:
                 import peer_litellm  # noqa: PLC0415 (optional arm, own virtualenv)
 
                 peer = stop.enter_context(
@@ -436,6 +437,20 @@ class Bench:
                         {"litellm": peer.pid},
                         model=peer.model_name,
                     )
+                )
+            if "portkey" in self.peers:
+                import peer_portkey  # noqa: PLC0415 (optional arm, npm under .dev/)
+
+                portkey = stop.enter_context(
+                    peer_portkey.running(
+                        localstack.ROOT / ".dev",
+                        self.sim_url,
+                        port=localstack.free_port(),
+                        workdir=self.workdir / "portkey",
+                    )
+                )
+                self.arms.append(
+                    Arm("Portkey", portkey.url, portkey.headers, {"portkey": portkey.pid}, portkey.model_name)
                 )
             yield self
 
@@ -717,7 +732,9 @@ async def scenario_stream(
     """Streaming chat: latency at 1 / 64 / 256 concurrent at a realistic token rate, then the
     machine's CPU for 200-chunk answers at 64 concurrent (every arm, interleaved)."""
     settings = await bench.simulator(**STREAM_SIMULATOR)
-    arms = [arm for arm in bench.arms if arm.name != "Caddy + forward_auth"]
+    # Not Portkey: its gateway answers every streamed request 500 "Something went wrong" (a TypeError
+    # "immutable" in its header handling; 1.15.2 and 1.9.8 on Node 20), so there is nothing to compare.
+    arms = [arm for arm in bench.arms if arm.name not in ("Caddy + forward_auth", "Portkey")]
     results: dict[int, dict[str, Sample]] = {}
     for concurrency in (1, 64, 256):
         results[concurrency] = await measure(

@@ -203,7 +203,7 @@ class LimitScripts:
     def budget_key(self, scope: Scope, who: str, period: str) -> str:
         """The Redis counter of one budget period."""
         name = scope.key_scope if who == "key" else "t"
-        return self.keys.budget(scope.tenant_id, name, period, scope.periods.names()[period])  # type: ignore[index]
+        return self.keys.budget(scope.tenant_id, name, period, scope.periods.name(period))  # type: ignore[arg-type]
 
     def _model_keys(self, scope: Scope, pattern: str, who: str) -> tuple[str, ...]:
         """rpm, tpm, leases and the three budget counters of a rule's scope, in the script's order
@@ -231,11 +231,20 @@ class LimitScripts:
     def model_budget_key(self, scope: Scope, pattern: str, who: str, period: str) -> str:
         """A model rule's counter of one budget period for a scope."""
         name = scope.key_scope if who == "key" else "t"
-        start = scope.periods.names()[period]  # type: ignore[index]
+        start = scope.periods.name(period)  # type: ignore[arg-type]
         return self.keys.model_budget(scope.tenant_id, model_limits.digest(pattern), name, period, start)
 
     def _budget_keys(self, scope: Scope) -> list[str]:
-        return [self.budget_key(scope, who, period) for who, period, _ in _budget_specs(scope)]
+        """The six budget counters of a scope, in the scripts' order (remembered, as _model_keys)."""
+        at = (scope.tenant_id, scope.key_scope, "\0budgets", scope.periods.day, scope.periods.month)
+        found = self._names.get(at)
+        if found is None:
+            if len(self._names) >= 4096:
+                self._names.clear()
+            found = self._names[at] = tuple(
+                self.budget_key(scope, who, period) for who in ("key", "tenant") for period in PERIODS
+            )
+        return list(found)
 
     def _missing(
         self, reply: list[Any], specs: list[tuple[Literal["key", "tenant"], str, str | None]], first: int
@@ -344,8 +353,8 @@ class LimitScripts:
             GRANT_MARKER_TTL_MS,
             lease_ttl_ms,
             scope.key_id,
-            scope.periods.names()["day"],
-            scope.periods.names()["month"],
+            scope.periods.name("day"),
+            scope.periods.name("month"),
             NO_LIMIT if admitted_second is None else admitted_second,
             "" if scope.model is None else qualified(scope.model),
             len(models),

@@ -24,14 +24,24 @@ class Periods:
 
     day: dt.date
     month: dt.date
+    # Asked several times on every request (key names, script arguments): made once.
+    _names: dict[Period, str] = attrs.field(init=False, eq=False, repr=False, hash=False)
+
+    def __attrs_post_init__(self) -> None:
+        names = {p: self.start(p).isoformat() for p in PERIODS}
+        object.__setattr__(self, "_names", names)
 
     def start(self, period: Period) -> dt.date:
         """The first day of a period (1970-01-01 for the total)."""
         return {"day": self.day, "month": self.month, "total": TOTAL_START}[period]
 
     def names(self) -> dict[Period, str]:
-        """ISO dates of each period's start, as used in Redis key names."""
-        return {p: self.start(p).isoformat() for p in PERIODS}
+        """ISO dates of each period's start, as used in Redis key names (a copy)."""
+        return dict(self._names)
+
+    def name(self, period: Period) -> str:
+        """The ISO date of one period's start."""
+        return self._names[period]
 
     def seconds_left(self, period: Period, now: float, zone: ZoneInfo) -> float | None:
         """Seconds until the period rolls over (None for the total)."""
