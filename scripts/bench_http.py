@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import importlib
 import os
 import subprocess
 import time
@@ -361,6 +362,19 @@ def _shape_floor(workdir: Path, sim_url: str) -> Iterator[tuple[int, dict[str, i
                 localstack.terminate(proc)
 
 
+def _peer_arm(name: str, stop: contextlib.ExitStack, sim_url: str, workdir: Path) -> Arm:
+    """LiteLLM's proxy (`peer_litellm`) or Portkey's gateway (`peer_portkey`) in front of the
+    simulator, installed under .dev/ on first use, stopped with `stop`."""
+    module = importlib.import_module(f"peer_{name}")  # optional arms: imported only when asked for
+    peer = stop.enter_context(
+        module.running(localstack.ROOT / ".dev", sim_url, port=localstack.free_port(), workdir=workdir)
+    )
+    if name == "litellm":
+        headers = {"Authorization": f"Bearer {peer.master_key}"}
+        return Arm("LiteLLM", peer.url, headers, {"litellm": peer.pid}, model=peer.model_name)
+    return Arm("Portkey", peer.url, peer.headers, {"portkey": peer.pid}, model=peer.model_name)
+
+
 @attrs.define
 class Bench:
     """The local stack plus the extra arms, started once for the HTTP scenarios."""
@@ -418,40 +432,8 @@ class Bench:
                     {**gateway_pids, **self.store_pids},
                 ),
             ]
-            if "litellm" in self.peers:
-                import peer_litellm  # noqa: PLC0415 (optional arm, own virtualenv)
-
-                peer = stop.enter_context(
-                    peer_litellm.running(
-                        localstack.ROOT / ".dev",
-                        self.sim_url,
-                        port=localstack.free_port(),
-                        workdir=self.workdir / "litellm",
-                    )
-                )
-                self.arms.append(
-                    Arm(
-                        "LiteLLM",
-                        peer.url,
-                        {"Authorization": f"Bearer {peer.master_key}"},
-                        {"litellm": peer.pid},
-                        model=peer.model_name,
-                    )
-                )
-            if "portkey" in self.peers:
-                import peer_portkey  # noqa: PLC0415 (optional arm, npm under .dev/)
-
-                portkey = stop.enter_context(
-                    peer_portkey.running(
-                        localstack.ROOT / ".dev",
-                        self.sim_url,
-                        port=localstack.free_port(),
-                        workdir=self.workdir / "portkey",
-                    )
-                )
-                self.arms.append(
-                    Arm("Portkey", portkey.url, portkey.headers, {"portkey": portkey.pid}, portkey.model_name)
-                )
+            for name in self.peers:
+                self.arms.append(_peer_arm(name, stop, self.sim_url, self.workdir / name))
             yield self
 
     async def simulator(self, **settings: Any) -> dict[str, Any]:
