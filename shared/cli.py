@@ -28,6 +28,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 from shared import admin, counters, invalidation, store
+from shared import cli_format as fmt
 from shared.config import AdminConfig, load_config
 from shared.db import asyncpg_dsn
 from shared.exceptions import AdminError, ConfigError, GatewayError, KeyFormatError, NotFoundError
@@ -118,6 +119,18 @@ def _when(value: dt.datetime | None) -> str:
     return "—" if value is None else value.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
+def _status(status: str) -> str:
+    return f"[green]{status}[/]" if status == "active" else f"[red]{status}[/]"
+
+
+def _compact_limits(limits: Limits, rules: Sequence[ModelLimit], *, key: bool) -> list[str]:
+    """The limits that are set, as the items of one cell, plus how many model rules there are."""
+    items = fmt.limits(limits, key=key)
+    if rules:
+        items.append(f"{len(rules)} model rule{'s' if len(rules) > 1 else ''}")
+    return items
+
+
 def _json_default(value: object) -> object:
     if attrs.has(type(value)):
         return attrs.asdict(value)  # type: ignore[arg-type]
@@ -153,6 +166,13 @@ class Output:
 
     as_json: bool
     console: Console = attrs.field(factory=lambda: Console(highlight=False))
+    wide: bool = False  # every column in full (--wide); else the compact tables that fit 80 columns
+    utc: bool = False  # absolute UTC times (--utc); else relative to now
+    now: dt.datetime = attrs.field(factory=lambda: dt.datetime.now(dt.UTC))
+
+    def when(self, value: dt.datetime | None) -> str:
+        """A time as the table shows it: relative (or UTC with --utc); in full with --wide."""
+        return _when(value) if self.wide else fmt.when(value, now=self.now, utc=self.utc)
 
     def json(self, document: object) -> None:
         """One JSON document on stdout."""
@@ -162,6 +182,20 @@ class Output:
         """Tenants as a table (or JSON)."""
         if self.as_json:
             self.json([_tenant_json(t, n) for t, n in rows])
+            return
+        if not self.wide:
+            lines: list[list[fmt.Cell]] = [
+                [
+                    tenant.name,
+                    _status(tenant.status),
+                    "—" if count is None else fmt.number(count),
+                    _compact_limits(tenant.limits, tenant.model_limits, key=False),
+                    _models(tenant.allowed_models, key=False).split(", "),
+                ]
+                for tenant, count in rows
+            ]
+            columns = ("name", "status", "keys", "limits", "models")
+            self.console.print(fmt.table(title, columns, lines, width=self.console.width))
             return
         table = Table(title=title)
         for column in ("name", "id", "status", "keys", "rpm", "tpm", "streams", "daily", "monthly",
@@ -188,6 +222,24 @@ class Output:
         """Keys as a table (or JSON); never a token or hash."""
         if self.as_json:
             self.json([_key_json(k, t) for k, t in rows])
+            return
+        if not self.wide:
+            # One table per tenant (its name in the title): the tenant column would not fit 80.
+            tenants: dict[str, list[list[fmt.Cell]]] = {}
+            for key, tenant in rows:
+                tenants.setdefault(tenant, []).append(
+                    [
+                        f"nz_{key.prefix}",
+                        key.name,
+                        _status(key.status),
+                        _compact_limits(key.limits, key.model_limits, key=True),
+                        self.when(key.last_used_at),
+                    ]
+                )
+            columns = ("prefix", "name", "status", "limits", "last used")
+            for tenant, lines in tenants.items():
+                heading = f"{title} · tenant {tenant}"
+                self.console.print(fmt.table(heading, columns, lines, width=self.console.width))
             return
         table = Table(title=title)
         for column in ("prefix", "tenant", "name", "status", "created", "expires", "last used",
@@ -458,7 +510,24 @@ async def _audit(
     if out.as_json:
         out.json([{**attrs.asdict(r), "at": r.at.isoformat()} for r in rows])
         return []
-    table = Table(title=f"audit log (newest first, at most {args.limit})")
+    title = f"audit log (newest first, at most {args.limit})"
+    if not out.wide:
+        lines: list[list[fmt.Cell]] = [
+            [
+                out.when(r.at),
+                f"nz_{r.key_prefix}" if r.key_prefix else "—",
+                fmt.path_items(r.path or "—"),
+                f"{r.status} {r.reason}" if r.reason and r.status != 200 else str(r.status),
+                r.model or "—",
+                fmt.number(r.tokens),
+                "" if r.latency_ms is None else f"{r.latency_ms:.0f}",
+            ]
+            for r in rows
+        ]
+        columns = ("at", "prefix", "path", "status", "model", "tokens", "ms")
+        out.console.print(fmt.table(title, columns, lines, width=out.console.width))
+        return []
+    table = Table(title=title)
     for column in (
         "at",
         "tenant",
@@ -582,6 +651,10 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
         cmd: argparse.ArgumentParser = sub.add_parser(name, help=help_text, description=help_text)
         cmd.add_argument("--json", action="store_true", help="print JSON instead of tables")
+        cmd.add_argument(
+            "--wide", action="store_true", help="every column in full (tables fit 80 columns without it)"
+        )
+        cmd.add_argument("--utc", action="store_true", help="absolute UTC times instead of relative ones")
         return cmd
 
     def target(cmd: argparse.ArgumentParser) -> None:
@@ -762,7 +835,7 @@ async def run(argv: Sequence[str], environ: Mapping[str, str]) -> int:
         config = load_config(AdminConfig, stack_environment(environ))
     except ConfigError as exc:
         _fail("; ".join(exc.problems))
-    out = Output(as_json=args.json)
+    out = Output(as_json=args.json, wide=args.wide, utc=args.utc)
     if args.command == "migrate":
         _migrate(config, out)
         return 0

@@ -982,7 +982,7 @@ async def test_denial_batches_become_audit_rows_that_the_audit_command_filters(
     newest_first = [r["at"] for r in recent.json()]
     assert newest_first == sorted(newest_first, reverse=True)
 
-    table = await cli(env, "audit", "--tenant", "alpha")
+    table = await cli(env, "audit", "--tenant", "alpha", "--wide")
     assert table.code == 0, table.err
     assert "audit log" in table.out
     assert f"nz_{alpha.key.prefix}" in table.out

@@ -110,11 +110,14 @@ class Cli:
 
     env: Mapping[str, str]
 
-    async def __call__(self, *args: str, env: Mapping[str, str] | None = None) -> Done:
-        """Run one command; never raises for a non-zero exit."""
+    async def __call__(self, *args: str, env: Mapping[str, str] | None = None, wide: bool = True) -> Done:
+        """Run one command; never raises for a non-zero exit. Tables are asked for in full
+        (`--wide`, which these tests read by column) unless `wide` is False."""
+        flags = ["--wide"] if wide and args and not args[0].startswith("-") else []
         proc = await asyncio.create_subprocess_exec(
             *COMMAND,
             *args,
+            *flags,
             env={**self.env, **(env or {})},
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
@@ -1016,3 +1019,103 @@ async def test_bad_input_fails_cleanly_and_changes_nothing(
         assert done.stdout == ""
         await notices.assert_nothing_published()
     assert await snapshot(db) == before
+
+
+async def _wide_world(db: asyncpg.Connection) -> dict[str, str]:
+    """A tenant with every limit and a model rule, a key setting one limit, a key setting none, both
+    with long names; audit rows with a long model name and a latency of four digits."""
+    tenant = "acme-research-eu-west"
+    await admin.create_tenant(db, name=tenant)
+    every = {
+        "rpm": admin.LimitChange(60),
+        "tpm": admin.LimitChange(40_000),
+        "max_concurrent": admin.LimitChange(5),
+        "daily_tokens": admin.LimitChange(1_000_000),
+        "monthly_tokens": admin.LimitChange(30_000_000),
+        "total_tokens": admin.LimitChange(250_000_000),
+    }
+    await admin.set_limits(db, tenant=tenant, limits=every)
+    await admin.set_limits(db, tenant=tenant, limits={"rpm": admin.LimitChange(5)}, model="big:*")
+    one = await admin.create_key(
+        db, tenant=tenant, name="ci-nightly-builds-prod", pepper=PEPPER, params=CHEAP
+    )
+    await admin.set_limits(db, prefix=one.key.prefix, limits={"rpm": admin.LimitChange(120)})
+    bare = await admin.create_key(
+        db, tenant=tenant, name="laptop-of-someone-long", pepper=PEPPER, params=CHEAP
+    )
+    await db.execute(
+        "UPDATE api_keys SET last_used_at = now() - interval '3 minutes' WHERE id = $1", one.key.id
+    )
+    for status, reason, model, tokens, latency in (
+        (200, None, "llama3.2:latest", 123_456, 2193.4),
+        (429, "key_rpm", "qwen2.5-coder:14b", 0, 3.2),
+    ):
+        await db.execute(
+            "INSERT INTO audit_log (at, request_id, tenant_id, key_id, key_prefix, client_addr, method, "
+            "path, model, status, reason, tokens, latency_ms) "
+            "VALUES (now() - interval '2 hours', $1, $2, $3, $4, '203.0.113.77', 'POST', "
+            "'/v1/chat/completions', $5, $6, $7, $8, $9)",
+            uuid.uuid4().hex,
+            one.tenant.id,
+            one.key.id,
+            one.key.prefix,
+            model,
+            status,
+            reason,
+            tokens,
+            latency,
+        )
+    return {"tenant": tenant, "one": one.key.prefix, "bare": bare.key.prefix}
+
+
+def _whole(stdout: str, *words: str) -> None:
+    """Nothing is cut (no ellipsis), and each word is printed whole on one line."""
+    assert "…" not in stdout, stdout
+    lines = stdout.splitlines()
+    for word in words:
+        assert any(word in line for line in lines), f"{word!r} not whole in:\n{stdout}"
+
+
+@pytest.mark.parametrize("columns", [80, 120])
+async def test_tables_fit_the_terminal_without_cutting_what_matters(
+    cli: Cli, db: asyncpg.Connection, columns: int
+) -> None:
+    """list-tenants, list-keys, audit and usage at 80 and 120 columns (no --wide): every line fits,
+    nothing is cut, identifiers, statuses and numbers are whole; limits read as one column of what is
+    set (numbers with k / M, a key's inherited rest once), times relative unless --utc."""
+    world = await _wide_world(db)
+    env = {"COLUMNS": str(columns)}
+
+    async def run(*args: str, headers: tuple[str, ...] = ()) -> str:
+        done = await cli(*args, env=env, wide=False)
+        assert done.code == 0, done.stderr
+        assert all(len(line) <= columns for line in done.stdout.splitlines()), done.stdout
+        # A table wider than the terminal is cropped on the right: its last headings would be gone.
+        for heading in headers:
+            assert re.search(rf"(^|  ){re.escape(heading)}(  |$)", done.stdout, re.M), done.stdout
+        return done.stdout
+
+    out = await run("list-tenants", headers=("name", "status", "keys", "limits", "models"))
+    _whole(out, world["tenant"], "active", "rpm 60", "40k", "5 streams", "1M/day", "30M/month", "250M")
+    _whole(out, "1 model rule")
+    assert out.count("inherit") == 0
+
+    out = await run("list-keys", headers=("prefix", "name", "status", "limits", "last used"))
+    _whole(out, f"nz_{world['one']}", f"nz_{world['bare']}", world["tenant"])
+    _whole(out, "ci-nightly-builds-prod", "laptop-of-someone-long", "active", "rpm 120", "rest inherit")
+    _whole(out, "3 min ago")
+    bare_row = next(line for line in out.splitlines() if f"nz_{world['bare']}" in line)
+    assert re.search(r"  inherit  ", bare_row), out  # once, not six times
+    assert out.count("inherit") == 2  # the bare key's, and the other key's rest
+    out = await run("list-keys", "--utc")
+    _whole(out, "Z")
+    assert "ago" not in out
+
+    out = await run("audit", headers=("at", "prefix", "path", "status", "model", "tokens", "ms"))
+    _whole(out, f"nz_{world['one']}", "llama3.2:latest", "qwen2.5-coder:14b", "2193", "123k", "2 h ago")
+    _whole(out, "429")
+
+    out = await run("usage", "--tenant", world["tenant"])
+    _whole(out, "today", "requests")
+    out = await run("show-key", "--prefix", world["one"])
+    _whole(out, f"nz_{world['one']}", "ci-nightly-builds-prod", world["tenant"])
