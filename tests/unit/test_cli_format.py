@@ -72,7 +72,7 @@ def test_utc_times_are_absolute_and_none_is_a_dash() -> None:
 
 def test_a_table_wider_than_the_terminal_packs_items_and_never_cuts_text() -> None:
     """At 40 columns: the text column whole, the items packed onto lines, a path broken at a `/`."""
-    rows = [
+    rows: list[list[fmt.Cell]] = [
         ["nz_abcdefgh", ["rpm 60", "tpm 40k", "5 streams", "1M/day"], fmt.path_items("/v1/chat/completions")]
     ]
     console = Console(width=40, file=io.StringIO(), record=True)
