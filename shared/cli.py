@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess  # nosec B404
 import sys
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, NoReturn
@@ -121,6 +122,29 @@ def _when(value: dt.datetime | None) -> str:
 
 def _status(status: str) -> str:
     return f"[green]{status}[/]" if status == "active" else f"[red]{status}[/]"
+
+
+def _source(own: int | None, tenant: int | None) -> str:
+    """Where a key's limit in force comes from: its own value, its tenant's, or none is set."""
+    if own is not None:
+        return "key"
+    return "tenant" if tenant is not None else "none"
+
+
+def _prompt_policy(key: ApiKey, tenant: Tenant) -> tuple[bool, int | None, str]:
+    """Whether a key's prompts are logged, for how long, and whose setting that is."""
+    whose = "tenant" if key.prompt_logging is None else "key"
+    on = tenant.prompt_logging if key.prompt_logging is None else key.prompt_logging
+    ttl = key.prompt_log_ttl_seconds or tenant.prompt_log_ttl_seconds
+    return on and ttl is not None, ttl if on else None, whose
+
+
+def _prompt_text(on: bool, ttl: int | None, whose: str) -> str:
+    return f"on, kept {fmt.duration(ttl or 0)} ({whose}'s setting)" if on else f"off ({whose}'s setting)"
+
+
+def _usage_json(used: admin.Usage) -> dict[str, int]:
+    return {"today": used.day, "this_month": used.month, "total": used.total, "requests": used.requests}
 
 
 def _compact_limits(limits: Limits, rules: Sequence[ModelLimit], *, key: bool) -> list[str]:
@@ -263,15 +287,62 @@ class Output:
             )
         self.console.print(table)
 
-    def key_view(self, view: admin.KeyView) -> None:
-        """One key in full: its settings, its limits (own, in force, the tenant's) and its model rules."""
+    def tenant_view(self, tenant: Tenant, keys: int, used: admin.Usage, live: int | None) -> None:
+        """One tenant in full: its settings, usage and streams now, its limits and model limits."""
+        if self.as_json:
+            self.json({**_tenant_json(tenant, keys), "usage": _usage_json(used), "streams_in_flight": live})
+            return
+        fields = Table.grid(padding=(0, 2))
+        fields.add_column(style="bold")
+        fields.add_column()
+        logging = _prompt_text(tenant.prompt_logging, tenant.prompt_log_ttl_seconds, "tenant")
+        for label, value in (
+            ("status", _status(tenant.status)),
+            ("active keys", str(keys)),
+            ("created", self.when(tenant.created_at)),
+            ("models", _models(tenant.allowed_models, key=False)),
+            ("prompt logs", logging),
+            ("num_ctx cap", _cap(tenant.max_num_ctx)),
+            ("keep_alive cap", _cap(tenant.max_keep_alive_seconds, "s")),
+            ("tokens today", f"{used.day:,}"),
+            ("this month", f"{used.month:,}"),
+            ("in total", f"{used.total:,} in {used.requests:,} requests"),
+            ("streams now", "unknown (Redis did not answer)" if live is None else str(live)),
+        ):
+            fields.add_row(label, value)
+        self.console.print(Panel(fields, title=f"tenant {tenant.name}", expand=False))
+        limits = Table(title="limits (inherited by its keys)")
+        limits.add_column("limit")
+        limits.add_column("value", justify="right")
+        for name in LIMIT_NAMES:
+            limits.add_row(LIMIT_LABELS[name], _limit(getattr(tenant.limits, name), key=False))
+        self.console.print(limits)
+        if tenant.model_limits:
+            rules = Table(title="model limits")
+            rules.add_column("pattern", no_wrap=True)
+            rules.add_column("limits")
+            for rule in tenant.model_limits:
+                rules.add_row(rule.pattern, fmt.join_items(fmt.limits(rule.limits, key=False)))
+            self.console.print(rules)
+        else:
+            self.console.print("no model limits")
+
+    def key_view(self, view: admin.KeyView, used: admin.Usage, live: int | None) -> None:
+        """One key in full: its settings, usage and streams now, its limits (own, in force and where
+        that comes from, the tenant's) and its model rules."""
         key = view.key
         own = {m.pattern: m.limits for m in key.model_limits}
+        sources = {
+            name: _source(getattr(key.limits, name), getattr(view.tenant.limits, name))
+            for name in LIMIT_NAMES
+        }
+        logging_on, ttl, logging_from = _prompt_policy(key, view.tenant)
         if self.as_json:
             self.json(
                 {
                     **_key_json(key, view.tenant_name),
                     "effective_limits": attrs.asdict(view.limits),
+                    "limit_sources": sources,
                     "tenant_limits": attrs.asdict(view.tenant.limits),
                     "effective_models": view.allowed_models,
                     "model_rules": [
@@ -283,10 +354,12 @@ class Output:
                         }
                         for rule in view.model_rules
                     ],
+                    "prompt_logging_in_force": {"on": logging_on, "ttl_seconds": ttl, "from": logging_from},
+                    "usage": _usage_json(used),
+                    "streams_in_flight": live,
                 }
             )
             return
-        logging_on = view.tenant.prompt_logging if key.prompt_logging is None else key.prompt_logging
         fields = Table.grid(padding=(0, 2))
         fields.add_column(style="bold")
         fields.add_column()
@@ -294,19 +367,23 @@ class Output:
             ("tenant", f"{view.tenant_name} ({view.tenant.status})"),
             ("name", key.name),
             ("status", "[green]active[/]" if key.status == "active" else "[red]revoked[/]"),
-            ("created", _when(key.created_at)),
-            ("expires", _when(key.expires_at)),
-            ("last used", _when(key.last_used_at)),
+            ("created", self.when(key.created_at)),
+            ("expires", self.when(key.expires_at)),
+            ("last used", self.when(key.last_used_at)),
             ("models", _models(key.allowed_models, key=True)),
             ("models in force", _models(view.allowed_models, key=False)),
-            ("prompt logs", "on" if logging_on else "off"),
+            ("prompt logs", _prompt_text(logging_on, ttl, logging_from)),
             ("reload options", "[yellow]allowed[/]" if key.allow_reload_options else "no"),
             ("templates", "[yellow]allowed[/]" if key.allow_templates else "no"),
+            ("tokens today", f"{used.day:,}"),
+            ("this month", f"{used.month:,}"),
+            ("in total", f"{used.total:,} in {used.requests:,} requests"),
+            ("streams now", "unknown (Redis did not answer)" if live is None else str(live)),
         ):
             fields.add_row(label, value)
         self.console.print(Panel(fields, title=f"key nz_{key.prefix}", expand=False))
         limits = Table(title="limits (both the key's and the tenant's apply)")
-        for column in ("limit", "key's own", "key in force", "tenant"):
+        for column in ("limit", "key's own", "key in force", "tenant", "in force from"):
             limits.add_column(column)
         for name in LIMIT_NAMES:
             limits.add_row(
@@ -314,6 +391,7 @@ class Output:
                 _limit(getattr(key.limits, name), key=True),
                 _limit(getattr(view.limits, name), key=False),
                 _limit(getattr(view.tenant.limits, name), key=False),
+                sources[name],
             )
         self.console.print(limits)
         if not view.model_rules:
@@ -395,10 +473,46 @@ async def _list_keys(
     return []
 
 
+async def _in_flight(config: AdminConfig, tenant_id: int, scope: str) -> int | None:
+    """Streams in flight now for a key (`k<id>`) or a tenant (`t`): its live leases in Redis
+    (None when Redis does not answer: shown as unknown, never as 0)."""
+    name = RedisKeys(config.redis.prefix).leases(tenant_id, scope)
+    now_ms = int(time.time() * 1000)
+    try:
+        async with store.connect(
+            config.redis.url, connect_timeout=config.redis.connect_timeout, reply_timeout=config.redis.timeout
+        ) as client:
+            return int(await client.zcount(name, now_ms, "+inf"))
+    except Exception:  # noqa: BLE001 - a display figure: unknown rather than a failed command
+        return None
+
+
 async def _show_key(
-    args: argparse.Namespace, conn: asyncpg.Connection, out: Output, _: AdminConfig
+    args: argparse.Namespace, conn: asyncpg.Connection, out: Output, config: AdminConfig
 ) -> list[Any]:
-    out.key_view(await admin.show_key(conn, prefix=args.prefix))
+    prefix = args.prefix or args.key
+    if prefix is None:
+        _fail("give the key's prefix (show-key PREFIX)", EXIT_USAGE)
+    view = await admin.show_key(conn, prefix=prefix)
+    used = await admin.usage(conn, prefix=prefix, zone=ZoneInfo(config.budget.timezone))
+    live = await _in_flight(config, view.key.tenant_id, f"k{view.key.id}")
+    out.key_view(view, used, live)
+    return []
+
+
+async def _show_tenant(
+    args: argparse.Namespace, conn: asyncpg.Connection, out: Output, config: AdminConfig
+) -> list[Any]:
+    name = args.name or args.tenant
+    if name is None:
+        _fail("give the tenant's name (show-tenant NAME)", EXIT_USAGE)
+    found = next((row for row in await admin.list_tenants(conn) if row[0].name == name), None)
+    if found is None:
+        raise NotFoundError(f"no tenant named {name!r}")
+    tenant, count = found
+    used = await admin.usage(conn, tenant=name, zone=ZoneInfo(config.budget.timezone))
+    live = await _in_flight(config, tenant.id, "t")
+    out.tenant_view(tenant, count, used, live)
     return []
 
 
@@ -610,6 +724,7 @@ HANDLERS: dict[str, Handler] = {
     "create-key": _create_key,
     "list-keys": _list_keys,
     "show-key": _show_key,
+    "show-tenant": _show_tenant,
     "revoke-key": _revoke_key,
     "set-limits": _set_limits,
     "set-prompt-logging": _set_prompt_logging,
@@ -675,9 +790,12 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--name", required=True)
     create.add_argument("--expires-in", type=_duration, help="e.g. 90d; default never")
     command("list-keys", "list API keys").add_argument("--tenant", type=_tenant_name)
-    command("show-key", "show a key with its limits and model limits in force").add_argument(
-        "--prefix", required=True, type=_prefix
-    )
+    show = command("show-key", "show a key: limits in force and where each comes from, usage, streams now")
+    show.add_argument("key", nargs="?", type=_prefix, metavar="PREFIX", help="the key's prefix")
+    show.add_argument("--prefix", type=_prefix, help="the same, as an option")
+    show_tenant = command("show-tenant", "show a tenant: its limits, model limits, usage, streams now")
+    show_tenant.add_argument("tenant", nargs="?", type=_tenant_name, metavar="NAME", help="the tenant's name")
+    show_tenant.add_argument("--name", type=_tenant_name, help="the same, as an option")
     command("revoke-key", "revoke an API key").add_argument("--prefix", required=True, type=_prefix)
     limits = command("set-limits", "set limits and allowed models of a tenant or key")
     target(limits)

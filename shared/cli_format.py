@@ -119,6 +119,19 @@ def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Cell]], *,
     return out
 
 
+def join_items(items: Sequence[str]) -> str:
+    """Items on one line: `rpm 5 · tpm 9k`."""
+    return " · ".join(items)
+
+
+def duration(seconds: int) -> str:
+    """`7 d`, `12 h`, `30 min`, `45 s`: the largest whole unit."""
+    for size, unit in ((86400, "d"), (3600, "h"), (60, "min")):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds // size} {unit}"
+    return f"{seconds} s"
+
+
 def path_items(path: str) -> list[str]:
     """A URL path as items that go on one line or break at a `/`: `/v1/chat` + `/completions`."""
     return [f"/{part}" for part in path.lstrip("/").split("/")] if path.startswith("/") else [path]

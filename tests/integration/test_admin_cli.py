@@ -92,7 +92,16 @@ KEY_FIELDS = {
 }
 
 
-SHOW_KEY_EXTRA = {"effective_limits", "tenant_limits", "effective_models", "model_rules"}
+SHOW_KEY_EXTRA = {
+    "effective_limits",
+    "limit_sources",
+    "tenant_limits",
+    "effective_models",
+    "model_rules",
+    "prompt_logging_in_force",
+    "usage",
+    "streams_in_flight",
+}
 
 
 @attrs.frozen
@@ -765,10 +774,10 @@ async def test_model_rule_leaving_nothing_is_deleted(cli: Cli, db: asyncpg.Conne
     assert await db.fetchval("SELECT count(*) FROM model_limits") == 0
 
 
-async def test_show_key(cli: Cli, db: asyncpg.Connection) -> None:
-    """show-key prints the key's fields, its limits (own, in force, the tenant's) and its model rules
-    with inheritance from the tenant's rule on the same pattern, as tables or JSON; never the token
-    or its hash."""
+async def test_show_key(cli: Cli, db: asyncpg.Connection, redis_url: str, redis_prefix: str) -> None:
+    """show-key prints the key's fields, its usage and streams in flight, its limits (own, in force,
+    the tenant's, where the one in force comes from) and its model rules with inheritance from the
+    tenant's rule on the same pattern, as tables or JSON; never the token or its hash."""
     await admin.create_tenant(db, name="acme")
     made = await admin.create_key(db, tenant="acme", name="one", pepper=PEPPER, params=CHEAP)
     prefix = made.key.prefix
@@ -780,14 +789,28 @@ async def test_show_key(cli: Cli, db: asyncpg.Connection) -> None:
     )
     await cli.ok("set-limits", "--prefix", prefix, "--model", "small:*", "--daily-tokens", "100")
     stored = await db.fetchval("SELECT hash FROM api_keys WHERE id = $1", made.key.id)
+    await _ledger(db, made.tenant.id, made.key.id, dt.datetime.now(dt.UTC), prompt=1000, completion=234)
+    # Two live leases and one expired: two streams in flight.
+    leases = RedisKeys(redis_prefix).leases(made.tenant.id, f"k{made.key.id}")
+    client: coredis.Redis[bytes] = coredis.Redis.from_url(redis_url)
+    async with client:
+        now_ms = int(dt.datetime.now(dt.UTC).timestamp() * 1000)
+        await client.zadd(leases, {"r1": now_ms + 60_000, "r2": now_ms + 60_000, "old": now_ms - 1000})
 
     out = await cli.ok("show-key", "--prefix", f"nz_{prefix}")
     assert f"key nz_{prefix}" in out
     assert "acme (active)" in out
     limits, rules = out.split("model limits (", 1)
-    assert cells(limits, "rpm  ") == ["rpm", "inherit", "100", "100"]
-    assert cells(limits, "tpm  ") == ["tpm", "unlimited", "—", "5,000"]
-    assert cells(limits, "│ streams ") == ["streams", "3", "3", "—"]
+    assert cells(limits, "rpm  ") == ["rpm", "inherit", "100", "100", "tenant"]
+    assert cells(limits, "tpm  ") == ["tpm", "unlimited", "—", "5,000", "key"]
+    assert cells(limits, "│ streams │") == ["streams", "3", "3", "—", "key"]
+    assert cells(limits, "│ daily ") == ["daily", "inherit", "—", "—", "none"]
+    assert re.search(r"tokens today +1,234", out)
+    assert re.search(r"in total +1,234 in 1 requests", out)
+    assert re.search(r"streams now +2", out)
+    assert re.search(r"prompt logs +off \(tenant's setting\)", out)
+    # The positional form is the same command.
+    assert (await cli.ok("show-key", prefix)) == out
     assert cells(rules, "big:*") == ["big:*", "rpm", "unlimited", "—", "5"]
     assert cells(rules, "9,000") == ["", "tpm", "inherit", "9,000", "9,000"]
     assert cells(rules, "streams") == ["", "streams", "2", "2", "—"]
@@ -802,6 +825,17 @@ async def test_show_key(cli: Cli, db: asyncpg.Connection) -> None:
     assert set(doc) == KEY_FIELDS | SHOW_KEY_EXTRA
     assert doc["effective_limits"] == {**dict.fromkeys(LIMIT_FIELDS), "rpm": 100, "max_concurrent": 3}
     assert doc["tenant_limits"] == {**dict.fromkeys(LIMIT_FIELDS), "rpm": 100, "tpm": 5000}
+    assert doc["limit_sources"] == {
+        "rpm": "tenant",
+        "tpm": "key",
+        "max_concurrent": "key",
+        "daily_tokens": "none",
+        "monthly_tokens": "none",
+        "total_tokens": "none",
+    }
+    assert doc["usage"] == {"today": 1234, "this_month": 1234, "total": 1234, "requests": 1}
+    assert doc["streams_in_flight"] == 2
+    assert doc["prompt_logging_in_force"] == {"on": False, "ttl_seconds": None, "from": "tenant"}
     nothing = dict.fromkeys(LIMIT_FIELDS)
     assert doc["model_rules"] == [
         {
@@ -820,6 +854,44 @@ async def test_show_key(cli: Cli, db: asyncpg.Connection) -> None:
     await cli.ok("set-limits", "--prefix", prefix, "--model", "big:*", "--rpm", "inherit")
     doc = await cli.json("show-key", "--prefix", prefix)
     assert doc["model_rules"][0]["effective"] == {**nothing, "rpm": 5, "tpm": 9000, "max_concurrent": 2}
+
+
+async def test_show_tenant(cli: Cli, db: asyncpg.Connection, redis_url: str, redis_prefix: str) -> None:
+    """show-tenant NAME prints the tenant's settings, usage, streams in flight, limits and model
+    limits (table or JSON); an unknown tenant is one red line and exit 1."""
+    made = await admin.create_tenant(db, name="acme")
+    key = await admin.create_key(db, tenant="acme", name="one", pepper=PEPPER, params=CHEAP)
+    await cli.ok("set-limits", "--tenant", "acme", "--rpm", "100", "--daily-tokens", "1000000")
+    await cli.ok("set-limits", "--tenant", "acme", "--model", "big:*", "--rpm", "5", "--tpm", "9000")
+    await cli.ok("set-prompt-logging", "--tenant", "acme", "--on", "--ttl", "7d")
+    await _ledger(db, made.id, key.key.id, dt.datetime.now(dt.UTC), prompt=40, completion=2)
+    client: coredis.Redis[bytes] = coredis.Redis.from_url(redis_url)
+    async with client:
+        now_ms = int(dt.datetime.now(dt.UTC).timestamp() * 1000)
+        await client.zadd(RedisKeys(redis_prefix).leases(made.id, "t"), {"r1": now_ms + 60_000})
+
+    out = await cli.ok("show-tenant", "acme")
+    assert "tenant acme" in out
+    assert re.search(r"active keys +1", out)
+    assert re.search(r"tokens today +42", out)
+    assert re.search(r"streams now +1", out)
+    assert re.search(r"prompt logs +on, kept 7 d \(tenant's setting\)", out)
+    assert cells(out, "│ rpm     │") == ["rpm", "100"]
+    assert cells(out, "│ daily ") == ["daily", "1,000,000"]
+    assert cells(out, "big:*") == ["big:*", "rpm 5 · tpm 9k"]
+    assert await cli.ok("show-tenant", "--name", "acme") == out
+
+    doc = await cli.json("show-tenant", "acme")
+    assert doc["name"] == "acme"
+    assert doc["active_keys"] == 1
+    assert doc["usage"] == {"today": 42, "this_month": 42, "total": 42, "requests": 1}
+    assert doc["streams_in_flight"] == 1
+    assert doc["limits"]["rpm"] == 100
+
+    missing = await cli("show-tenant", "nobody")
+    assert missing.code == 1
+    assert missing.stdout == ""
+    assert "nobody" in missing.stderr
 
 
 async def test_model_rule_cap_and_bad_pattern_messages(cli: Cli, db: asyncpg.Connection) -> None:
@@ -1080,7 +1152,8 @@ def _whole(stdout: str, *words: str) -> None:
 async def test_tables_fit_the_terminal_without_cutting_what_matters(
     cli: Cli, db: asyncpg.Connection, columns: int
 ) -> None:
-    """list-tenants, list-keys, audit and usage at 80 and 120 columns (no --wide): every line fits,
+    """list-tenants, list-keys, audit, usage, show-key and show-tenant at 80 and 120 columns (no
+    --wide): every line fits,
     nothing is cut, identifiers, statuses and numbers are whole; limits read as one column of what is
     set (numbers with k / M, a key's inherited rest once), times relative unless --utc."""
     world = await _wide_world(db)
@@ -1117,5 +1190,7 @@ async def test_tables_fit_the_terminal_without_cutting_what_matters(
 
     out = await run("usage", "--tenant", world["tenant"])
     _whole(out, "today", "requests")
-    out = await run("show-key", "--prefix", world["one"])
-    _whole(out, f"nz_{world['one']}", "ci-nightly-builds-prod", world["tenant"])
+    out = await run("show-key", world["one"])
+    _whole(out, f"nz_{world['one']}", "ci-nightly-builds-prod", world["tenant"], "3 min ago", "120")
+    out = await run("show-tenant", world["tenant"])
+    _whole(out, world["tenant"], "active", "250,000,000", "big:*", "rpm 5")
