@@ -674,6 +674,61 @@ class AuditRow:
     count: int
 
 
+@attrs.frozen
+class UsageBucket:
+    """Tokens and requests of one day or hour (its start, in the budget time zone) from the ledger."""
+
+    start: dt.datetime
+    tokens: int
+    requests: int
+
+
+MAX_BUCKETS = 10_000  # `usage --by hour --since 2y` is refused, not a 17,520-row query
+
+
+async def usage_series(
+    conn: asyncpg.Connection,
+    *,
+    tenant: str | None = None,
+    prefix: str | None = None,
+    by: str,
+    since: dt.datetime,
+    now: dt.datetime | None = None,
+    zone: ZoneInfo | None = None,
+) -> list[UsageBucket]:
+    """Ledger tokens per day or hour (`by`) from `since` to now, every bucket listed (0 when
+    nothing ran), oldest first; days and hours as the budget time zone counts them."""
+    if (tenant is None) == (prefix is None):
+        raise AdminError("name exactly one of --tenant or --prefix")
+    if by not in ("day", "hour"):
+        raise AdminError("--by is day, hour or model")
+    zone = zone or ZoneInfo("UTC")
+    now = now or dt.datetime.now(dt.UTC)
+    step = dt.timedelta(days=1) if by == "day" else dt.timedelta(hours=1)
+    if since > now:
+        raise AdminError("--since is in the future")
+    if (now - since) / step > MAX_BUCKETS:
+        raise AdminError(f"--since reaches back more than {MAX_BUCKETS:,} {by}s: name a later start")
+    if tenant is not None:
+        column, ident = "tenant_id", (await _tenant_by_name(conn, tenant)).id
+    else:
+        column, ident = "key_id", (await _key_by_prefix(conn, prefix or "")).id
+    rows = await conn.fetch(
+        "WITH buckets AS (SELECT generate_series(date_trunc($4, $2::timestamptz AT TIME ZONE $5), "
+        "date_trunc($4, $3::timestamptz AT TIME ZONE $5), ('1 ' || $4)::interval) AS local) "
+        "SELECT b.local, coalesce(sum(u.total_tokens), 0) AS tokens, count(u.request_id) AS requests "
+        "FROM buckets b LEFT JOIN usage_ledger u ON u." + column + " = $1 "
+        "AND date_trunc($4, u.finished_at AT TIME ZONE $5) = b.local AND u.finished_at >= $2 "
+        "GROUP BY b.local ORDER BY b.local",
+        ident,
+        since,
+        now,
+        by,
+        zone.key,
+    )
+    return [UsageBucket(r["local"].replace(tzinfo=zone), int(r["tokens"]), int(r["requests"])) for r in rows]
+
+
 def parse_since(text: str, now: dt.datetime) -> dt.datetime:
     """`--since`: a duration back from now (`15m`, `2d`) or an ISO date / timestamp."""
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import csv
 import datetime as dt
 import os
 import shutil
@@ -579,9 +580,65 @@ async def _set_reload_options(
     return notices
 
 
+SERIES_DEFAULT_SINCE = {"day": "30d", "hour": "24h"}
+BAR_WIDTH = 30
+
+
+def _bar(value: int, top: int) -> str:
+    """A bar of at most BAR_WIDTH cells, in eighths (`███▍`); none for 0."""
+    if top <= 0 or value <= 0:
+        return ""
+    eighths = max(1, round(value / top * BAR_WIDTH * 8))
+    full, part = divmod(eighths, 8)
+    return "█" * full + ("", "▏", "▎", "▍", "▌", "▋", "▊", "▉")[part]
+
+
+async def _usage_series(
+    args: argparse.Namespace, conn: asyncpg.Connection, out: Output, config: AdminConfig
+) -> list[Any]:
+    zone = ZoneInfo(config.budget.timezone)
+    now = out.now
+    since = admin.parse_since(args.since or SERIES_DEFAULT_SINCE[args.by], now)
+    series = await admin.usage_series(
+        conn, tenant=args.tenant, prefix=args.prefix, by=args.by, since=since, now=now, zone=zone
+    )
+    label = "%Y-%m-%d" if args.by == "day" else "%Y-%m-%d %H:00"
+    if args.csv:
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow([args.by, "tokens", "requests"])
+        for bucket in series:
+            writer.writerow([bucket.start.isoformat(), bucket.tokens, bucket.requests])
+        return []
+    if out.as_json:
+        out.json([{"start": b.start.isoformat(), "tokens": b.tokens, "requests": b.requests} for b in series])
+        return []
+    scope, name = ("tenant", args.tenant) if args.tenant else ("key", f"nz_{normalise_prefix(args.prefix)}")
+    top = max((b.tokens for b in series), default=0)
+    total = sum(b.tokens for b in series)
+    table = Table(
+        title=f"tokens of {scope} {name} by {args.by} ({config.budget.timezone}): {total:,} in all",
+        title_justify="left",
+    )
+    table.add_column(args.by, no_wrap=True)
+    table.add_column("tokens", justify="right", no_wrap=True)
+    table.add_column("requests", justify="right", no_wrap=True)
+    table.add_column("", no_wrap=True, style="cyan")
+    for bucket in series:
+        table.add_row(
+            bucket.start.strftime(label),
+            f"{bucket.tokens:,}",
+            f"{bucket.requests:,}",
+            _bar(bucket.tokens, top),
+        )
+    out.console.print(table)
+    return []
+
+
 async def _usage(
     args: argparse.Namespace, conn: asyncpg.Connection, out: Output, _: AdminConfig
 ) -> list[Any]:
+    if args.by in ("day", "hour"):
+        return await _usage_series(args, conn, out, _)
     by_model = args.by == "model"
     zone = _.budget.timezone
     result = await admin.usage(
@@ -836,7 +893,13 @@ def build_parser() -> argparse.ArgumentParser:
     reload_switch.add_argument("--off", dest="on", action="store_false")
     usage_cmd = command("usage", "tokens used today, this month and in total")
     target(usage_cmd)
-    usage_cmd.add_argument("--by", choices=["model"], help="one row per model, from the settled budgets")
+    usage_cmd.add_argument(
+        "--by",
+        choices=["day", "hour", "model"],
+        help="one row per day or hour (with a bar; --since 30d / 24h by default), or per model",
+    )
+    usage_cmd.add_argument("--since", help="with --by day|hour: a duration back (7d, 12h) or an ISO date")
+    usage_cmd.add_argument("--csv", action="store_true", help="with --by day|hour: CSV for billing exports")
     audit_cmd = command("audit", "show the audit log, newest first")
     audit_cmd.add_argument("--tenant", type=_tenant_name)
     audit_cmd.add_argument("--prefix", type=_prefix)
@@ -880,6 +943,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                 any(c.value == "inherit" for c in args.limits.values()) or args.models == "inherit"
             ):
                 raise AdminError("'inherit' only applies to a key (--prefix)")
+        if args.command == "usage":
+            series = args.by in ("day", "hour")
+            if (args.since is not None or args.csv) and not series:
+                raise AdminError("--since and --csv go with --by day or --by hour")
+            if args.csv and args.json:
+                raise AdminError("--csv or --json, not both")
+            if args.since is not None:
+                admin.parse_since(args.since, dt.datetime.now(dt.UTC))
         if args.command == "audit":
             if not 1 <= args.limit <= 100_000:
                 raise AdminError("--limit is 1 to 100000")

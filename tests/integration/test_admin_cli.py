@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import csv
 import datetime as dt
+import io
 import os
 import re
 import sys
@@ -1194,3 +1196,60 @@ async def test_tables_fit_the_terminal_without_cutting_what_matters(
     _whole(out, f"nz_{world['one']}", "ci-nightly-builds-prod", world["tenant"], "3 min ago", "120")
     out = await run("show-tenant", world["tenant"])
     _whole(out, world["tenant"], "active", "250,000,000", "big:*", "rpm 5")
+
+
+async def test_usage_over_time_by_day_and_hour(cli: Cli, db: asyncpg.Connection) -> None:
+    """usage --by day / --by hour: one row per day or hour of the budget time zone (Asia/Tokyo here:
+    a request at 20:00 UTC belongs to the next day), every bucket listed, with a bar; --json and
+    --csv carry the same numbers; --since narrows; --since and --csv without --by day|hour and a
+    range of over 10,000 buckets are refused."""
+    made = await admin.create_tenant(db, name="acme")
+    key = await admin.create_key(db, tenant="acme", name="one", pepper=PEPPER, params=CHEAP)
+    tokyo = ZoneInfo("Asia/Tokyo")
+    now = dt.datetime.now(dt.UTC)
+    at = [now - dt.timedelta(days=2, hours=1), now - dt.timedelta(minutes=5), now - dt.timedelta(minutes=2)]
+    for when, tokens in zip(at, (500, 1000, 234), strict=True):
+        await _ledger(db, made.id, key.key.id, when, prompt=tokens, completion=0)
+    env = {"GATEWAY_BUDGET_TIMEZONE": "Asia/Tokyo"}
+
+    async def run(*args: str) -> str:
+        done = await cli("usage", "--tenant", "acme", *args, env=env)
+        assert done.code == 0, done.stderr
+        return done.stdout
+
+    days = orjson.loads(await run("--by", "day", "--json"))
+    assert len(days) == 31  # 30 days back and today
+    expected: dict[str, int] = {}
+    for when, tokens in zip(at, (500, 1000, 234), strict=True):
+        day = when.astimezone(tokyo).date().isoformat()
+        expected[day] = expected.get(day, 0) + tokens
+    got = {d["start"][:10]: d["tokens"] for d in days if d["tokens"]}
+    assert got == expected
+    assert days[-1]["start"][:10] == now.astimezone(tokyo).date().isoformat()
+    assert days[-1]["start"].endswith("+09:00")
+    assert sum(d["requests"] for d in days) == 3
+
+    table = await run("--by", "day")
+    assert "1,234" in table
+    assert "█" in table
+    assert "1,734 in all" in table
+
+    rows = list(csv.reader(io.StringIO(await run("--by", "day", "--csv"))))
+    assert rows[0] == ["day", "tokens", "requests"]
+    assert [(r[0], int(r[1]), int(r[2])) for r in rows[1:]] == [
+        (d["start"], d["tokens"], d["requests"]) for d in days
+    ]
+
+    hours = orjson.loads(await run("--by", "hour", "--since", "3h", "--json"))
+    assert len(hours) in (4, 5)  # the hour 3 h ago, the ones between, this one
+    assert sum(h["tokens"] for h in hours) == 1234
+
+    for bad, message in (
+        (("--since", "7d"), "--since and --csv go with --by day or --by hour"),
+        (("--by", "model", "--csv"), "--since and --csv go with --by day or --by hour"),
+        (("--by", "hour", "--since", "2000d"), "more than 10,000 hours"),
+    ):
+        done = await cli("usage", "--tenant", "acme", *bad, env=env)
+        assert done.code != 0
+        assert message in done.stderr
+        assert done.stdout == ""
