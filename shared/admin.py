@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 from zoneinfo import ZoneInfo
 
@@ -770,11 +770,38 @@ async def audit(
     return [AuditRow(**dict(r)) for r in rows]
 
 
-async def purge_prompts(conn: Conn, *, now: dt.datetime | None = None) -> int:
-    """Delete prompt logs past their expiry; returns how many (the CLI and the accountant's purge)."""
+async def purge_prompts(
+    conn: Conn,
+    *,
+    now: dt.datetime | None = None,
+    batch: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> int:
+    """Delete prompt logs past their expiry; returns how many (the CLI and the accountant's purge).
+    With `batch`, in statements of at most that many rows (a large backlog never holds one long
+    delete), calling `progress(done, total)` after each."""
     now = now or dt.datetime.now(dt.UTC)
-    deleted = await conn.fetchval(
-        "WITH gone AS (DELETE FROM prompt_logs WHERE expires_at <= $1 RETURNING 1) SELECT count(*) FROM gone",
-        now,
-    )
-    return int(deleted or 0)
+    if batch is None:
+        deleted = await conn.fetchval(
+            "WITH gone AS (DELETE FROM prompt_logs WHERE expires_at <= $1 RETURNING 1) "
+            "SELECT count(*) FROM gone",
+            now,
+        )
+        return int(deleted or 0)
+    total = int(await conn.fetchval("SELECT count(*) FROM prompt_logs WHERE expires_at <= $1", now) or 0)
+    done = 0
+    while True:
+        gone = int(
+            await conn.fetchval(
+                "WITH gone AS (DELETE FROM prompt_logs WHERE request_id IN (SELECT request_id FROM "
+                "prompt_logs WHERE expires_at <= $1 LIMIT $2) RETURNING 1) SELECT count(*) FROM gone",
+                now,
+                batch,
+            )
+            or 0
+        )
+        done += gone
+        if progress is not None:
+            progress(done, max(total, done))
+        if gone < batch:
+            return done

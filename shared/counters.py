@@ -22,6 +22,7 @@ import math
 import secrets
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 from zoneinfo import ZoneInfo
 
@@ -392,13 +393,15 @@ async def rebuild(
     *,
     zone: ZoneInfo,
     tenant_ids: list[int] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Rebuilt:
-    """Recompute every counter of the given tenants (all when None) and their keys."""
+    """Recompute every counter of the given tenants (all when None) and their keys, calling
+    `progress(tenants done, tenants)` after each tenant."""
     scripts = LimitScripts(redis, keys)
     if tenant_ids is None:
         tenant_ids = [r["id"] for r in await conn.fetch("SELECT id FROM tenants ORDER BY id")]
     budgets = tpms = 0
-    for tenant_id in tenant_ids:
+    for done, tenant_id in enumerate(tenant_ids, 1):
         key_ids = [
             r["id"]
             for r in await conn.fetch("SELECT id FROM api_keys WHERE tenant_id = $1 ORDER BY id", tenant_id)
@@ -407,4 +410,6 @@ async def rebuild(
         models = len(await model_scopes(conn, tenant_id, key_ids))
         budgets += len(PERIODS) * (1 + len(key_ids) + models)
         tpms += 1 + len(key_ids) + models
+        if progress is not None:
+            progress(done, len(tenant_ids))
     return Rebuilt(tenants=len(tenant_ids), budget_counters=budgets, tpm_windows=tpms)

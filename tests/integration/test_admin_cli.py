@@ -10,7 +10,9 @@ import csv
 import datetime as dt
 import io
 import os
+import pty
 import re
+import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -1253,3 +1255,55 @@ async def test_usage_over_time_by_day_and_hour(cli: Cli, db: asyncpg.Connection)
         assert done.code != 0
         assert message in done.stderr
         assert done.stdout == ""
+
+
+def _on_a_terminal(argv: list[str], env: Mapping[str, str], columns: int = 100) -> str:
+    """Run a command with its stdout and stderr on a pseudo-terminal; everything it wrote."""
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        argv, stdin=follower, stdout=follower, stderr=follower, env={**env, "COLUMNS": str(columns)}
+    )
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            data = os.read(leader, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(leader)
+    assert proc.wait(30) == 0
+    return b"".join(chunks).decode(errors="replace")
+
+
+async def test_long_operations_show_progress_on_a_terminal_only(cli: Cli, db: asyncpg.Connection) -> None:
+    """purge-prompts and rebuild-counters draw a progress bar on a terminal; into a pipe they print
+    only their result (and --json only the document)."""
+    made = await admin.create_key(
+        db, tenant=(await admin.create_tenant(db, name="acme")).name, name="k", pepper=PEPPER, params=CHEAP
+    )
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(days=1)
+    await db.executemany(
+        "INSERT INTO prompt_logs (request_id, tenant_id, key_id, request_text, response_text, expires_at) "
+        "VALUES ($1, $2, $3, 'q', 'a', $4)",
+        [(uuid.uuid4().hex, made.tenant.id, made.key.id, past) for _ in range(25)],
+    )
+    shown = await asyncio.to_thread(_on_a_terminal, [*COMMAND, "purge-prompts"], cli.env)
+    assert "deleting expired prompt logs" in shown
+    assert "deleted 25 expired prompt log rows" in shown
+    assert await db.fetchval("SELECT count(*) FROM prompt_logs") == 0
+    assert await cli.ok("purge-prompts") == "deleted 0 expired prompt log rows\n"
+
+    shown = await asyncio.to_thread(_on_a_terminal, [*COMMAND, "rebuild-counters"], cli.env)
+    assert "rebuilding counters (tenants)" in shown
+    assert "for 1 tenants" in shown
+    piped = await cli.ok("rebuild-counters")
+    assert "rebuilding" not in piped
+    assert piped.startswith("rebuilt ")
+    assert set(orjson.loads(await cli.ok("rebuild-counters", "--json"))) == {
+        "tenants",
+        "budget_counters",
+        "tpm_windows",
+    }
