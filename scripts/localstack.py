@@ -488,6 +488,7 @@ class LocalStack:
                 "ollama_urls": ollama_urls,
                 "database_url": database_url,
                 "redis_url": redis_url,
+                "caddy_admin_url": f"http://127.0.0.1:{admin_port}",
             }
         except BaseException:
             self.stop()

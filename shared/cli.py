@@ -31,7 +31,7 @@ from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from shared import admin, counters, invalidation, store
+from shared import admin, counters, doctor, invalidation, store
 from shared import cli_format as fmt
 from shared.config import AdminConfig, load_config
 from shared.db import asyncpg_dsn
@@ -74,14 +74,20 @@ def _fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
     raise SystemExit(code)
 
 
+def _stack_file(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The running local stack's `.dev/stack.json`, when the environment names no database."""
+    stack_file = Path(environ.get("GATEWAY_STACK_FILE", ".dev/stack.json"))
+    if "GATEWAY_DATABASE_URL" in environ or not stack_file.is_file():
+        return {}
+    found: dict[str, Any] = orjson.loads(stack_file.read_bytes())
+    return found
+
+
 def stack_environment(environ: Mapping[str, str]) -> dict[str, str]:
     """GATEWAY_* from the environment, completed from the local stack's `.dev/stack.json`."""
     merged = dict(environ)
-    stack_file = Path(environ.get("GATEWAY_STACK_FILE", ".dev/stack.json"))
-    if "GATEWAY_DATABASE_URL" not in merged and stack_file.is_file():
-        stack = orjson.loads(stack_file.read_bytes())
-        for name, value in stack.get("env", {}).items():
-            merged.setdefault(name, value)
+    for name, value in _stack_file(environ).get("env", {}).items():
+        merged.setdefault(name, value)
     return merged
 
 
@@ -935,6 +941,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--tenant", type=_tenant_name, help="only this tenant"
     )
     command("migrate", "apply the database migrations (dbmate)")
+    doctor_cmd = command("doctor", "check configuration, Postgres, Redis, Ollama and the services")
+    doctor_cmd.add_argument(
+        "--sidecar-url", help="the sidecar (default http://127.0.0.1:$GATEWAY_SIDECAR_PORT)"
+    )
+    doctor_cmd.add_argument("--proxy-url", help="stream_proxy (default http://127.0.0.1:$GATEWAY_PROXY_PORT)")
+    doctor_cmd.add_argument("--caddy-admin-url", help="Caddy's admin API (checked only when given)")
     return parser
 
 
@@ -1013,6 +1025,25 @@ async def _publish(config: AdminConfig, notices: Sequence[invalidation.Invalidat
     return None
 
 
+async def _doctor(args: argparse.Namespace, environ: Mapping[str, str], out: Output) -> int:
+    """Every check, one line each; exit 1 when any is red."""
+    checks = await doctor.run(
+        environ, sidecar_url=args.sidecar_url, proxy_url=args.proxy_url, caddy_admin_url=args.caddy_admin_url
+    )
+    if out.as_json:
+        out.json([attrs.asdict(c) for c in checks])
+    else:
+        grid = Table.grid(padding=(0, 1))
+        grid.add_column(no_wrap=True)
+        grid.add_column(no_wrap=True, style="bold")
+        grid.add_column(overflow="fold")
+        for c in checks:
+            mark = "[green]✓[/]" if c.ok else "[red]✗[/]"
+            grid.add_row(mark, c.part, c.detail if c.ok else f"[red]{c.detail}[/] — {c.fix}")
+        out.console.print(grid)
+    return 0 if all(c.ok for c in checks) else EXIT_ERROR
+
+
 def _migrate(config: AdminConfig, out: Output) -> None:
     migrations = Path(
         os.environ.get("DBMATE_MIGRATIONS_DIR")
@@ -1056,6 +1087,12 @@ async def run(argv: Sequence[str], environ: Mapping[str, str]) -> int:
     except ConfigError as exc:
         _fail("; ".join(exc.problems))
     out = Output(as_json=args.json, wide=args.wide, utc=args.utc)
+    if args.command == "doctor":
+        urls = _stack_file(environ).get("urls", {})  # the local stack's own addresses, unless given
+        args.sidecar_url = args.sidecar_url or urls.get("sidecar_url")
+        args.proxy_url = args.proxy_url or urls.get("proxy_url")
+        args.caddy_admin_url = args.caddy_admin_url or urls.get("caddy_admin_url")
+        return await _doctor(args, stack_environment(environ), out)
     if args.command == "migrate":
         _migrate(config, out)
         return 0

@@ -57,6 +57,7 @@ class Stack:
     env: dict[str, str]
     logs: Path
     ollama_urls: str = ""  # GATEWAY_OLLAMA_URLS when the stack has several simulated backends
+    caddy_admin_url: str = ""
 
 
 @pytest.fixture(scope="session")
