@@ -31,7 +31,7 @@ from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from shared import admin, counters, doctor, invalidation, store
+from shared import admin, counters, doctor, invalidation, store, top
 from shared import cli_format as fmt
 from shared.config import AdminConfig, load_config
 from shared.db import asyncpg_dsn
@@ -803,6 +803,39 @@ async def _rebuild_counters(
     return []
 
 
+async def _top(
+    args: argparse.Namespace, conn: asyncpg.Connection, out: Output, cfg: AdminConfig
+) -> list[Any]:
+    keys = RedisKeys(cfg.redis.prefix)
+    zone = ZoneInfo(cfg.budget.timezone)
+    redis = store.connect(
+        cfg.redis.url, connect_timeout=cfg.redis.connect_timeout, reply_timeout=cfg.redis.timeout
+    )
+    try:
+        async with redis as client:
+
+            async def take() -> top.Snapshot:
+                return await top.snapshot(conn, client, keys, zone=zone, limit=args.limit)
+
+            if out.as_json:
+                shot = await take()
+                out.json(
+                    {
+                        "at": shot.at.isoformat(),
+                        "tenants": [attrs.asdict(b) for b in shot.tenants],
+                        "keys": [attrs.asdict(b) for b in shot.keys],
+                    }
+                )
+            elif args.once or not out.console.is_terminal:
+                out.console.print(top.render(await take(), out.console.width))
+            else:
+                with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):
+                    await top.live(take, out.console, interval=args.interval)
+    except (coredis.exceptions.RedisError, OSError) as exc:
+        raise AdminError(f"cannot reach Redis ({type(exc).__name__}); check GATEWAY_REDIS_URL") from None
+    return []
+
+
 HANDLERS: dict[str, Handler] = {
     "create-tenant": _create_tenant,
     "list-tenants": _list_tenants,
@@ -821,6 +854,7 @@ HANDLERS: dict[str, Handler] = {
     "audit": _audit,
     "purge-prompts": _purge_prompts,
     "rebuild-counters": _rebuild_counters,
+    "top": _top,
 }
 
 
@@ -940,6 +974,10 @@ def build_parser() -> argparse.ArgumentParser:
     command("rebuild-counters", "recompute Redis budget and TPM counters from Postgres").add_argument(
         "--tenant", type=_tenant_name, help="only this tenant"
     )
+    top_cmd = command("top", "a live view of the busiest tenants and keys (q or Ctrl-C quits)")
+    top_cmd.add_argument("--limit", type=int, default=10, help="rows per table (default 10)")
+    top_cmd.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    top_cmd.add_argument("--once", action="store_true", help="print one frame and exit")
     command("migrate", "apply the database migrations (dbmate)")
     doctor_cmd = command("doctor", "check configuration, Postgres, Redis, Ollama and the services")
     doctor_cmd.add_argument(
@@ -979,6 +1017,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                 any(c.value == "inherit" for c in args.limits.values()) or args.models == "inherit"
             ):
                 raise AdminError("'inherit' only applies to a key (--prefix)")
+        if args.command == "top" and not (1 <= args.limit <= 1000 and 0.2 <= args.interval <= 60):
+            raise AdminError("--limit is 1 to 1000 and --interval 0.2 to 60 seconds")
         if args.command == "usage":
             series = args.by in ("day", "hour")
             if (args.since is not None or args.csv) and not series:

@@ -12,8 +12,10 @@ import io
 import os
 import pty
 import re
+import select
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
@@ -1307,3 +1309,86 @@ async def test_long_operations_show_progress_on_a_terminal_only(cli: Cli, db: as
         "budget_counters",
         "tpm_windows",
     }
+
+
+def _interactive(argv: list[str], env: Mapping[str, str], wanted: list[str], seconds: float = 20.0) -> str:
+    """Run a command on a pseudo-terminal until everything `wanted` was printed, then type `q`;
+    what it printed (it must exit 0 within 5 s of the `q`)."""
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        argv, stdin=follower, stdout=follower, stderr=follower, env={**env, "COLUMNS": "120", "TERM": "xterm"}
+    )
+    os.close(follower)
+    seen = b""
+    deadline = time.monotonic() + seconds
+    try:
+        while not all(w.encode() in seen for w in wanted):
+            assert time.monotonic() < deadline, seen.decode(errors="replace")[-3000:]
+            ready, _, _ = select.select([leader], [], [], 0.2)
+            if ready:
+                seen += os.read(leader, 65536)
+        os.write(leader, b"q")
+        assert proc.wait(5) == 0
+        with contextlib.suppress(OSError):
+            while chunk := os.read(leader, 65536):
+                seen += chunk
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(leader)
+    return seen.decode(errors="replace")
+
+
+async def test_top_shows_a_tenants_live_streams_and_quits_on_q(
+    cli: Cli, db: asyncpg.Connection, redis_url: str, redis_prefix: str
+) -> None:
+    """top, driven through a pseudo-terminal: the busy tenant and its key appear with their streams
+    in flight (from the leases in Redis), requests of the last minute (from the ledger) and 429s (from
+    the audit log); `q` ends it with exit 0. --once and --json print one snapshot."""
+    made = await admin.create_key(
+        db,
+        tenant=(await admin.create_tenant(db, name="busy-corp")).name,
+        name="k",
+        pepper=PEPPER,
+        params=CHEAP,
+    )
+    await admin.create_tenant(db, name="idle-corp")
+    now = dt.datetime.now(dt.UTC)
+    for _ in range(7):
+        await _ledger(db, made.tenant.id, made.key.id, now, prompt=100, completion=20)
+    await db.execute(
+        "INSERT INTO audit_log (at, tenant_id, key_id, key_prefix, status, reason, count) "
+        "VALUES (now(), $1, $2, $3, 429, 'key_rpm', 3)",
+        made.tenant.id,
+        made.key.id,
+        made.key.prefix,
+    )
+    keys = RedisKeys(redis_prefix)
+    client: coredis.Redis[bytes] = coredis.Redis.from_url(redis_url)
+    async with client:
+        later = int(now.timestamp() * 1000) + 600_000
+        await client.zadd(keys.reserving_tenants, {str(made.tenant.id): later})
+        await client.zadd(keys.leases(made.tenant.id, "t"), {f"r{i}": later for i in range(4)})
+        await client.zadd(keys.leases(made.tenant.id, f"k{made.key.id}"), {f"r{i}": later for i in range(4)})
+
+    shot = await cli.json("top")
+    [tenant] = shot["tenants"]
+    assert (tenant["name"], tenant["requests"], tenant["tokens"], tenant["refused"], tenant["streams"]) == (
+        "busy-corp",
+        7,
+        840,
+        3,
+        4,
+    )
+    [key] = shot["keys"]
+    assert (key["name"], key["tenant"], key["streams"]) == (f"nz_{made.key.prefix}", "busy-corp", 4)
+
+    once = await cli.ok("top", "--once")
+    assert "busy-corp" in once
+    assert "idle-corp" not in once  # nothing in its last minute
+
+    shown = await asyncio.to_thread(
+        _interactive, [*COMMAND, "top", "--interval", "0.5"], cli.env, ["busy-corp", f"nz_{made.key.prefix}"]
+    )
+    row = next(line for line in shown.splitlines() if "busy-corp" in line and "nz_" not in line)
+    assert re.search(r"busy-corp\s+7\s+840\s+4\s+3\b", row), row
