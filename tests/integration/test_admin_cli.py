@@ -1158,8 +1158,9 @@ def _whole(stdout: str, *words: str) -> None:
 async def test_tables_fit_the_terminal_without_cutting_what_matters(
     cli: Cli, db: asyncpg.Connection, columns: int
 ) -> None:
-    """list-tenants, list-keys, audit, usage, show-key and show-tenant at 80 and 120 columns (no
-    --wide): every line fits,
+    """Every command that prints a table or panel (list-tenants, list-keys, audit, usage in its three
+    forms, show-key, show-tenant, create-key with its key, set-limits and the other setters, the
+    tenant and key status changes, purge-prompts, top) at 80 and 120 columns (no --wide): every line fits,
     nothing is cut, identifiers, statuses and numbers are whole; limits read as one column of what is
     set (numbers with k / M, a key's inherited rest once), times relative unless --utc."""
     world = await _wide_world(db)
@@ -1200,6 +1201,34 @@ async def test_tables_fit_the_terminal_without_cutting_what_matters(
     _whole(out, f"nz_{world['one']}", "ci-nightly-builds-prod", world["tenant"], "3 min ago", "120")
     out = await run("show-tenant", world["tenant"])
     _whole(out, world["tenant"], "active", "250,000,000", "big:*", "rpm 5")
+
+    # Every other command that prints a table or a panel, at the same width.
+    out = await run("create-key", "--tenant", world["tenant"], "--name", "a-third-key-with-a-long-name")
+    [token] = TOKEN_RE.findall(out)  # the key, whole on one line
+    _whole(out, token, "a-third-key-with-a-long-name", "active", "inherit")
+    out = await run("set-limits", "--prefix", world["bare"], "--tpm", "25000")
+    _whole(out, f"nz_{world['bare']}", "tpm 25k", "rest inherit")
+    out = await run("set-prompt-logging", "--tenant", world["tenant"], "--on", "--ttl", "7d")
+    _whole(out, world["tenant"], "active", "250M total")
+    out = await run("create-tenant", "--name", "another-tenant-of-length")
+    _whole(out, "another-tenant-of-length", "active", "none")
+    out = await run("suspend-tenant", "--name", "another-tenant-of-length")
+    _whole(out, "another-tenant-of-length", "suspended")
+    out = await run("revoke-key", "--prefix", world["bare"])
+    _whole(out, f"nz_{world['bare']}", "revoked")
+    for flag in ("--on", "--off"):
+        out = await run("set-templates", "--prefix", world["one"], flag)
+        _whole(out, f"nz_{world['one']}", "ci-nightly-builds-prod")
+        out = await run("set-reload-options", "--prefix", world["one"], flag)
+        _whole(out, f"nz_{world['one']}", "ci-nightly-builds-prod")
+    out = await run("usage", "--prefix", world["one"], "--by", "day", "--since", "3d")
+    _whole(out, "tokens", "requests")
+    out = await run("usage", "--tenant", world["tenant"], "--by", "model")
+    assert "…" not in out
+    out = await run("purge-prompts")
+    _whole(out, "deleted 0 expired prompt log rows")
+    out = await run("top", "--once", headers=("tenant", "req/min", "tok/min", "streams", "429s", "today"))
+    assert "…" not in out
 
 
 async def test_usage_over_time_by_day_and_hour(cli: Cli, db: asyncpg.Connection) -> None:
