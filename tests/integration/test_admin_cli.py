@@ -290,6 +290,9 @@ async def test_tenant_commands(cli: Cli, db: asyncpg.Connection, redis_url: str,
         _check_tenant_json(resumed, keys_counted=False)
         assert (resumed["name"], resumed["status"]) == ("acme", "active")
         assert await notices.next() == Invalidation("tenant", acme_id, reason="active")
+        [suspended] = await cli.json("suspend-tenant", "--name", "beta")
+        _check_tenant_json(suspended, keys_counted=False)
+        assert (suspended["name"], suspended["status"]) == ("beta", "suspended")
     assert await db.fetchval("SELECT status FROM tenants WHERE name = 'acme'") == "active"
 
 
