@@ -1,10 +1,11 @@
 """`neuronetz-gateway top`: the busiest tenants and keys now, refreshed every second.
 
-Everything comes from what the gateway already writes, never from the request path: requests and
-tokens of the last minute from the ledger, 429s of the last minute from the audit log, tokens used
-today from the settled budget periods, streams in flight from the leases in Redis (counted for the
-tenants stream_proxy has registered as reserving and for the keys of those tenants). The figures of the
-last minute trail the traffic by what the accountant takes to write it (well under a second).
+Everything comes from what the gateway already writes, never from the request path: requests,
+tokens and 429s of the last minute from the audit log (a row per request, denials counted in
+buckets; read by its time index), tokens used today from the settled budget periods, streams in
+flight from the leases in Redis (counted for the tenants stream_proxy has registered as reserving and
+for the keys of those tenants). The last minute trails the traffic by what the accountant takes to
+write it (well under a second).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class Busy:
 
     name: str  # the tenant's name, or nz_<prefix>
     tenant: str
-    requests: int
+    requests: int  # every request of the last minute, refused ones included
     tokens: int
     refused: int  # 429s
     streams: int | None  # None: Redis did not answer
@@ -78,16 +79,15 @@ async def snapshot(
     now = now or dt.datetime.now(dt.UTC)
     since = now - WINDOW
     day = periods_at(now.timestamp(), zone).day
+    # The audit log has a row per request (and one per bucket of denials, with its count), indexed
+    # by time: the last minute is read from it, never by scanning the ledger.
     served = await conn.fetch(
-        "SELECT tenant_id, key_id, count(*) AS requests, coalesce(sum(total_tokens), 0) AS tokens "
-        "FROM usage_ledger WHERE finished_at >= $1 GROUP BY tenant_id, key_id",
+        "SELECT tenant_id, key_id, coalesce(sum(count), 0) AS requests, coalesce(sum(tokens), 0) AS tokens, "
+        "coalesce(sum(count) FILTER (WHERE status = 429), 0) AS refused FROM audit_log "
+        "WHERE at >= $1 AND tenant_id IS NOT NULL GROUP BY tenant_id, key_id",
         since,
     )
-    refused = await conn.fetch(
-        "SELECT tenant_id, key_id, coalesce(sum(count), 0) AS refused FROM audit_log "
-        "WHERE at >= $1 AND status = 429 GROUP BY tenant_id, key_id",
-        since,
-    )
+    refused = served
     try:
         reserving = [int(t) for t in await redis.zrange(keys.reserving_tenants, 0, -1)]
     except (coredis.exceptions.RedisError, OSError, TimeoutError, ValueError):

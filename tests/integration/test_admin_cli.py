@@ -1375,8 +1375,8 @@ async def test_top_shows_a_tenants_live_streams_and_quits_on_q(
     cli: Cli, db: asyncpg.Connection, redis_url: str, redis_prefix: str
 ) -> None:
     """top, driven through a pseudo-terminal: the busy tenant and its key appear with their streams
-    in flight (from the leases in Redis), requests of the last minute (from the ledger) and 429s (from
-    the audit log); `q` ends it with exit 0. --once and --json print one snapshot."""
+    in flight (from the leases in Redis), requests, tokens and 429s of the last minute (from the audit
+    log); `q` ends it with exit 0. --once and --json print one snapshot."""
     made = await admin.create_key(
         db,
         tenant=(await admin.create_tenant(db, name="busy-corp")).name,
@@ -1386,8 +1386,16 @@ async def test_top_shows_a_tenants_live_streams_and_quits_on_q(
     )
     await admin.create_tenant(db, name="idle-corp")
     now = dt.datetime.now(dt.UTC)
+    # What the accountant writes: an audit row per served request, a bucket row of 3 denials.
     for _ in range(7):
-        await _ledger(db, made.tenant.id, made.key.id, now, prompt=100, completion=20)
+        await db.execute(
+            "INSERT INTO audit_log (at, request_id, tenant_id, key_id, key_prefix, status, tokens) "
+            "VALUES (now(), $1, $2, $3, $4, 200, 120)",
+            uuid.uuid4().hex,
+            made.tenant.id,
+            made.key.id,
+            made.key.prefix,
+        )
     await db.execute(
         "INSERT INTO audit_log (at, tenant_id, key_id, key_prefix, status, reason, count) "
         "VALUES (now(), $1, $2, $3, 429, 'key_rpm', 3)",
@@ -1407,7 +1415,7 @@ async def test_top_shows_a_tenants_live_streams_and_quits_on_q(
     [tenant] = shot["tenants"]
     assert (tenant["name"], tenant["requests"], tenant["tokens"], tenant["refused"], tenant["streams"]) == (
         "busy-corp",
-        7,
+        10,
         840,
         3,
         4,
@@ -1423,4 +1431,4 @@ async def test_top_shows_a_tenants_live_streams_and_quits_on_q(
         _interactive, [*COMMAND, "top", "--interval", "0.5"], cli.env, ["busy-corp", f"nz_{made.key.prefix}"]
     )
     row = next(line for line in shown.splitlines() if "busy-corp" in line and "nz_" not in line)
-    assert re.search(r"busy-corp\s+7\s+840\s+4\s+3\b", row), row
+    assert re.search(r"busy-corp\s+10\s+840\s+4\s+3\b", row), row
