@@ -152,6 +152,16 @@ def _prompt_text(on: bool, ttl: int | None, whose: str) -> str:
     return f"on, kept {fmt.duration(ttl or 0)} ({whose}'s setting)" if on else f"off ({whose}'s setting)"
 
 
+def _activity(used: admin.Usage, live: int | None) -> list[tuple[str, str]]:
+    """The usage and streams rows of a key's or tenant's panel."""
+    return [
+        ("tokens today", f"{used.day:,}"),
+        ("this month", f"{used.month:,}"),
+        ("in total", f"{used.total:,} in {used.requests:,} requests"),
+        ("streams now", "unknown (Redis did not answer)" if live is None else str(live)),
+    ]
+
+
 def _usage_json(used: admin.Usage) -> dict[str, int]:
     return {"today": used.day, "this_month": used.month, "total": used.total, "requests": used.requests}
 
@@ -296,16 +306,21 @@ class Output:
             )
         self.console.print(table)
 
+    def _panel(self, title: str, rows: Sequence[tuple[str, str]]) -> None:
+        fields = Table.grid(padding=(0, 2))
+        fields.add_column(style="bold")
+        fields.add_column()
+        for label, value in rows:
+            fields.add_row(label, value)
+        self.console.print(Panel(fields, title=title, expand=False))
+
     def tenant_view(self, tenant: Tenant, keys: int, used: admin.Usage, live: int | None) -> None:
         """One tenant in full: its settings, usage and streams now, its limits and model limits."""
         if self.as_json:
             self.json({**_tenant_json(tenant, keys), "usage": _usage_json(used), "streams_in_flight": live})
             return
-        fields = Table.grid(padding=(0, 2))
-        fields.add_column(style="bold")
-        fields.add_column()
         logging = _prompt_text(tenant.prompt_logging, tenant.prompt_log_ttl_seconds, "tenant")
-        for label, value in (
+        rows = [
             ("status", _status(tenant.status)),
             ("active keys", str(keys)),
             ("created", self.when(tenant.created_at)),
@@ -313,13 +328,8 @@ class Output:
             ("prompt logs", logging),
             ("num_ctx cap", _cap(tenant.max_num_ctx)),
             ("keep_alive cap", _cap(tenant.max_keep_alive_seconds, "s")),
-            ("tokens today", f"{used.day:,}"),
-            ("this month", f"{used.month:,}"),
-            ("in total", f"{used.total:,} in {used.requests:,} requests"),
-            ("streams now", "unknown (Redis did not answer)" if live is None else str(live)),
-        ):
-            fields.add_row(label, value)
-        self.console.print(Panel(fields, title=f"tenant {tenant.name}", expand=False))
+        ]
+        self._panel(f"tenant {tenant.name}", rows + _activity(used, live))
         limits = Table(title="limits (inherited by its keys)")
         limits.add_column("limit")
         limits.add_column("value", justify="right")
@@ -369,10 +379,7 @@ class Output:
                 }
             )
             return
-        fields = Table.grid(padding=(0, 2))
-        fields.add_column(style="bold")
-        fields.add_column()
-        for label, value in (
+        rows = [
             ("tenant", f"{view.tenant_name} ({view.tenant.status})"),
             ("name", key.name),
             ("status", "[green]active[/]" if key.status == "active" else "[red]revoked[/]"),
@@ -384,13 +391,8 @@ class Output:
             ("prompt logs", _prompt_text(logging_on, ttl, logging_from)),
             ("reload options", "[yellow]allowed[/]" if key.allow_reload_options else "no"),
             ("templates", "[yellow]allowed[/]" if key.allow_templates else "no"),
-            ("tokens today", f"{used.day:,}"),
-            ("this month", f"{used.month:,}"),
-            ("in total", f"{used.total:,} in {used.requests:,} requests"),
-            ("streams now", "unknown (Redis did not answer)" if live is None else str(live)),
-        ):
-            fields.add_row(label, value)
-        self.console.print(Panel(fields, title=f"key nz_{key.prefix}", expand=False))
+        ]
+        self._panel(f"key nz_{key.prefix}", rows + _activity(used, live))
         limits = Table(title="limits (both the key's and the tenant's apply)")
         for column in ("limit", "key's own", "key in force", "tenant", "in force from"):
             limits.add_column(column)

@@ -166,3 +166,16 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
     report = config.stash.get(_SCAN_REPORT, None)
     if report is not None:
         terminalreporter.write_line(report.summary())
+
+
+@pytest.fixture
+async def empty_database_url(postgres_admin_url: str) -> str:
+    """A new database on the test server with no tables at all (no migration applied)."""
+    name = f"t_{os.getpid()}_empty_{uuid.uuid4().hex[:8]}"
+    conn = await asyncpg.connect(asyncpg_dsn(postgres_admin_url))
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    parts = urlsplit(postgres_admin_url)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, parts.fragment))

@@ -8,17 +8,14 @@ import asyncio
 import os
 import socket
 import sys
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import asyncpg
 import attrs
 import orjson
 
-from shared.db import asyncpg_dsn
 from tests.e2e.conftest import Stack
 
 CLI = [str(Path(sys.executable).parent / "neuronetz-gateway")]
@@ -135,14 +132,8 @@ async def test_ollama_down_is_one_red_line(stack: Stack) -> None:
     assert report.checks["postgres"]["ok"]
 
 
-async def test_migrations_behind_say_which_and_how_to_fix(stack: Stack, postgres_admin_url: str) -> None:
-    name = f"doctor_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(asyncpg_dsn(postgres_admin_url))
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    empty = urlunsplit(urlsplit(stack.database_url)._replace(path=f"/{name}"))
+async def test_migrations_behind_say_which_and_how_to_fix(stack: Stack, empty_database_url: str) -> None:
+    empty = empty_database_url
     report = await doctor(stack, GATEWAY_DATABASE_URL=empty)
     assert report.code == 1
     assert report.checks["postgres"]["ok"]

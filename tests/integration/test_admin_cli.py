@@ -20,7 +20,6 @@ import uuid
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 from zoneinfo import ZoneInfo
 
 import asyncpg
@@ -977,23 +976,6 @@ async def test_usage_by_model(cli: Cli, db: asyncpg.Connection) -> None:
         "usage", "--tenant", "quiet", "--by", "model"
     )
     assert (await cli.json("usage", "--tenant", "quiet", "--by", "model"))["models"] == []
-
-
-def _database_url(admin_url: str, name: str) -> str:
-    parts = urlsplit(admin_url)
-    return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, parts.fragment))
-
-
-@pytest.fixture
-async def empty_database_url(postgres_admin_url: str) -> str:
-    """A new database with no tables at all."""
-    name = f"t_{os.getpid()}_empty_{uuid.uuid4().hex[:8]}"
-    conn = await asyncpg.connect(asyncpg_dsn(postgres_admin_url))
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    return _database_url(postgres_admin_url, name)
 
 
 async def _tables(url: str) -> set[str]:
