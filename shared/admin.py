@@ -696,8 +696,10 @@ async def usage_series(
     now: dt.datetime | None = None,
     zone: ZoneInfo | None = None,
 ) -> list[UsageBucket]:
-    """Ledger tokens per day or hour (`by`) from `since` to now, every bucket listed (0 when
-    nothing ran), oldest first; days and hours as the budget time zone counts them."""
+    """Ledger tokens per day or hour (`by`) from the bucket `since` falls in to now, every bucket
+    listed (0 when nothing ran), oldest first, each whole. Days are the budget time zone's calendar
+    days (23 or 25 hours across a daylight-saving change); hours are real hours, labelled in the
+    zone (a repeated 01:00 at fall-back is two rows with their offsets; no row for a skipped hour)."""
     if (tenant is None) == (prefix is None):
         raise AdminError("name exactly one of --tenant or --prefix")
     if by not in ("day", "hour"):
@@ -713,24 +715,35 @@ async def usage_series(
         column, ident = "tenant_id", (await _tenant_by_name(conn, tenant)).id
     else:
         column, ident = "key_id", (await _key_by_prefix(conn, prefix or "")).id
+    if by == "day":
+        buckets = (
+            "SELECT d AT TIME ZONE $4 AS start, (d + interval '1 day') AT TIME ZONE $4 AS stop "
+            "FROM generate_series(date_trunc('day', $2::timestamptz AT TIME ZONE $4), "
+            "date_trunc('day', $3::timestamptz AT TIME ZONE $4), interval '1 day') AS d"
+        )
+    else:
+        buckets = (
+            "SELECT h AS start, h + interval '1 hour' AS stop FROM generate_series("
+            "date_trunc('hour', $2::timestamptz AT TIME ZONE $4) AT TIME ZONE $4, $3::timestamptz, "
+            "interval '1 hour') AS h"
+        )
     rows = await conn.fetch(
-        "WITH buckets AS (SELECT generate_series(date_trunc($4, $2::timestamptz AT TIME ZONE $5), "
-        "date_trunc($4, $3::timestamptz AT TIME ZONE $5), ('1 ' || $4)::interval) AS local) "
-        "SELECT b.local, coalesce(sum(u.total_tokens), 0) AS tokens, count(u.request_id) AS requests "
-        "FROM buckets b LEFT JOIN usage_ledger u ON u." + column + " = $1 "
-        "AND date_trunc($4, u.finished_at AT TIME ZONE $5) = b.local AND u.finished_at >= $2 "
-        "GROUP BY b.local ORDER BY b.local",
+        f"WITH b AS ({buckets}) "
+        "SELECT b.start, coalesce(sum(u.total_tokens), 0) AS tokens, count(u.request_id) AS requests "
+        f"FROM b LEFT JOIN usage_ledger u ON u.{column} = $1 "
+        "AND u.finished_at >= b.start AND u.finished_at < b.stop "
+        "GROUP BY b.start ORDER BY b.start",
         ident,
         since,
         now,
-        by,
         zone.key,
     )
-    return [UsageBucket(r["local"].replace(tzinfo=zone), int(r["tokens"]), int(r["requests"])) for r in rows]
+    return [UsageBucket(r["start"].astimezone(zone), int(r["tokens"]), int(r["requests"])) for r in rows]
 
 
-def parse_since(text: str, now: dt.datetime) -> dt.datetime:
-    """`--since`: a duration back from now (`15m`, `2d`) or an ISO date / timestamp."""
+def parse_since(text: str, now: dt.datetime, zone: ZoneInfo | None = None) -> dt.datetime:
+    """`--since`: a duration back from now (`15m`, `2d`) or an ISO date / timestamp (one without
+    an offset is read in `zone`, UTC by default)."""
     try:
         return now - parse_duration(text)
     except AdminError:
@@ -739,7 +752,7 @@ def parse_since(text: str, now: dt.datetime) -> dt.datetime:
         parsed = dt.datetime.fromisoformat(text.strip())
     except ValueError:
         raise AdminError(f"bad --since {text!r}: use a duration such as 1h or 7d, or an ISO date") from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=zone or dt.UTC)
 
 
 async def audit(

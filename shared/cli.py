@@ -106,7 +106,8 @@ def _rule(rule: ModelLimit) -> str:
         for n in LIMIT_NAMES
         if (v := getattr(rule.limits, n)) is not None
     ]
-    return f"{rule.pattern} {' · '.join(values)}" if values else rule.pattern
+    pattern = fmt.literal(rule.pattern)
+    return f"{pattern} {' · '.join(values)}" if values else pattern
 
 
 def _rules(rules: Sequence[ModelLimit]) -> str:
@@ -122,7 +123,12 @@ def _models(value: tuple[str, ...] | None, *, key: bool) -> str:
         return "inherit" if key else "all"
     if ALL_MODELS in value:
         return "all"
-    return ", ".join(value)
+    return ", ".join(fmt.literal(v) for v in value)
+
+
+def _model_items(value: tuple[str, ...] | None) -> list[str]:
+    """A tenant's allowed models as the items of a compact cell (plain text)."""
+    return ["all"] if value is None or ALL_MODELS in value else list(value)
 
 
 def _when(value: dt.datetime | None) -> str:
@@ -172,6 +178,12 @@ def _compact_limits(limits: Limits, rules: Sequence[ModelLimit], *, key: bool) -
     if rules:
         items.append(f"{len(rules)} model rule{'s' if len(rules) > 1 else ''}")
     return items
+
+
+def _audit_status(row: admin.AuditRow) -> str:
+    """`200`, `429 key_rpm`, `429 key_rpm (5,000)` (a bucket of 5,000 denials)."""
+    text = f"{row.status} {row.reason}" if row.reason and row.status != 200 else str(row.status)
+    return text if row.count <= 1 else f"{text} ({row.count:,})"
 
 
 def _json_default(value: object) -> object:
@@ -229,16 +241,16 @@ class Output:
         if not self.wide:
             lines: list[list[fmt.Cell]] = [
                 [
-                    tenant.name,
+                    fmt.literal(tenant.name),
                     _status(tenant.status),
                     "—" if count is None else fmt.number(count),
                     _compact_limits(tenant.limits, tenant.model_limits, key=False),
-                    _models(tenant.allowed_models, key=False).split(", "),
+                    _model_items(tenant.allowed_models),
                 ]
                 for tenant, count in rows
             ]
             columns = ("name", "status", "keys", "limits", "models")
-            self.console.print(fmt.table(title, columns, lines, width=self.console.width))
+            fmt.table(title, columns, lines, width=self.console.width, foldable=("name",)).show(self.console)
             return
         table = Table(title=title)
         for column in ("name", "id", "status", "keys", "rpm", "tpm", "streams", "daily", "monthly",
@@ -248,7 +260,7 @@ class Output:
         for tenant, count in rows:
             lim = tenant.limits
             table.add_row(
-                tenant.name,
+                fmt.literal(tenant.name),
                 str(tenant.id),
                 "[green]active[/]" if tenant.status == "active" else "[red]suspended[/]",
                 "—" if count is None else str(count),
@@ -273,7 +285,7 @@ class Output:
                 tenants.setdefault(tenant, []).append(
                     [
                         f"nz_{key.prefix}",
-                        key.name,
+                        fmt.literal(key.name),
                         _status(key.status),
                         _compact_limits(key.limits, key.model_limits, key=True),
                         self.when(key.last_used_at),
@@ -281,8 +293,9 @@ class Output:
                 )
             columns = ("prefix", "name", "status", "limits", "last used")
             for tenant, lines in tenants.items():
-                heading = f"{title} · tenant {tenant}"
-                self.console.print(fmt.table(heading, columns, lines, width=self.console.width))
+                heading = f"{title} · tenant {fmt.literal(tenant)}"
+                fitted = fmt.table(heading, columns, lines, width=self.console.width, foldable=("name",))
+                fitted.show(self.console)
             return
         table = Table(title=title)
         for column in ("prefix", "tenant", "name", "status", "created", "expires", "last used",
@@ -292,8 +305,8 @@ class Output:
         for key, tenant in rows:
             table.add_row(
                 f"nz_{key.prefix}",
-                tenant,
-                key.name,
+                fmt.literal(tenant),
+                fmt.literal(key.name),
                 "[green]active[/]" if key.status == "active" else "[red]revoked[/]",
                 _when(key.created_at),
                 _when(key.expires_at),
@@ -329,7 +342,7 @@ class Output:
             ("num_ctx cap", _cap(tenant.max_num_ctx)),
             ("keep_alive cap", _cap(tenant.max_keep_alive_seconds, "s")),
         ]
-        self._panel(f"tenant {tenant.name}", rows + _activity(used, live))
+        self._panel(f"tenant {fmt.literal(tenant.name)}", rows + _activity(used, live))
         limits = Table(title="limits (inherited by its keys)")
         limits.add_column("limit")
         limits.add_column("value", justify="right")
@@ -341,7 +354,7 @@ class Output:
             rules.add_column("pattern", no_wrap=True)
             rules.add_column("limits")
             for rule in tenant.model_limits:
-                rules.add_row(rule.pattern, fmt.join_items(fmt.limits(rule.limits, key=False)))
+                rules.add_row(fmt.literal(rule.pattern), fmt.join_items(fmt.limits(rule.limits, key=False)))
             self.console.print(rules)
         else:
             self.console.print("no model limits")
@@ -380,8 +393,8 @@ class Output:
             )
             return
         rows = [
-            ("tenant", f"{view.tenant_name} ({view.tenant.status})"),
-            ("name", key.name),
+            ("tenant", f"{fmt.literal(view.tenant_name)} ({view.tenant.status})"),
+            ("name", fmt.literal(key.name)),
             ("status", "[green]active[/]" if key.status == "active" else "[red]revoked[/]"),
             ("created", self.when(key.created_at)),
             ("expires", self.when(key.expires_at)),
@@ -420,7 +433,7 @@ class Output:
             ]
             for i, name in enumerate(shown):
                 rules.add_row(
-                    rule.pattern if i == 0 else "",
+                    fmt.literal(rule.pattern) if i == 0 else "",
                     LIMIT_LABELS[name],
                     _limit(getattr(mine, name), key=True),
                     _limit(getattr(rule.key_limits, name), key=False),
@@ -502,8 +515,6 @@ async def _show_key(
     args: argparse.Namespace, conn: asyncpg.Connection, out: Output, config: AdminConfig
 ) -> list[Any]:
     prefix = args.prefix or args.key
-    if prefix is None:
-        _fail("give the key's prefix (show-key PREFIX)", EXIT_USAGE)
     view = await admin.show_key(conn, prefix=prefix)
     used = await admin.usage(conn, prefix=prefix, zone=ZoneInfo(config.budget.timezone))
     live = await _in_flight(config, view.key.tenant_id, f"k{view.key.id}")
@@ -515,8 +526,6 @@ async def _show_tenant(
     args: argparse.Namespace, conn: asyncpg.Connection, out: Output, config: AdminConfig
 ) -> list[Any]:
     name = args.name or args.tenant
-    if name is None:
-        _fail("give the tenant's name (show-tenant NAME)", EXIT_USAGE)
     found = next((row for row in await admin.list_tenants(conn) if row[0].name == name), None)
     if found is None:
         raise NotFoundError(f"no tenant named {name!r}")
@@ -608,7 +617,7 @@ async def _usage_series(
 ) -> list[Any]:
     zone = ZoneInfo(config.budget.timezone)
     now = out.now
-    since = admin.parse_since(args.since or SERIES_DEFAULT_SINCE[args.by], now)
+    since = admin.parse_since(args.since or SERIES_DEFAULT_SINCE[args.by], now, zone)
     series = await admin.usage_series(
         conn, tenant=args.tenant, prefix=args.prefix, by=args.by, since=since, now=now, zone=zone
     )
@@ -626,7 +635,8 @@ async def _usage_series(
     top = max((b.tokens for b in series), default=0)
     total = sum(b.tokens for b in series)
     table = Table(
-        title=f"tokens of {scope} {name} by {args.by} ({config.budget.timezone}): {total:,} in all",
+        title=f"tokens of {scope} {fmt.literal(name)} by {args.by} ({config.budget.timezone}): "
+        f"{total:,} in all",
         title_justify="left",
     )
     table.add_column(args.by, no_wrap=True)
@@ -662,18 +672,23 @@ async def _usage(
         return []
     if result.models is not None:
         table = Table(
-            title=f"usage of {result.scope} {result.name} by model (tokens; days and months in {zone})"
+            title=f"usage of {result.scope} {fmt.literal(result.name)} by model "
+            f"(tokens; days and months in {zone})"
         )
         table.add_column("model")
         for column in ("today", "this month", "total", "requests"):
             table.add_column(column, justify="right")
         for m in result.models:
-            table.add_row(m.model, f"{m.day:,}", f"{m.month:,}", f"{m.total:,}", f"{m.requests:,}")
+            table.add_row(
+                fmt.literal(m.model), f"{m.day:,}", f"{m.month:,}", f"{m.total:,}", f"{m.requests:,}"
+            )
         out.console.print(
             table if result.models else f"no usage by model recorded for {result.scope} {result.name}"
         )
         return []
-    table = Table(title=f"usage of {result.scope} {result.name} (tokens; days and months in {zone})")
+    table = Table(
+        title=f"usage of {result.scope} {fmt.literal(result.name)} (tokens; days and months in {zone})"
+    )
     for column in ("today", "this month", "total", "requests"):
         table.add_column(column, justify="right")
     table.add_row(f"{result.day:,}", f"{result.month:,}", f"{result.total:,}", f"{result.requests:,}")
@@ -698,15 +713,15 @@ async def _audit(
                 out.when(r.at),
                 f"nz_{r.key_prefix}" if r.key_prefix else "—",
                 fmt.path_items(r.path or "—"),
-                f"{r.status} {r.reason}" if r.reason and r.status != 200 else str(r.status),
-                r.model or "—",
+                fmt.literal(_audit_status(r)),
+                fmt.literal(r.model or "—"),
                 fmt.number(r.tokens),
                 "" if r.latency_ms is None else f"{r.latency_ms:.0f}",
             ]
             for r in rows
         ]
         columns = ("at", "prefix", "path", "status", "model", "tokens", "ms")
-        out.console.print(fmt.table(title, columns, lines, width=out.console.width))
+        fmt.table(title, columns, lines, width=out.console.width, foldable=("model",)).show(out.console)
         return []
     table = Table(title=title)
     for column in (
@@ -726,13 +741,13 @@ async def _audit(
     for r in rows:
         table.add_row(
             _when(r.at),
-            r.tenant or "—",
+            fmt.literal(r.tenant or "—"),
             f"nz_{r.key_prefix}" if r.key_prefix else "—",
             r.client_addr or "—",
-            f"{r.method or ''} {r.path or ''}".strip() or "—",
+            fmt.literal(f"{r.method or ''} {r.path or ''}".strip() or "—"),
             str(r.status),
-            r.reason or "",
-            r.model or "",
+            fmt.literal(r.reason or ""),
+            fmt.literal(r.model or ""),
             f"{r.tokens:,}",
             "" if r.latency_ms is None else f"{r.latency_ms:.1f}",
             str(r.count),
@@ -1019,6 +1034,16 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                 any(c.value == "inherit" for c in args.limits.values()) or args.models == "inherit"
             ):
                 raise AdminError("'inherit' only applies to a key (--prefix)")
+        for command, positional, option, what in (
+            ("show-key", "key", "prefix", "the key's prefix (show-key PREFIX)"),
+            ("show-tenant", "tenant", "name", "the tenant's name (show-tenant NAME)"),
+        ):
+            if args.command == command:
+                given = {v for v in (getattr(args, positional), getattr(args, option)) if v is not None}
+                if not given:
+                    raise AdminError(f"give {what}")
+                if len(given) > 1:
+                    raise AdminError(f"{what.split(' (')[0]} given twice, differently")
         if args.command == "top" and not (1 <= args.limit <= 1000 and 0.2 <= args.interval <= 60):
             raise AdminError("--limit is 1 to 1000 and --interval 0.2 to 60 seconds")
         if args.command == "usage":
@@ -1081,7 +1106,8 @@ async def _doctor(args: argparse.Namespace, environ: Mapping[str, str], out: Out
         grid.add_column(overflow="fold")
         for c in checks:
             mark = "[green]✓[/]" if c.ok else "[red]✗[/]"
-            grid.add_row(mark, c.part, c.detail if c.ok else f"[red]{c.detail}[/] — {c.fix}")
+            detail, fix = fmt.literal(c.detail), fmt.literal(c.fix)
+            grid.add_row(mark, fmt.literal(c.part), detail if c.ok else f"[red]{detail}[/] — {fix}")
         out.console.print(grid)
     return 0 if all(c.ok for c in checks) else EXIT_ERROR
 
@@ -1124,17 +1150,18 @@ def _migrate(config: AdminConfig, out: Output) -> None:
 async def run(argv: Sequence[str], environ: Mapping[str, str]) -> int:
     """Parse, connect, run one command, publish its invalidations; returns the exit code."""
     args = parse_args(argv)
-    try:
-        config = load_config(AdminConfig, stack_environment(environ))
-    except ConfigError as exc:
-        _fail("; ".join(exc.problems))
-    out = Output(as_json=args.json, wide=args.wide, utc=args.utc)
-    if args.command == "doctor":
+    if args.command == "doctor":  # before the configuration is loaded: checking it is its job
+        out = Output(as_json=args.json, wide=args.wide, utc=args.utc)
         urls = _stack_file(environ).get("urls", {})  # the local stack's own addresses, unless given
         args.sidecar_url = args.sidecar_url or urls.get("sidecar_url")
         args.proxy_url = args.proxy_url or urls.get("proxy_url")
         args.caddy_admin_url = args.caddy_admin_url or urls.get("caddy_admin_url")
         return await _doctor(args, stack_environment(environ), out)
+    try:
+        config = load_config(AdminConfig, stack_environment(environ))
+    except ConfigError as exc:
+        _fail("; ".join(exc.problems))
+    out = Output(as_json=args.json, wide=args.wide, utc=args.utc)
     if args.command == "migrate":
         _migrate(config, out)
         return 0

@@ -11,8 +11,11 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Sequence
 
+import attrs
 from rich import box
 from rich.cells import cell_len
+from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -71,7 +74,7 @@ def when(value: dt.datetime | None, *, now: dt.datetime, utc: bool) -> str:
         return "just now" if not ahead else "in a moment"
     for size, unit in ((86400 * 365, "y"), (86400, "d"), (3600, "h"), (60, "min")):
         if seconds >= size:
-            count = round(seconds / size) if size != 86400 * 365 else int(seconds // size)
+            count = int(seconds // size)  # 59 min 59 s is 59 min ago, never an hour
             text = f"{count} {unit}"
             return f"in {text}" if ahead else f"{text} ago"
     return "in 1 min" if ahead else "1 min ago"
@@ -81,22 +84,66 @@ GAP = 2  # between two columns (no borders, padding collapsed)
 Cell = str | list[str]  # text printed whole, or items that may go on several lines (never split)
 
 
-def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Cell]], *, width: int) -> Table:
+@attrs.frozen
+class Fitted:
+    """A table and the width it needs (more than the terminal's only when even its folded columns
+    and its widest items cannot fit: printed that wide, the terminal wraps the lines, nothing is cut)."""
+
+    table: Table
+    width: int
+
+    def show(self, console: Console) -> None:
+        """Print it; never cropped and no column ever dropped."""
+        console.print(self.table, width=max(console.width, self.width))
+
+
+FOLD_MIN = 8  # a foldable column (a long free-text name) keeps at least this many cells per line
+
+
+def table(
+    title: str,
+    columns: Sequence[str],
+    rows: Sequence[Sequence[Cell]],
+    *,
+    width: int,
+    foldable: Sequence[str] = (),
+) -> Fitted:
     """A table for a terminal `width` columns wide. Text cells are printed whole (their column is as
-    wide as its longest value); item cells share the room left, their items packed onto lines
-    (`a · b` / `c`), an item never split: rich would wrap `5 streams` between its words."""
+    wide as its longest value), except in `foldable` columns, which fold onto more lines (a
+    character never lost) when the row would not fit otherwise; item cells share the room left,
+    their items packed onto lines (`a · b` / `c`), an item never split (rich would wrap `5 streams`
+    between its words). Text cells are rich markup (escape what is not ours with `literal`); item
+    cells are plain text, escaped here once packed (an item alone may not look like markup when
+    its neighbour completes the tag: `/v1` + `/[` + `/x]`)."""
     natural: dict[int, int] = {}
     for index, column in enumerate(columns):
         values = [row[index] for row in rows]
         if all(isinstance(v, str) for v in values):
             natural[index] = max([len(column), *(cell_len(_plain(str(v))) for v in values)])
     flexible = [i for i in range(len(columns)) if i not in natural]
-    room = width - sum(natural.values()) - GAP * (len(columns) - 1)
-    wanted = {i: max([len(columns[i]), *(cell_len(_pack(row[i], 10**6)) for row in rows)]) for i in flexible}
-    # The room left, shared out: a column that needs less than its part gives the rest to the others.
+    least = {
+        i: max([len(columns[i]), *(cell_len(item) for row in rows for item in row[i])]) for i in flexible
+    }
+    wanted = {i: max([least[i], *(cell_len(_pack(row[i], 10**6)) for row in rows)]) for i in flexible}
+    gaps = GAP * (len(columns) - 1)
+    need = sum(natural.values()) + sum(least.values()) + gaps
+    # Fold the widest foldable columns first, as far as needed, down to FOLD_MIN (or the heading).
+    folded = {i: natural[i] for i in natural if columns[i] in foldable}
+    while need > width:
+        room_to_give = {i: w - max(FOLD_MIN, len(columns[i])) for i, w in folded.items()}
+        giving = [i for i, spare in room_to_give.items() if spare > 0]
+        if not giving:
+            break
+        index = max(giving, key=folded.__getitem__)
+        cut = min(need - width, room_to_give[index])
+        folded[index] -= cut
+        need -= cut
+    room = width - sum(folded.get(i, w) for i, w in natural.items()) - gaps
+    # The room left, shared out: a column that needs less than its part gives the rest to the
+    # others; never narrower than its widest item.
     widths: dict[int, int] = {}
     for count, index in enumerate(sorted(flexible, key=wanted.__getitem__)):
-        part = max(room // (len(flexible) - count), 4)
+        part = max(room // (len(flexible) - count), least[index])
         widths[index] = min(wanted[index], part)
         room -= widths[index]
     out = Table(
@@ -108,15 +155,18 @@ def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Cell]], *,
         collapse_padding=True,
     )
     for index, column in enumerate(columns):
-        if index in natural:
+        if index in folded:
+            out.add_column(column, width=folded[index], overflow="fold")
+        elif index in natural:
             out.add_column(column, no_wrap=True, min_width=natural[index], overflow="fold")
-        else:  # folded (not cut) where one item is longer than the column
+        else:
             out.add_column(column, width=widths[index], overflow="fold")
     for row in rows:
         out.add_row(
-            *(cell if isinstance(cell, str) else _pack(cell, widths[i]) for i, cell in enumerate(row))
+            *(cell if isinstance(cell, str) else escape(_pack(cell, widths[i])) for i, cell in enumerate(row))
         )
-    return out
+    used = sum(folded.get(i, w) for i, w in natural.items()) + sum(widths.values()) + gaps
+    return Fitted(out, used)
 
 
 def join_items(items: Sequence[str]) -> str:
@@ -153,3 +203,9 @@ def _pack(items: Sequence[str], width: int) -> str:
 def _plain(text: str) -> str:
     """The printed text of a cell with rich markup (`[green]active[/]` → `active`)."""
     return Text.from_markup(text).plain
+
+
+def literal(value: str) -> str:
+    """Text that is not ours (a key's name, a model, a path, a version string) for a markup cell:
+    `[/]` or `[link=…]` in it print as themselves instead of breaking or styling the table."""
+    return escape(value)

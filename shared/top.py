@@ -61,8 +61,11 @@ async def _streams(redis: coredis.Redis[bytes], names: list[str], now_ms: int) -
     if not names:
         return []
     try:
-        return [int(await redis.zcount(name, now_ms, "+inf")) for name in names]
-    except (coredis.exceptions.RedisError, OSError, TimeoutError):
+        # One round trip for all of them (a cluster pipeline splits it by node).
+        async with redis.pipeline(transaction=False) as pipe:
+            counts = [pipe.zcount(name, now_ms, "+inf") for name in names]
+        return [int(await count) for count in counts]
+    except (coredis.exceptions.RedisError, OSError, TimeoutError, RuntimeError):
         return None
 
 
@@ -195,8 +198,8 @@ def render(shot: Snapshot, width: int) -> Group:
         for b in rows:
             lines.append(
                 [
-                    b.name,
-                    *([b.tenant] if first == "key" else []),
+                    fmt.literal(b.name),
+                    *([fmt.literal(b.tenant)] if first == "key" else []),
                     fmt.number(b.requests),
                     fmt.number(b.tokens),
                     "?" if b.streams is None else str(b.streams),
@@ -207,7 +210,7 @@ def render(shot: Snapshot, width: int) -> Group:
         heading = f"busiest {title}, last minute · {shot.at.strftime('%H:%M:%S')}Z"
         if not lines:
             lines = [["—", *([""] if first == "key" else []), "", "", "", "", ""]]
-        parts.append(fmt.table(heading, columns, lines, width=width))
+        parts.append(fmt.table(heading, columns, lines, width=width, foldable=(first, "tenant")).table)
     parts.append("[dim]q or Ctrl-C quits[/]")
     return Group(*parts)
 

@@ -1414,3 +1414,78 @@ async def test_top_shows_a_tenants_live_streams_and_quits_on_q(
     )
     row = next(line for line in shown.splitlines() if "busy-corp" in line and "nz_" not in line)
     assert re.search(r"busy-corp\s+10\s+840\s+4\s+3\b", row), row
+
+
+async def test_hourly_usage_counts_real_hours_across_a_daylight_saving_change(db: asyncpg.Connection) -> None:
+    """New York falls back on 2026-11-01 at 02:00 EDT: 01:00-02:00 happens twice. Hourly buckets are
+    real hours (the two 01:00 hours are two rows, with their offsets, each holding its own request),
+    and a day bucket is the calendar day, 25 hours long, holding both."""
+    made = await admin.create_tenant(db, name="acme")
+    key = await admin.create_key(db, tenant="acme", name="k", pepper=PEPPER, params=CHEAP)
+    york = ZoneInfo("America/New_York")
+    first = dt.datetime(2026, 11, 1, 5, 30, tzinfo=dt.UTC)  # 01:30 EDT
+    second = dt.datetime(2026, 11, 1, 6, 30, tzinfo=dt.UTC)  # 01:30 EST, an hour later
+    for when, tokens in ((first, 11), (second, 22)):
+        await _ledger(db, made.id, key.key.id, when, prompt=tokens, completion=0)
+    now = dt.datetime(2026, 11, 1, 9, 0, tzinfo=dt.UTC)
+    hours = await admin.usage_series(
+        db, tenant="acme", by="hour", since=dt.datetime(2026, 11, 1, 4, 0, tzinfo=dt.UTC), now=now, zone=york
+    )
+    assert [(b.start.isoformat(), b.tokens) for b in hours] == [
+        ("2026-11-01T00:00:00-04:00", 0),
+        ("2026-11-01T01:00:00-04:00", 11),
+        ("2026-11-01T01:00:00-05:00", 22),
+        ("2026-11-01T02:00:00-05:00", 0),
+        ("2026-11-01T03:00:00-05:00", 0),
+        ("2026-11-01T04:00:00-05:00", 0),
+    ]
+    days = await admin.usage_series(db, tenant="acme", by="day", since=first, now=now, zone=york)
+    assert [(b.start.isoformat(), b.tokens, b.requests) for b in days] == [
+        ("2026-11-01T00:00:00-04:00", 33, 2)
+    ]
+    # A bare date is the budget zone's midnight, and the first bucket is whole.
+    since = admin.parse_since("2026-11-01", now, york)
+    assert since == dt.datetime(2026, 11, 1, 4, 0, tzinfo=dt.UTC)
+
+
+async def test_text_a_client_controls_prints_as_itself(cli: Cli, db: asyncpg.Connection) -> None:
+    """A path, a model and a key name holding rich markup (`[/]` closes nothing, `[link=…]` would
+    make a link) are printed literally by audit and list-keys, compact and wide, never crashing them."""
+    await admin.create_tenant(db, name="acme")
+    made = await admin.create_key(
+        db, tenant="acme", name="[link=http://evil.example]click[/]", pepper=PEPPER, params=CHEAP
+    )
+    await db.execute(
+        "INSERT INTO audit_log (at, request_id, tenant_id, key_id, key_prefix, method, path, model, status) "
+        "VALUES (now(), $1, $2, $3, $4, 'POST', '/v1/[/x]', 'llama[/]', 404)",
+        uuid.uuid4().hex,
+        made.tenant.id,
+        made.key.id,
+        made.key.prefix,
+    )
+    for wide in (False, True):
+        done = await cli("audit", wide=wide)
+        assert done.code == 0, done.stderr
+        assert "[/x]" in done.stdout
+        assert "llama[/]" in done.stdout
+        done = await cli("list-keys", wide=wide)
+        assert done.code == 0, done.stderr
+        assert "[link=http://evil.example]click[/]" in done.stdout
+
+
+async def test_doctor_with_no_configuration_reports_it_instead_of_failing_first(tmp_path: Path) -> None:
+    """With no GATEWAY_* variable at all, doctor still runs every check it can: each component's
+    configuration is a red line naming what is missing, exit 1, no traceback."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env["GATEWAY_STACK_FILE"] = str(tmp_path / "none.json")
+    proc = await asyncio.create_subprocess_exec(
+        *COMMAND, "doctor", "--json", env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode == 1
+    assert b"Traceback" not in err
+    checks = {c["part"]: c for c in orjson.loads(out)}
+    for part in ("config: authz_sidecar", "config: stream_proxy", "config: accountant", "config: admin"):
+        assert not checks[part]["ok"]
+        assert "GATEWAY_DATABASE_URL" in checks[part]["detail"] or "GATEWAY_" in checks[part]["detail"]
+    assert not checks["authz_sidecar"]["ok"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import re
 
 import pytest
 from rich.console import Console
@@ -56,6 +57,8 @@ def test_limits_list_what_is_set_and_inherit_once() -> None:
         (dt.timedelta(seconds=10), "just now"),
         (dt.timedelta(minutes=3), "3 min ago"),
         (dt.timedelta(hours=2, minutes=10), "2 h ago"),
+        (dt.timedelta(seconds=3599), "59 min ago"),  # never rounded up to an hour
+        (dt.timedelta(hours=36), "1 d ago"),
         (dt.timedelta(days=3), "3 d ago"),
         (dt.timedelta(days=800), "2 y ago"),
         (-dt.timedelta(days=7), "in 7 d"),
@@ -76,10 +79,29 @@ def test_a_table_wider_than_the_terminal_packs_items_and_never_cuts_text() -> No
         ["nz_abcdefgh", ["rpm 60", "tpm 40k", "5 streams", "1M/day"], fmt.path_items("/v1/chat/completions")]
     ]
     console = Console(width=40, file=io.StringIO(), record=True)
-    console.print(fmt.table("t", ("prefix", "limits", "path"), rows, width=40))
+    fmt.table("t", ("prefix", "limits", "path"), rows, width=40).show(console)
     text = console.export_text()
     assert "…" not in text
     lines = text.splitlines()
     assert all(len(line) <= 40 for line in lines)
     for word in ("nz_abcdefgh", "rpm 60", "tpm 40k", "5 streams", "1M/day", "/completions"):
         assert any(word in line for line in lines), text
+
+
+def test_long_names_fold_instead_of_crowding_out_columns_and_markup_prints_as_itself() -> None:
+    """A 70-character key name at 80 columns folds (every character kept) while the status, limits
+    and last-used columns stay; a value with rich markup in it (`[/]`, `[link=…]`) prints literally."""
+    name = "n" * 70
+    rows: list[list[fmt.Cell]] = [
+        ["nz_abcdefgh", fmt.literal(name), "revoked", ["rpm 60", "5 streams"], "3 min ago"],
+        ["nz_ijklmnop", fmt.literal("[link=http://evil]click[/] [/]"), "active", ["inherit"], "—"],
+    ]
+    columns = ("prefix", "name", "status", "limits", "last used")
+    console = Console(width=80, file=io.StringIO(), record=True)
+    fmt.table("keys", columns, rows, width=80, foldable=("name",)).show(console)
+    text = console.export_text()
+    lines = text.splitlines()
+    assert all(len(line) <= 80 for line in lines), text
+    for word in ("revoked", "5 streams", "3 min ago", "last used", "[link=http://evil]click[/]"):
+        assert any(word in line for line in lines), text
+    assert sum(len(run) for run in re.findall(r"n{2,}", text)) == 70, text  # folded, not one lost
