@@ -243,24 +243,33 @@ async def read_answer(reader: asyncio.StreamReader) -> Answer | None:
 async def exchange(stack: Stack, data: bytes, *, half_close: bool = False) -> list[Answer]:
     """Write raw bytes to Caddy and read every answer until it closes the connection (at most
     15 s: TimeoutError)."""
-    reader, writer = await asyncio.open_connection(*host_of(stack))
+    async with asyncio.timeout(15):
+        reader, writer = await asyncio.open_connection(*host_of(stack))
     answers: list[Answer] = []
     try:
-        with contextlib.suppress(OSError):  # Caddy may answer and close before reading it all
-            writer.write(data)
-            await writer.drain()
-            if half_close:
-                writer.write_eof()
+        # The write is inside the deadline too: a peer that answers but stops reading leaves a
+        # large request's drain() waiting for ever (seen once under load: the barrage hung).
         async with asyncio.timeout(15):
+            with contextlib.suppress(OSError):  # Caddy may answer and close before reading it all
+                writer.write(data)
+                await writer.drain()
+                if half_close:
+                    writer.write_eof()
             while (answer := await read_answer(reader)) is not None:
                 answers.append(answer)
     except (ConnectionResetError, asyncio.IncompleteReadError):
         pass  # a reset after the answers: what was read counts
     finally:
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
+        await _close(writer)
     return answers
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    """Close a raw connection, waiting at most 5 s for it to be gone."""
+    writer.close()
+    with contextlib.suppress(OSError, TimeoutError):
+        async with asyncio.timeout(5):
+            await writer.wait_closed()
 
 
 async def exchange_one(stack: Stack, data: bytes, *, half_close: bool = False) -> Outcome | None:
@@ -1247,9 +1256,7 @@ async def _dribble(
     except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
         return f"no answer: {exc!r}"
     finally:
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
+        await _close(writer)
 
 
 async def _slow_headers(stack: Stack, key: str) -> tuple[Answer | None, float]:
@@ -1275,9 +1282,7 @@ async def _slow_headers(stack: Stack, key: str) -> tuple[Answer | None, float]:
         return answer, time.monotonic() - started
     finally:
         answer_task.cancel()
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
+        await _close(writer)
 
 
 async def test_slow_clients_do_not_hold_up_anyone_else(stack: Stack, hostile: Hostile, watch: Watch) -> None:
@@ -1460,9 +1465,7 @@ async def _from_own_address(stack: Stack, data: bytes) -> Answer | None:
         async with asyncio.timeout(15):
             return await read_answer(reader)
     finally:
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
+        await _close(writer)
 
 
 async def test_bytes_above_0x7f_in_headers_and_the_target_never_stop_the_denial_audit(
@@ -1574,9 +1577,7 @@ async def _past_the_deadline(stack: Stack, key: str, body: bytes, *, seconds: fl
         return f"no answer: {exc!r}"
     finally:
         answer.cancel()
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
+        await _close(writer)
 
 
 def _guessing_flood(h: Hostile, real: str, statuses: list[int]) -> Attempt:
