@@ -506,9 +506,10 @@ async def _in_flight(config: AdminConfig, tenant_id: int, scope: str) -> int | N
         async with store.connect(
             config.redis.url, connect_timeout=config.redis.connect_timeout, reply_timeout=config.redis.timeout
         ) as client:
-            return int(await client.zcount(name, now_ms, "+inf"))
+            counts = await top.streams(client, [name], now_ms)
     except Exception:  # noqa: BLE001 - a display figure: unknown rather than a failed command
         return None
+    return None if counts is None else counts[0]
 
 
 async def _show_key(

@@ -208,19 +208,26 @@ class LimitScripts:
     def _model_keys(self, scope: Scope, pattern: str, who: str) -> tuple[str, ...]:
         """rpm, tpm, leases and the three budget counters of a rule's scope, in the script's order
         (remembered: the same few are named on every request of a key)."""
-        day, month = scope.periods.day, scope.periods.month
         name = scope.key_scope if who == "key" else "t"
-        at = (scope.tenant_id, name, pattern, day, month)
-        found = self._names.get(at)
-        if found is None:
-            if len(self._names) >= 4096:
-                self._names.clear()
-            found = self._names[at] = (
+        return self._remembered(
+            (scope.tenant_id, name, pattern, scope.periods.day, scope.periods.month),
+            lambda: (
                 self.model_key(scope, pattern, who, "rpm"),
                 self.model_key(scope, pattern, who, "tpm"),
                 self.model_key(scope, pattern, who, "leases"),
                 *(self.model_budget_key(scope, pattern, who, period) for period in PERIODS),
-            )
+            ),
+        )
+
+    def _remembered(
+        self, at: tuple[int, str, str, Any, Any], make: Callable[[], tuple[str, ...]]
+    ) -> tuple[str, ...]:
+        """Key names made once per scope and periods (at most 4096 remembered)."""
+        found = self._names.get(at)
+        if found is None:
+            if len(self._names) >= 4096:
+                self._names.clear()
+            found = self._names[at] = make()
         return found
 
     def model_key(self, scope: Scope, pattern: str, who: str, kind: str) -> str:
@@ -237,13 +244,10 @@ class LimitScripts:
     def _budget_keys(self, scope: Scope) -> list[str]:
         """The six budget counters of a scope, in the scripts' order (remembered, as _model_keys)."""
         at = (scope.tenant_id, scope.key_scope, "\0budgets", scope.periods.day, scope.periods.month)
-        found = self._names.get(at)
-        if found is None:
-            if len(self._names) >= 4096:
-                self._names.clear()
-            found = self._names[at] = tuple(
-                self.budget_key(scope, who, period) for who in ("key", "tenant") for period in PERIODS
-            )
+        found = self._remembered(
+            at,
+            lambda: tuple(self.budget_key(scope, w, period) for w in ("key", "tenant") for period in PERIODS),
+        )
         return list(found)
 
     def _missing(

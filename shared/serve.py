@@ -77,19 +77,6 @@ async def _serve(
         await runner.cleanup()
 
 
-def run(
-    app: web.Application,
-    *,
-    host: str,
-    port: int,
-    draining: asyncio.Event,
-    drain_seconds: float,
-    reuse_port: bool = False,
-) -> None:
-    """Serve until a stop signal, then drain and clean up."""
-    uvloop.run(_serve(app, host, port, draining, drain_seconds, reuse_port=reuse_port))
-
-
 def supervise(workers: int, host: str, port: int, work: Callable[[int], None]) -> int:
     """Fork `workers` processes running `work(port)` on one SO_REUSEPORT port (port 0: one free
     port chosen here, for all of them); wait for them; the exit code of the first that failed."""
@@ -177,26 +164,17 @@ def main(
         return 2
     logs.setup(config.logging.level)
     options = config.options
+
+    def serve_on(port: int, *, reuse_port: bool = False) -> None:
+        """One process: build the app, serve until a stop signal, then drain and clean up."""
+        app = create_app(config)
+        uvloop.run(
+            _serve(app, options.host, port, app[draining], options.drain_seconds, reuse_port=reuse_port)
+        )
+
     if options.workers == 1:
-        app = create_app(config)
-        run(
-            app,
-            host=options.host,
-            port=options.port,
-            draining=app[draining],
-            drain_seconds=options.drain_seconds,
-        )
+        serve_on(options.port)
         return 0
-
-    def work(port: int) -> None:
-        app = create_app(config)
-        run(
-            app,
-            host=options.host,
-            port=port,
-            draining=app[draining],
-            drain_seconds=options.drain_seconds,
-            reuse_port=True,
-        )
-
-    return supervise(options.workers, options.host, options.port, work)
+    return supervise(
+        options.workers, options.host, options.port, lambda port: serve_on(port, reuse_port=True)
+    )

@@ -57,7 +57,8 @@ class Snapshot:
     keys: list[Busy]
 
 
-async def _streams(redis: coredis.Redis[bytes], names: list[str], now_ms: int) -> list[int] | None:
+async def streams(redis: coredis.Redis[bytes], names: list[str], now_ms: int) -> list[int] | None:
+    """Live leases (streams in flight) in each of the lease sets `names` (None: Redis did not answer)."""
     if not names:
         return []
     try:
@@ -90,12 +91,11 @@ async def snapshot(
         "WHERE at >= $1 AND tenant_id IS NOT NULL GROUP BY tenant_id, key_id",
         since,
     )
-    refused = served
     try:
         reserving = [int(t) for t in await redis.zrange(keys.reserving_tenants, 0, -1)]
     except (coredis.exceptions.RedisError, OSError, TimeoutError, ValueError):
         reserving = []
-    tenant_ids = {r["tenant_id"] for r in (*served, *refused) if r["tenant_id"] is not None} | set(reserving)
+    tenant_ids = {r["tenant_id"] for r in served} | set(reserving)
     tenants = {
         r["id"]: r
         for r in await conn.fetch(
@@ -124,8 +124,8 @@ async def snapshot(
     now_ms = int(now.timestamp() * 1000)
     tenant_list = sorted(tenants)
     key_list = sorted(key_rows)
-    tenant_streams = await _streams(redis, [keys.leases(t, "t") for t in tenant_list], now_ms)
-    key_streams = await _streams(
+    tenant_streams = await streams(redis, [keys.leases(t, "t") for t in tenant_list], now_ms)
+    key_streams = await streams(
         redis, [keys.leases(key_rows[k]["tenant_id"], f"k{k}") for k in key_list], now_ms
     )
 
@@ -137,17 +137,16 @@ async def snapshot(
             sums[pick(r)] = sums.get(pick(r), 0) + int(r[field])
         return sums
 
-    by_tenant = [total(served, lambda r: r["tenant_id"], f) for f in ("requests", "tokens")]
-    by_key = [total(served, lambda r: r["key_id"], f) for f in ("requests", "tokens")]
-    refused_tenant = total(refused, lambda r: r["tenant_id"], "refused")
-    refused_key = total(refused, lambda r: r["key_id"], "refused")
+    fields = ("requests", "tokens", "refused")
+    by_tenant = {f: total(served, lambda r: r["tenant_id"], f) for f in fields}
+    by_key = {f: total(served, lambda r: r["key_id"], f) for f in fields}
     busy_tenants = [
         Busy(
             name=tenants[t]["name"],
             tenant=tenants[t]["name"],
-            requests=by_tenant[0].get(t, 0),
-            tokens=by_tenant[1].get(t, 0),
-            refused=refused_tenant.get(t, 0),
+            requests=by_tenant["requests"].get(t, 0),
+            tokens=by_tenant["tokens"].get(t, 0),
+            refused=by_tenant["refused"].get(t, 0),
             streams=None if tenant_streams is None else tenant_streams[i],
             today=used.get(("tenant", t), 0),
             daily_limit=tenants[t]["daily_tokens"],
@@ -158,9 +157,9 @@ async def snapshot(
         Busy(
             name=f"nz_{key_rows[k]['prefix']}",
             tenant=tenants[key_rows[k]["tenant_id"]]["name"],
-            requests=by_key[0].get(k, 0),
-            tokens=by_key[1].get(k, 0),
-            refused=refused_key.get(k, 0),
+            requests=by_key["requests"].get(k, 0),
+            tokens=by_key["tokens"].get(k, 0),
+            refused=by_key["refused"].get(k, 0),
             streams=None if key_streams is None else key_streams[i],
             today=used.get(("key", k), 0),
             daily_limit=key_rows[k]["daily_tokens"] if (key_rows[k]["daily_tokens"] or 0) >= 0 else None,

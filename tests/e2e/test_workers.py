@@ -29,22 +29,29 @@ pytestmark = pytest.mark.e2e
 WORKERS = 2
 
 
+async def workers_environ(postgres_admin_url: str, template_database: str, name: str) -> dict[str, str]:
+    """The environment of a stack whose sidecar and stream_proxy fork WORKERS workers each, on a
+    database and Redis prefix of its own (`name`)."""
+    database_url = await clone_database(postgres_admin_url, template_database, f"{name}_{os.getpid()}")
+    environ = {
+        **os.environ,
+        "GATEWAY_DATABASE_URL": database_url,
+        "GATEWAY_REDIS_PREFIX": f"{name}-{uuid.uuid4().hex[:6]}:",
+        "GATEWAY_SIDECAR_WORKERS": str(WORKERS),
+        "GATEWAY_PROXY_WORKERS": str(WORKERS),
+    }
+    environ.pop("GATEWAY_OLLAMA_URL", None)
+    return environ
+
+
 @pytest.fixture(scope="module")
 async def workers_stack(
     work_dir: Path, postgres_admin_url: str, template_database: str
 ) -> AsyncIterator[localstack.LocalStack]:
     """One sidecar and one stream_proxy, each forking two workers, on a database of their own."""
-    database_url = await clone_database(postgres_admin_url, template_database, f"workers_{os.getpid()}")
-    environ = {
-        **os.environ,
-        "GATEWAY_DATABASE_URL": database_url,
-        "GATEWAY_REDIS_PREFIX": f"workers-{uuid.uuid4().hex[:6]}:",
-        "GATEWAY_GRANT_SECRET": secrets.token_urlsafe(32),
-        "GATEWAY_KEY_PEPPER": secrets.token_urlsafe(32),
-        "GATEWAY_SIDECAR_WORKERS": str(WORKERS),
-        "GATEWAY_PROXY_WORKERS": str(WORKERS),
-    }
-    environ.pop("GATEWAY_OLLAMA_URL", None)
+    environ = await workers_environ(postgres_admin_url, template_database, "workers")
+    environ["GATEWAY_GRANT_SECRET"] = secrets.token_urlsafe(32)
+    environ["GATEWAY_KEY_PEPPER"] = secrets.token_urlsafe(32)
     stack = localstack.LocalStack(work_dir / "workers", environ=environ)
     stack.start()
     try:
@@ -142,15 +149,7 @@ async def test_sigterm_to_a_supervisor_stops_every_worker(
     work_dir: Path, postgres_admin_url: str, template_database: str
 ) -> None:
     """A stack of its own: SIGTERM to each supervisor ends it and both its workers, exit code 0."""
-    database_url = await clone_database(postgres_admin_url, template_database, f"workers_stop_{os.getpid()}")
-    environ = {
-        **os.environ,
-        "GATEWAY_DATABASE_URL": database_url,
-        "GATEWAY_REDIS_PREFIX": f"workers-stop-{uuid.uuid4().hex[:6]}:",
-        "GATEWAY_SIDECAR_WORKERS": str(WORKERS),
-        "GATEWAY_PROXY_WORKERS": str(WORKERS),
-    }
-    environ.pop("GATEWAY_OLLAMA_URL", None)
+    environ = await workers_environ(postgres_admin_url, template_database, "workers_stop")
     stack = localstack.LocalStack(work_dir / "workers-stop", environ=environ)
     stack.start()
     try:
